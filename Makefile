@@ -1,0 +1,33 @@
+# Two commands for a new user: `make demo` and `make test`. Both set themselves up.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || { \
+	  echo "python3 -m venv failed: on Debian run 'apt-get install -y python3-venv'"; exit 1; }
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check trolley_tasks tests workers bench
+	$(BIN)/ruff format --check trolley_tasks tests workers bench
+	$(BIN)/mypy
+
+demo: install
+	$(BIN)/python -m trolley_tasks.demo
+
+bench: install
+	$(BIN)/python bench/export_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,184 @@
+"""The HTTP transport: the one place where requests/urllib3/socket errors and HTTP statuses become trolley errors.
+
+Every HTTP searcher and downloader (QIDO-RS, WADO-RS, WADO-URI, MINT, RAD-69, metadata) calls :func:`request` and
+reads bodies through :func:`iter_body` or :func:`read_body`, so that:
+
+- every call has a connect and a read timeout (requests has none by default, and a stalled PACS would hang a worker);
+- every call sends ``Accept-Encoding: identity``: DICOM does not compress, and a gzipping server (stock Orthanc)
+  costs an order of magnitude in throughput (ORTHANC.md);
+- a status or an exception maps to exactly one class of the error tree (:mod:`trolley_tasks.errors`);
+- no URL credentials reach an error message.
+
+Callers pass any ``requests.Session`` (the seeds' examples make a plain one); it is reused for keep-alive.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+import urllib3.exceptions
+
+from trolley_tasks.errors import (
+    AuthError,
+    ConfigurationError,
+    NotFoundError,
+    PacsTimeoutError,
+    PayloadInvalidError,
+    RequestRejectedError,
+    RetrievalError,
+    ServerBusyError,
+    ServerError,
+    TransientNetworkError,
+)
+
+DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 60.0)
+"""(connect, read) seconds. A read timeout is the longest silence between two bytes, not the whole transfer."""
+
+CHUNK_SIZE = 256 * 1024
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user:password and without its query string, safe for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from an HTTP ``Retry-After`` header (delta-seconds or an HTTP-date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def error_for_status(
+    response: requests.Response, *, source: str | None = None, reference: Any = None
+) -> RetrievalError | None:
+    """The error a non-success HTTP status means, or None for 1xx-3xx. Most specific first (RFC 9110, 15)."""
+    status = response.status_code
+    if status < 400:
+        return None
+    detail = f"HTTP {status} {response.reason or ''}".strip() + f" from {redact_url(response.url or '')}"
+    kwargs: dict[str, Any] = {"source": source, "reference": reference}
+    if status in (401, 403):
+        return AuthError(f"{detail}: the server refused our credentials", **kwargs)
+    if status in (404, 410):
+        return NotFoundError(f"{detail}: not on the server", **kwargs)
+    if status in (429, 503):
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        return ServerBusyError(f"{detail}: the server is busy", retry_after=retry_after, **kwargs)
+    if status >= 500:
+        return ServerError(f"{detail}: the server failed", **kwargs)
+    if status == 406:
+        return RequestRejectedError(
+            f"{detail}: the server cannot produce what we accept (media type or transfer syntax)", **kwargs
+        )
+    return RequestRejectedError(f"{detail}: the server rejected the request", **kwargs)
+
+
+def raise_for_status(response: requests.Response, *, source: str | None = None, reference: Any = None) -> None:
+    """Raise the mapped error for a failed response, after releasing its connection."""
+    error = error_for_status(response, source=source, reference=reference)
+    if error is not None:
+        response.close()
+        raise error
+
+
+@contextmanager
+def mapped_errors(*, source: str | None = None, reference: Any = None, url: str = "") -> Iterator[None]:
+    """Translate requests, urllib3 and socket exceptions raised inside the block into the error tree."""
+    where = f" ({redact_url(url)})" if url else ""
+    kwargs: dict[str, Any] = {"source": source, "reference": reference}
+    try:
+        yield
+    except (TimeoutError, requests.exceptions.Timeout, urllib3.exceptions.TimeoutError) as exc:
+        raise PacsTimeoutError(f"timed out waiting for the server{where}", **kwargs) from exc
+    except (
+        requests.exceptions.InvalidURL,
+        requests.exceptions.MissingSchema,
+        requests.exceptions.InvalidSchema,
+        requests.exceptions.InvalidHeader,
+    ) as exc:
+        raise ConfigurationError(f"bad URL or header{where}: {type(exc).__name__}", **kwargs) from exc
+    except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError) as exc:
+        raise TransientNetworkError(f"connection broken mid-response{where}", **kwargs) from exc
+    except requests.exceptions.ContentDecodingError as exc:
+        raise PayloadInvalidError(f"response body could not be decoded{where}", **kwargs) from exc
+    except (requests.exceptions.ConnectionError, ConnectionError) as exc:
+        raise TransientNetworkError(f"could not connect to the server{where}", **kwargs) from exc
+    except requests.exceptions.RequestException as exc:
+        raise TransientNetworkError(f"HTTP request failed{where}: {type(exc).__name__}", **kwargs) from exc
+
+
+def request(
+    session: requests.Session,
+    method: str,
+    url: str,
+    *,
+    source: str | None = None,
+    reference: Any = None,
+    headers: Mapping[str, str] | None = None,
+    params: Any = None,
+    data: Any = None,
+    stream: bool = False,
+    timeout: float | tuple[float, float] | None = None,
+    ok_statuses: tuple[int, ...] = (),
+) -> requests.Response:
+    """Send one request over ``session`` and return a success response, or raise the mapped error.
+
+    Parameters
+    ----------
+    ok_statuses
+        Error statuses the caller handles itself (returned, not raised), for example a login flow's 401.
+    """
+    all_headers = {"Accept-Encoding": "identity"}
+    if headers:
+        all_headers.update(headers)
+    with mapped_errors(source=source, reference=reference, url=url):
+        response = session.request(
+            method,
+            url,
+            headers=all_headers,
+            params=params,
+            data=data,
+            stream=stream,
+            timeout=timeout or DEFAULT_TIMEOUT,
+        )
+    if response.status_code not in ok_statuses:
+        raise_for_status(response, source=source, reference=reference)
+    return response
+
+
+def iter_body(
+    response: requests.Response,
+    *,
+    source: str | None = None,
+    reference: Any = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> Iterator[bytes]:
+    """Yield a streamed response's body in chunks, with transport errors mapped. Memory is one chunk."""
+    with mapped_errors(source=source, reference=reference, url=response.url or ""):
+        yield from response.iter_content(chunk_size=chunk_size)
+
+
+def read_body(response: requests.Response, *, source: str | None = None, reference: Any = None) -> bytes:
+    """The whole body of a response, with transport errors mapped. For small answers (JSON, XML) only."""
+    return b"".join(iter_body(response, source=source, reference=reference))
