@@ -1,0 +1,103 @@
+"""The Downloader protocol and the behaviour all downloaders share.
+
+The raw path, :meth:`Downloader.iter_raw`, is what the engine uses: it yields each instance's bytes as they came
+from the server (a ``bytes`` object, or an iterator of chunks for large parts), without decoding pixel data.
+
+Contract of ``iter_raw(objects)``:
+
+- It raises :class:`~trolley_tasks.errors.NonInstanceParameterError` (or ``NonSeriesParameterError``) *before
+  yielding anything* when it cannot fetch an object at the level given (for example a StudyReference to WADO-URI).
+- It yields ``(InstanceReference, payload)``. A chunk iterator must be consumed entirely before the next item is
+  requested (as with ``itertools.groupby``).
+- It either delivers every instance it was asked for, or raises a :class:`~trolley_tasks.errors.TrolleyError`
+  after delivering what it could. A server that answers "success" with instances missing is an error, never a
+  quietly shorter answer. The caller fails exactly the instances it asked for and did not receive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from io import BytesIO
+from typing import Protocol, runtime_checkable
+
+import pydicom
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+
+from trolley_tasks.core import Downloadable, Instance, InstanceReference
+from trolley_tasks.errors import PayloadInvalidError
+
+RawPayload = bytes | Iterator[bytes]
+"""One instance's DICOM Part 10 bytes: whole, or as chunks to be consumed in order."""
+
+
+@runtime_checkable
+class Downloader(Protocol):
+    """Something that fetches DICOM instances."""
+
+    def iter_raw(
+        self, objects: Downloadable | Iterable[Downloadable]
+    ) -> Iterator[tuple[InstanceReference, RawPayload]]:
+        """Each instance's bytes as the server sent them. See the module docstring for the contract."""
+        ...
+
+    def datasets(self, objects: Downloadable | Iterable[Downloadable]) -> Iterator[Dataset]:
+        """A pydicom Dataset for each instance contained in ``objects``."""
+        ...
+
+    def get_dataset(self, instance: InstanceReference | Instance) -> Dataset:
+        """The Dataset of one instance."""
+        ...
+
+    def close(self) -> None:
+        """Release sessions, associations and receivers. The downloader may not be used afterwards."""
+        ...
+
+
+def payload_bytes(payload: RawPayload) -> bytes:
+    """The whole payload in memory (for datasets(); the engine streams instead)."""
+    return payload if isinstance(payload, bytes) else b"".join(payload)
+
+
+def parse_dataset(data: bytes, reference: InstanceReference, source: str | None = None) -> Dataset:
+    """Parse a Part 10 file (or a bare dataset), raising PayloadInvalidError when it is not DICOM or is another
+    instance than the one expected."""
+    try:
+        dataset = pydicom.dcmread(BytesIO(data), force=False)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
+        raise PayloadInvalidError(f"not a DICOM file: {exc}", source=source, reference=reference) from exc
+    uid = dataset.get("SOPInstanceUID")
+    if uid != reference.instance_uid:
+        raise PayloadInvalidError(
+            f"server sent SOPInstanceUID {uid!r} where {reference.instance_uid} was asked for",
+            source=source,
+            reference=reference,
+        )
+    return dataset
+
+
+class DownloaderBase:
+    """``datasets`` and ``get_dataset`` in terms of ``iter_raw``, so every downloader parses and checks alike."""
+
+    source: str | None = None
+
+    def iter_raw(
+        self, objects: Downloadable | Iterable[Downloadable]
+    ) -> Iterator[tuple[InstanceReference, RawPayload]]:
+        raise NotImplementedError
+
+    def datasets(self, objects: Downloadable | Iterable[Downloadable]) -> Iterator[Dataset]:
+        for reference, payload in self.iter_raw(objects):
+            yield parse_dataset(payload_bytes(payload), reference, self.source)
+
+    def get_dataset(self, instance: InstanceReference | Instance) -> Dataset:
+        reference = instance.reference() if isinstance(instance, Instance) else instance
+        found = list(self.datasets(reference))
+        if len(found) != 1:
+            raise PayloadInvalidError(
+                f"expected one dataset for {reference}, got {len(found)}", source=self.source, reference=reference
+            )
+        return found[0]
+
+    def close(self) -> None:
+        """Nothing to release by default."""
