@@ -1,0 +1,17 @@
+"""Container health check: this host's worker answers a Celery ping within a few seconds."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+from trolley_tasks.engine.app import get_app
+
+
+def main() -> int:
+    replies = get_app().control.ping(destination=[f"celery@{socket.gethostname()}"], timeout=5.0)
+    return 0 if replies else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
