@@ -1,0 +1,236 @@
+"""DICOM Query/Retrieve search: Study Root C-FIND (PS3.4 Annex C) at the STUDY, SERIES and IMAGE levels.
+
+The Study Root model is hierarchical (PS3.4 C.4.1.2): a SERIES query names its study, an IMAGE query its study and
+series. A study searched to INSTANCE depth is therefore one STUDY C-FIND, one SERIES C-FIND per study and one IMAGE
+C-FIND per series, and all of them run on **one association** (:class:`~trolley_tasks.dimse.AssociationManager`),
+which stays open for the next call.
+
+Matching follows PS3.4 C.2.2.2: ``*`` and ``?`` wildcards, date ranges ``YYYYMMDD-YYYYMMDD`` and single values; an
+empty key is a return key. Every response identifier is kept whole in the object's ``.data``.
+"""
+
+from __future__ import annotations
+
+from pydicom import Dataset
+from pynetdicom import build_context
+
+from trolley_tasks.core import ExtendedQuery, Instance, Query, QueryLevels, Series, Study, is_valid_uid
+from trolley_tasks.dimse import STUDY_ROOT_FIND, AssociationManager, DimseTLS, error_for_status
+from trolley_tasks.errors import PayloadInvalidError
+from trolley_tasks.fields import InstanceLevel, SeriesLevel, SeriesLevelPromotable, StudyLevel
+from trolley_tasks.searchers.base import SearcherBase
+
+STUDY_RETURN_KEYS = (
+    "StudyInstanceUID",
+    "PatientID",
+    "PatientName",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "StudyDescription",
+    "ModalitiesInStudy",
+)
+"""Asked for at STUDY level on every query, so that a study always says whose it is and when."""
+
+SERIES_RETURN_KEYS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription")
+IMAGE_RETURN_KEYS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber")
+"""SOPClassUID lets the C-GET downloader propose exactly the storage contexts it needs."""
+
+
+class DICOMQuery(ExtendedQuery):
+    """A query that C-FIND can express: the standard :class:`~trolley_tasks.core.Query` plus Modality, ProtocolName
+    and StudyID (dicomtrolley's ``DICOMQuery``).
+
+    Modality, ProtocolName and SeriesInstanceUID are series attributes. They select the series that a SERIES or
+    INSTANCE query returns, and a study matches only when at least one of its series does (also at STUDY depth,
+    where the series themselves are not returned).
+    """
+
+    Modality: str = ""
+    ProtocolName: str = ""
+    StudyID: str = ""
+
+    def series_filters(self) -> dict[str, str]:
+        """The series-level matching keys that are set."""
+        names = ("SeriesInstanceUID", "Modality", "ProtocolName")
+        return {name: getattr(self, name) for name in names if getattr(self, name)}
+
+
+def _level_of_field(keyword: str, query_level: QueryLevels) -> QueryLevels:
+    """The Study Root level whose identifier carries ``keyword`` (fields.py lists what each level may return)."""
+    if keyword in StudyLevel:
+        return QueryLevels.STUDY
+    if keyword in SeriesLevel or (keyword in SeriesLevelPromotable and query_level == QueryLevels.SERIES):
+        return QueryLevels.SERIES
+    if keyword in InstanceLevel:
+        return QueryLevels.INSTANCE
+    return query_level
+
+
+class DICOMQR(SearcherBase):
+    """Search a PACS with Study Root C-FIND.
+
+    Parameters
+    ----------
+    host, port
+        The PACS's DICOM address (``port`` may be a string, as in dicomtrolley's examples).
+    aet
+        Our calling AE title, as registered on the PACS.
+    aec
+        The PACS's called AE title.
+    source
+        A name for errors and logs; defaults to ``dicom://AEC@host:port``.
+    timeout
+        Seconds for the connect, the association answer, each C-FIND response and network idleness.
+    tls
+        DICOM TLS settings, or None for plain TCP.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int | str,
+        aet: str,
+        aec: str,
+        *,
+        source: str | None = None,
+        timeout: float = 30.0,
+        tls: DimseTLS | None = None,
+    ) -> None:
+        self.associations = AssociationManager(
+            host,
+            int(port),
+            aet,
+            aec,
+            contexts=[build_context(STUDY_ROOT_FIND)],
+            timeout=timeout,
+            tls=tls,
+            source=source,
+        )
+        self.source = self.associations.source
+
+    def __repr__(self) -> str:
+        return f"DICOMQR({self.associations!r})"
+
+    def close(self) -> None:
+        """Release the association."""
+        self.associations.release()
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def find_studies(self, query: Query) -> list[Study]:
+        """Every study matching ``query``, filled to ``query.query_level``, on one reused association."""
+        dquery = DICOMQuery.init_from_query(query)
+        level = dquery.query_level
+        series_filters = dquery.series_filters()
+        studies: list[Study] = []
+        for found in self.c_find(self._study_identifier(dquery), None):
+            study = Study(self._uid(found, "StudyInstanceUID", None), data=found)
+            if level == QueryLevels.STUDY and not series_filters:
+                studies.append(study)
+                continue
+            series_list = [
+                Series(self._uid(ds, "SeriesInstanceUID", study.reference()), data=ds)
+                for ds in self.c_find(self._series_identifier(dquery, study.uid), study.reference())
+            ]
+            if series_filters and not series_list:
+                continue  # no series of this study matches the series-level keys
+            studies.append(study)
+            if level == QueryLevels.STUDY:
+                continue
+            for series in series_list:
+                study.add_series(series)
+                if level == QueryLevels.INSTANCE:
+                    identifier = self._image_identifier(dquery, study.uid, series.uid)
+                    for ds in self.c_find(identifier, series.reference()):
+                        series.add_instance(Instance(self._uid(ds, "SOPInstanceUID", series.reference()), data=ds))
+        return studies
+
+    def c_find(self, identifier: Dataset, reference: object) -> list[Dataset]:
+        """The matches of one Study Root C-FIND; a failure status raises the mapped error (PS3.4 C.4.1.1.4)."""
+        matches: list[Dataset] = []
+        responses = self.associations.send_c_find(identifier, STUDY_ROOT_FIND, reference)
+        for status, found in responses:
+            code = int(status.Status)
+            error = error_for_status(
+                code, operation="C-FIND", source=self.source, reference=reference, comment=status.get("ErrorComment")
+            )
+            if error is not None:
+                raise error
+            if code in (0xFF00, 0xFF01):
+                if found is None:
+                    raise PayloadInvalidError(
+                        "C-FIND pending response without an identifier", source=self.source, reference=reference
+                    )
+                matches.append(found)
+        return _unique(matches, identifier.QueryRetrieveLevel)
+
+    def _uid(self, found: Dataset, keyword: str, reference: object) -> str:
+        value = found.get(keyword)
+        if not is_valid_uid(value):
+            raise PayloadInvalidError(
+                f"C-FIND match with no valid {keyword}: {value!r}", source=self.source, reference=reference
+            )
+        return str(value)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Identifiers (PS3.4 C.6.2.1: Study Root keys per level)
+
+    @staticmethod
+    def _with_return_keys(ds: Dataset, keys: tuple[str, ...], query: DICOMQuery, level: QueryLevels) -> Dataset:
+        wanted = list(keys) + [f for f in query.include_fields if _level_of_field(f, query.query_level) == level]
+        for keyword in wanted:
+            if keyword not in ds:
+                setattr(ds, keyword, None)
+        return ds
+
+    def _study_identifier(self, query: DICOMQuery) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        for keyword in (
+            "StudyInstanceUID",
+            "AccessionNumber",
+            "PatientName",
+            "PatientID",
+            "ModalitiesInStudy",
+            "StudyID",
+        ):
+            value = getattr(query, keyword)
+            if value:
+                setattr(ds, keyword, value)
+        if query.min_study_date is not None and query.max_study_date is not None:
+            ds.StudyDate = f"{query.min_study_date:%Y%m%d}-{query.max_study_date:%Y%m%d}"
+        return self._with_return_keys(ds, STUDY_RETURN_KEYS, query, QueryLevels.STUDY)
+
+    def _series_identifier(self, query: DICOMQuery, study_uid: str) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "SERIES"
+        ds.StudyInstanceUID = study_uid
+        for keyword, value in query.series_filters().items():
+            setattr(ds, keyword, value)
+        return self._with_return_keys(ds, SERIES_RETURN_KEYS, query, QueryLevels.SERIES)
+
+    def _image_identifier(self, query: DICOMQuery, study_uid: str, series_uid: str) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "IMAGE"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        return self._with_return_keys(ds, IMAGE_RETURN_KEYS, query, QueryLevels.INSTANCE)
+
+
+_UNIQUE_KEY = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+
+
+def _unique(matches: list[Dataset], level: str) -> list[Dataset]:
+    """Matches without repeats of the level's unique key (some PACS answer a study once per matching series)."""
+    key = _UNIQUE_KEY[level]
+    seen: set[object] = set()
+    out = []
+    for ds in matches:
+        uid = ds.get(key)
+        if uid in seen:
+            continue
+        seen.add(uid)
+        out.append(ds)
+    return out
