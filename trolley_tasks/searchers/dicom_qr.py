@@ -14,11 +14,12 @@ from __future__ import annotations
 from pydicom import Dataset
 from pynetdicom import build_context
 
-from trolley_tasks.core import ExtendedQuery, Instance, Query, QueryLevels, Series, Study, is_valid_uid
+from trolley_tasks.core import ExtendedQuery, Query, QueryLevels, SeriesReference, Study, StudyReference
 from trolley_tasks.dimse import STUDY_ROOT_FIND, AssociationManager, DimseTLS, error_for_status
 from trolley_tasks.errors import PayloadInvalidError
 from trolley_tasks.fields import InstanceLevel, SeriesLevel, SeriesLevelPromotable, StudyLevel
 from trolley_tasks.searchers.base import SearcherBase
+from trolley_tasks.searchers.tree import TreeBuilder, dataset_uid
 
 STUDY_RETURN_KEYS = (
     "StudyInstanceUID",
@@ -124,28 +125,24 @@ class DICOMQR(SearcherBase):
         dquery = DICOMQuery.init_from_query(query)
         level = dquery.query_level
         series_filters = dquery.series_filters()
-        studies: list[Study] = []
-        for found in self.c_find(self._study_identifier(dquery), None):
-            study = Study(self._uid(found, "StudyInstanceUID", None), data=found)
-            if level == QueryLevels.STUDY and not series_filters:
-                studies.append(study)
-                continue
-            series_list = [
-                Series(self._uid(ds, "SeriesInstanceUID", study.reference()), data=ds)
-                for ds in self.c_find(self._series_identifier(dquery, study.uid), study.reference())
-            ]
-            if series_filters and not series_list:
-                continue  # no series of this study matches the series-level keys
-            studies.append(study)
+        builder = TreeBuilder(source=self.source)
+        for study_ds in self.c_find(self._study_identifier(dquery), None):
+            study_uid = dataset_uid(study_ds, "StudyInstanceUID", source=self.source)
+            series_answers: list[Dataset] = []
+            if level != QueryLevels.STUDY or series_filters:
+                series_answers = self.c_find(self._series_identifier(dquery, study_uid), StudyReference(study_uid))
+                if series_filters and not series_answers:
+                    continue  # no series of this study matches the series-level keys
+            builder.add(study_ds, QueryLevels.STUDY)
             if level == QueryLevels.STUDY:
                 continue
-            for series in series_list:
-                study.add_series(series)
+            for series_ds in series_answers:
+                series = builder.add(series_ds, QueryLevels.SERIES)
                 if level == QueryLevels.INSTANCE:
-                    identifier = self._image_identifier(dquery, study.uid, series.uid)
-                    for ds in self.c_find(identifier, series.reference()):
-                        series.add_instance(Instance(self._uid(ds, "SOPInstanceUID", series.reference()), data=ds))
-        return studies
+                    identifier = self._image_identifier(dquery, study_uid, series.uid)
+                    for image_ds in self.c_find(identifier, SeriesReference(study_uid, series.uid)):
+                        builder.add(image_ds, QueryLevels.INSTANCE)
+        return builder.studies()
 
     def c_find(self, identifier: Dataset, reference: object) -> list[Dataset]:
         """The matches of one Study Root C-FIND; a failure status raises the mapped error (PS3.4 C.4.1.1.4)."""
@@ -165,14 +162,6 @@ class DICOMQR(SearcherBase):
                     )
                 matches.append(found)
         return _unique(matches, identifier.QueryRetrieveLevel)
-
-    def _uid(self, found: Dataset, keyword: str, reference: object) -> str:
-        value = found.get(keyword)
-        if not is_valid_uid(value):
-            raise PayloadInvalidError(
-                f"C-FIND match with no valid {keyword}: {value!r}", source=self.source, reference=reference
-            )
-        return str(value)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Identifiers (PS3.4 C.6.2.1: Study Root keys per level)
