@@ -20,6 +20,8 @@ levels: ``TROLLEY_BROKER__URL``, ``TROLLEY_SOURCES__ORTHANC__MAX_CONCURRENCY``.
     type = "basic"; username = "trolley"; password_env = "ORTHANC_PASSWORD"
     [sources.orthanc.retry.server-error]
     max_attempts = 6
+    [flower]                           # trolley-tasks flower; basic auth whenever the password is set
+    address = "127.0.0.1"; port = 5555; username = "trolley"; password_env = "FLOWER_PASSWORD"
 
 Secrets are never values in this file: only the *name* of an environment variable (``*_env``) or the path of a file
 (``*_file``) that holds them. So the file can be shared, and nothing secret reaches a task message, a log or Flower.
@@ -231,6 +233,25 @@ class BrokerConfig(_Strict):
         return None
 
 
+class FlowerConfig(_Strict):
+    """``trolley-tasks flower``: where Flower listens, and its basic-auth user. The password comes from the
+    environment variable ``password_env`` (or the file ``password_file``) and reaches Flower through its own
+    environment (``FLOWER_BASIC_AUTH``), never through a command line that ``ps`` would show."""
+
+    address: str = "127.0.0.1"
+    port: int = Field(default=5555, ge=1, le=65535)
+    username: str = "trolley"
+    password_env: str | None = "FLOWER_PASSWORD"
+    password_file: Path | None = None
+
+    @field_validator("username")
+    @classmethod
+    def _check_username(cls, value: str) -> str:
+        if not value or ":" in value or "," in value:
+            raise ValueError("a Flower user name is not empty and holds no ':' or ','")
+        return value
+
+
 class Settings(BaseSettings):
     """Everything trolley-tasks reads from its configuration file and ``TROLLEY_*`` variables."""
 
@@ -240,6 +261,7 @@ class Settings(BaseSettings):
 
     broker: BrokerConfig = BrokerConfig()
     sources: dict[str, SourceProfile] = {}
+    flower: FlowerConfig = FlowerConfig()
     state_dir: Path = Path.home() / ".local" / "state" / "trolley"
     config_path: Path | None = Field(default=None, exclude=True)
 

@@ -1,0 +1,184 @@
+"""The CLI through typer's CliRunner: help texts, one-line errors with exit code 2, logging, embedded Redis.
+
+The real subprocess runs (embedded export, Ctrl-C, search feeding export) are in test_cli_embedded.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from trolley_tasks.cli import app
+from trolley_tasks.cli.logs import scrub, setup_logging
+from trolley_tasks.cli.search import Filters
+from trolley_tasks.cli.services import is_loopback
+from trolley_tasks.core import QueryLevels
+from trolley_tasks.embedded import EmbeddedError, EmbeddedRedis, _answers, socket_path_for
+
+runner = CliRunner()
+
+CONFIG = """
+[sources.pacs]
+searcher = "qido-rs"
+downloader = "wado-rs"
+url = "http://127.0.0.1:9/dicom-web"
+
+[sources.locked]
+url = "http://127.0.0.1:9/dicom-web"
+[sources.locked.auth]
+type = "basic"
+username = "trolley"
+password_env = "TT_CLI_TEST_PASSWORD"
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "trolley.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+def one_error_line(result: object) -> str:
+    """The single line a refused command prints on stderr."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]  # type: ignore[attr-defined]
+    assert len(lines) == 1, result.stderr  # type: ignore[attr-defined]
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output  # type: ignore[attr-defined]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "command", ["search", "export", "status", "jobs", "cancel", "pause", "resume", "retry-failed", "worker", "flower"]
+)
+def test_every_command_has_help_with_an_example_and_config_option(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example:" in result.output
+    assert "trolley-tasks " in result.output.split("Example:")[1]
+    assert "--config" in result.output and "--log-level" in result.output and "--log-json" in result.output
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["search", "--source", "pacs", "--config", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 2
+    assert "nope.toml: no such configuration file" in one_error_line(result)
+
+
+def test_unknown_source(config: Path) -> None:
+    result = runner.invoke(app, ["search", "--source", "elsewhere", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "no [sources.elsewhere] (known sources: locked, pacs)" in one_error_line(result)
+
+
+def test_missing_secret_env_var(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TT_CLI_TEST_PASSWORD", raising=False)
+    result = runner.invoke(app, ["search", "--source", "locked", "--config", str(config)])
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert "[sources.locked.auth] password_env" in line and "TT_CLI_TEST_PASSWORD is not set" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--study-uid", "1.2.abc"], "--study-uid"),
+        (["--date-from", "2024-13-01"], "--date-from '2024-13-01' is not a date"),
+        (["--date-from", "2024-02-01", "--date-to", "2024-01-01"], "min_study_date is after max_study_date"),
+    ],
+)
+def test_bad_filters_are_refused_before_the_pacs_is_asked(config: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["search", "--source", "pacs", "--config", str(config), *args])
+    assert result.exit_code == 2
+    assert message in one_error_line(result)
+
+
+def test_unknown_config_key_names_file_section_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "trolley.toml"
+    path.write_text(CONFIG.replace('searcher = "qido-rs"', 'sercher = "qido-rs"'))
+    result = runner.invoke(app, ["search", "--source", "pacs", "--config", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}: [sources.pacs] unknown key 'sercher'" in one_error_line(result)
+
+
+def test_worker_and_flower_need_a_broker(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TROLLEY_BROKER__URL", raising=False)
+    for command in ("worker", "flower"):
+        result = runner.invoke(app, [command, "--config", str(config)])
+        assert result.exit_code == 2
+        assert f"'{command}' needs a broker" in one_error_line(result)
+
+
+def test_flower_refuses_a_public_address_without_a_password(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TROLLEY_BROKER__URL", "redis://127.0.0.1:9/0")
+    monkeypatch.delenv("FLOWER_PASSWORD", raising=False)
+    monkeypatch.delenv("FLOWER_BASIC_AUTH", raising=False)
+    result = runner.invoke(app, ["flower", "--address", "0.0.0.0", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "refusing to serve Flower on 0.0.0.0 without a password" in one_error_line(result)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("10.0.0.1")
+
+
+def test_filters_make_one_query_per_study_uid_and_fill_a_lone_date_bound() -> None:
+    queries = Filters(study_uids=("1.2.3", "1.2.4"), modality="CT").queries(QueryLevels.SERIES)
+    assert [q.StudyInstanceUID for q in queries] == ["1.2.3", "1.2.4"]
+    assert all(q.ModalitiesInStudy == "CT" and q.query_level is QueryLevels.SERIES for q in queries)
+    (only_from,) = Filters(date_from="2024-01-05").queries()
+    assert only_from.min_study_date is not None and only_from.min_study_date.year == 2024
+    assert only_from.max_study_date is not None and only_from.max_study_date >= only_from.min_study_date
+    (only_to,) = Filters(date_to="2024-01-05").queries()
+    assert only_to.min_study_date is not None and only_to.min_study_date.year == 1900
+
+
+def test_logs_are_scrubbed_and_cut() -> None:
+    assert scrub("GET http://bob:hunter2@pacs/x") == "GET http://***@pacs/x"
+    assert "hunter2" not in scrub("headers={'Authorization': 'Basic aHVudGVyMg=='}")
+    assert "hunter2" not in scrub("password=hunter2&user=bob")
+    assert len(scrub("x" * 10_000)) < 2100
+    stream = io.StringIO()
+    setup_logging("info", as_json=True, stream=stream)
+    logging.getLogger("trolley.test").info("fetched %s from %s", "1.2.3", "http://u:secret@h/dicom-web")
+    entry = json.loads(stream.getvalue().splitlines()[-1])
+    assert entry["logger"] == "trolley.test" and entry["level"] == "info"
+    assert "secret" not in entry["message"] and "1.2.3" in entry["message"]
+    logging.getLogger("trolley.test").debug("not shown at info")
+    assert "not shown" not in stream.getvalue()
+
+
+def test_embedded_redis_persists_and_is_owned_by_one_command(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = EmbeddedRedis(state).start()
+    try:
+        import redis
+
+        client = redis.Redis.from_url(first.redis_url)
+        client.set("trolley:test", "kept")
+        client.close()
+        with pytest.raises(EmbeddedError, match="another trolley-tasks command"):
+            EmbeddedRedis(state).start()
+        reader = EmbeddedRedis(state).start(exclusive=False)  # status/jobs read a running export's server
+        assert reader.redis_url == first.redis_url
+        reader.stop()
+    finally:
+        first.stop()
+    assert not _answers(first.socket_path)  # stopped with the command that started it
+    second = EmbeddedRedis(state).start()
+    try:
+        import redis
+
+        client = redis.Redis.from_url(second.redis_url)
+        assert client.get("trolley:test") == b"kept"
+        client.close()
+    finally:
+        second.stop()
+
+
+def test_socket_path_falls_back_when_the_state_dir_is_deep(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 120)
+    assert len(str(socket_path_for(deep))) <= 100
+    assert socket_path_for(tmp_path) == tmp_path.resolve() / "redis.sock"

@@ -1,0 +1,242 @@
+"""``trolley-tasks search``: find studies, series or instances on a source, as a table, CSV or JSON.
+
+The CSV is a cohort file for ``export``: a header row, then one row per object, with StudyInstanceUID first (and
+SeriesInstanceUID / SOPInstanceUID at deeper levels) so that ``search ... --format csv > cohort.csv`` followed by
+``export cohort.csv`` exports exactly what the search found.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from trolley_tasks.cli.common import (
+    CliUsageError,
+    ConfigOption,
+    LogJsonOption,
+    LogLevelOption,
+    console,
+    handles_errors,
+    start,
+)
+from trolley_tasks.core import Query, QueryLevels, Study, validate_uid
+
+EARLIEST = date(1900, 1, 1)
+
+
+class Level(StrEnum):
+    study = "study"
+    series = "series"
+    instance = "instance"
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+SourceOption = Annotated[
+    str, typer.Option("--source", "-s", metavar="NAME", help="Source profile name: [sources.NAME] in the config.")
+]
+StudyUidOption = Annotated[
+    list[str] | None,
+    typer.Option("--study-uid", metavar="UID", help="StudyInstanceUID (repeat the option for several)."),
+]
+AccessionOption = Annotated[str, typer.Option("--accession", metavar="TEXT", help="AccessionNumber.")]
+PatientIdOption = Annotated[str, typer.Option("--patient-id", metavar="TEXT", help="PatientID.")]
+PatientNameOption = Annotated[
+    str, typer.Option("--patient-name", metavar="TEXT", help="PatientName; DICOM wildcards * and ? work.")
+]
+ModalityOption = Annotated[str, typer.Option("--modality", metavar="TEXT", help="Modality in study, for example CT.")]
+DateFromOption = Annotated[
+    str, typer.Option("--date-from", metavar="YYYY-MM-DD", help="First StudyDate, YYYY-MM-DD.", show_default=False)
+]
+DateToOption = Annotated[
+    str, typer.Option("--date-to", metavar="YYYY-MM-DD", help="Last StudyDate, YYYY-MM-DD (inclusive).")
+]
+
+
+def parse_day(value: str, option: str) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise CliUsageError(f"{option} {value!r} is not a date like 2024-01-31") from None
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The search filters as the user typed them; :meth:`queries` turns them into searcher queries."""
+
+    study_uids: tuple[str, ...] = ()
+    accession: str = ""
+    patient_id: str = ""
+    patient_name: str = ""
+    modality: str = ""
+    date_from: str = ""
+    date_to: str = ""
+
+    @property
+    def given(self) -> bool:
+        return any(
+            (
+                self.study_uids,
+                self.accession,
+                self.patient_id,
+                self.patient_name,
+                self.modality,
+                self.date_from,
+                self.date_to,
+            )
+        )
+
+    def queries(self, level: QueryLevels = QueryLevels.STUDY) -> list[Query]:
+        """One Query per study UID (or one in all when no UID is given). Invalid values raise CliUsageError.
+
+        A lone ``--date-from`` means "from then until today", a lone ``--date-to`` "everything until then".
+        """
+        for uid in self.study_uids:
+            validate_uid(uid, "--study-uid")
+        first, last = parse_day(self.date_from, "--date-from"), parse_day(self.date_to, "--date-to")
+        values: dict[str, Any] = {
+            "AccessionNumber": self.accession,
+            "PatientID": self.patient_id,
+            "PatientName": self.patient_name,
+            "ModalitiesInStudy": self.modality,
+            "query_level": level,
+        }
+        if first or last:
+            values["min_study_date"] = datetime.combine(first or EARLIEST, datetime.min.time())
+            values["max_study_date"] = datetime.combine(last or date.today(), datetime.min.time())
+        try:
+            if not self.study_uids:
+                return [Query(**values)]
+            return [Query(StudyInstanceUID=uid, **values) for uid in self.study_uids]
+        except ValidationError as exc:
+            message = str(exc.errors()[0].get("msg", "invalid filter")).removeprefix("Value error, ")
+            raise CliUsageError(f"search filters: {message}") from None
+
+
+STUDY_COLUMNS = (
+    "StudyInstanceUID",
+    "AccessionNumber",
+    "PatientID",
+    "PatientName",
+    "StudyDate",
+    "ModalitiesInStudy",
+    "StudyDescription",
+)
+SERIES_COLUMNS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription")
+INSTANCE_COLUMNS = ("SOPInstanceUID", "InstanceNumber")
+
+
+def columns_for(level: Level) -> tuple[str, ...]:
+    """UIDs first, deepest level last, so the first columns always identify what to export."""
+    if level is Level.study:
+        return STUDY_COLUMNS
+    if level is Level.series:
+        return ("StudyInstanceUID", "SeriesInstanceUID", *STUDY_COLUMNS[1:], *SERIES_COLUMNS[1:])
+    return (
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        *STUDY_COLUMNS[1:],
+        *SERIES_COLUMNS[1:],
+        *INSTANCE_COLUMNS[1:],
+    )
+
+
+def _value(data: Any, keyword: str) -> str:
+    value = getattr(data, keyword, "")
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def rows(studies: list[Study], level: Level) -> Iterator[dict[str, str]]:
+    """One row per object of ``level``; each row has the study's attributes, then its series' and instance's."""
+    for study in studies:
+        base = {key: _value(study.data, key) for key in STUDY_COLUMNS}
+        base["StudyInstanceUID"] = study.uid
+        if level is Level.study:
+            yield base
+            continue
+        for series in study.series:
+            with_series = dict(base, **{key: _value(series.data, key) for key in SERIES_COLUMNS})
+            with_series["SeriesInstanceUID"] = series.uid
+            if level is Level.series:
+                yield with_series
+                continue
+            for instance in series.instances:
+                row = dict(with_series, **{key: _value(instance.data, key) for key in INSTANCE_COLUMNS})
+                row["SOPInstanceUID"] = instance.uid
+                yield row
+
+
+@handles_errors
+def search(
+    source: SourceOption,
+    study_uid: StudyUidOption = None,
+    accession: AccessionOption = "",
+    patient_id: PatientIdOption = "",
+    patient_name: PatientNameOption = "",
+    modality: ModalityOption = "",
+    date_from: DateFromOption = "",
+    date_to: DateToOption = "",
+    level: Annotated[Level, typer.Option("--level", help="Depth of the answer.")] = Level.study,
+    output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
+    config: ConfigOption = None,
+    log_level: LogLevelOption = "info",
+    log_json: LogJsonOption = False,
+) -> None:
+    """Find studies, series or instances on a source.
+
+    Example:
+
+    \b
+        trolley-tasks search --source orthanc --modality CT --date-from 2024-01-01 \\
+            --date-to 2024-01-31 --format csv > cohort.csv
+    """
+    settings = start(config, log_level, log_json)
+    filters = Filters(tuple(study_uid or ()), accession, patient_id, patient_name, modality, date_from, date_to)
+    depth = {Level.study: QueryLevels.STUDY, Level.series: QueryLevels.SERIES, Level.instance: QueryLevels.INSTANCE}
+    queries = filters.queries(depth[level])  # bad filters are refused before the PACS is asked anything
+    profile = settings.source(source)
+    from trolley_tasks.sources import build_searcher
+
+    searcher = build_searcher(profile, source)
+    studies: dict[str, Study] = {}
+    for query in queries:
+        for study in searcher.find_studies(query):
+            studies.setdefault(study.uid, study)
+    write_rows(list(rows(list(studies.values()), level)), columns_for(level), output_format)
+
+
+def write_rows(found: list[dict[str, str]], columns: tuple[str, ...], output_format: OutputFormat) -> None:
+    if output_format is OutputFormat.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(found)
+    elif output_format is OutputFormat.json:
+        sys.stdout.write(json.dumps(found, indent=2) + "\n")
+    else:
+        table = Table(caption=f"{len(found)} found", caption_justify="left")
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in found:
+            table.add_row(*(row.get(column, "") for column in columns))
+        console.print(table)
