@@ -63,8 +63,10 @@ class Shortfall:
         if len(self.errors) == 1:
             raise self.errors[0]
         first = self.errors[0]
-        raise NotFoundError(
-            f"{len(self.errors)} requests did not deliver everything asked; first: {first.message}",
+        # Keep the precise class (e.g. XDSMissingDocumentError) when every error is one, so callers can catch it.
+        error_type = type(first) if all(isinstance(error, type(first)) for error in self.errors) else NotFoundError
+        raise error_type(
+            f"{len(self.errors)} requests or instances were not delivered; first: {first.message}",
             source=self.source,
             reference=first.reference,
         ) from first
