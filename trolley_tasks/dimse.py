@@ -33,6 +33,7 @@ from trolley_tasks.errors import (
     AuthError,
     ConfigurationError,
     PacsTimeoutError,
+    PayloadInvalidError,
     RequestRejectedError,
     RetrievalError,
     ServerBusyError,
@@ -379,10 +380,34 @@ class AssociationManager:
         """C-MOVE responses (PS3.7 9.1.4); the instances go to ``destination``'s storage SCP."""
         return self.request("C-MOVE", lambda assoc: assoc.send_c_move(identifier, destination, model), reference)
 
+    def find(self, identifier: Dataset, reference: Any) -> list[Dataset]:
+        """The matches of one Study Root C-FIND (PS3.4 C.4.1); a failure status raises the mapped error."""
+        matches: list[Dataset] = []
+        for status, found in self.send_c_find(identifier, STUDY_ROOT_FIND, reference):
+            code = int(status.Status)
+            error = error_for_status(
+                code, operation="C-FIND", source=self.source, reference=reference, comment=status.get("ErrorComment")
+            )
+            if error is not None:
+                raise error
+            if code in PENDING_STATUSES:
+                if found is None:
+                    raise PayloadInvalidError(
+                        "C-FIND pending response without an identifier", source=self.source, reference=reference
+                    )
+                matches.append(found)
+        return matches
+
     def release(self) -> None:
         """Release the association, if one is open. The next call opens a new one."""
         assoc, self._assoc = self._assoc, None
         if assoc is not None and assoc.is_established:
             assoc.release()
+
+    def abort(self) -> None:
+        """Abort the association (a request was left half-answered, so its state is unknown)."""
+        assoc, self._assoc = self._assoc, None
+        if assoc is not None and assoc.is_established:
+            assoc.abort()
 
     close = release

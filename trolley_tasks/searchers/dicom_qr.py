@@ -15,8 +15,7 @@ from pydicom import Dataset
 from pynetdicom import build_context
 
 from trolley_tasks.core import ExtendedQuery, Query, QueryLevels, SeriesReference, Study, StudyReference
-from trolley_tasks.dimse import STUDY_ROOT_FIND, AssociationManager, DimseTLS, error_for_status
-from trolley_tasks.errors import PayloadInvalidError
+from trolley_tasks.dimse import STUDY_ROOT_FIND, AssociationManager, DimseTLS
 from trolley_tasks.fields import InstanceLevel, SeriesLevel, SeriesLevelPromotable, StudyLevel
 from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.tree import TreeBuilder, dataset_uid
@@ -145,23 +144,8 @@ class DICOMQR(SearcherBase):
         return builder.studies()
 
     def c_find(self, identifier: Dataset, reference: object) -> list[Dataset]:
-        """The matches of one Study Root C-FIND; a failure status raises the mapped error (PS3.4 C.4.1.1.4)."""
-        matches: list[Dataset] = []
-        responses = self.associations.send_c_find(identifier, STUDY_ROOT_FIND, reference)
-        for status, found in responses:
-            code = int(status.Status)
-            error = error_for_status(
-                code, operation="C-FIND", source=self.source, reference=reference, comment=status.get("ErrorComment")
-            )
-            if error is not None:
-                raise error
-            if code in (0xFF00, 0xFF01):
-                if found is None:
-                    raise PayloadInvalidError(
-                        "C-FIND pending response without an identifier", source=self.source, reference=reference
-                    )
-                matches.append(found)
-        return _unique(matches, identifier.QueryRetrieveLevel)
+        """The matches of one C-FIND, without repeats (some PACS answer a study once per matching series)."""
+        return _unique(self.associations.find(identifier, reference), identifier.QueryRetrieveLevel)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Identifiers (PS3.4 C.6.2.1: Study Root keys per level)
@@ -212,7 +196,7 @@ _UNIQUE_KEY = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAG
 
 
 def _unique(matches: list[Dataset], level: str) -> list[Dataset]:
-    """Matches without repeats of the level's unique key (some PACS answer a study once per matching series)."""
+    """Matches without repeats of the level's unique key."""
     key = _UNIQUE_KEY[level]
     seen: set[object] = set()
     out = []
