@@ -1,0 +1,79 @@
+"""WADO-URI against the real Orthanc: a whole study, byte-identical, streamed; and its failure modes."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import pydicom
+import pytest
+import requests
+from conftest import RunningOrthanc
+from http_fakes import FakeHTTPServer, FakeResponse
+
+from trolley_tasks.core import InstanceReference, SeriesReference, Study, StudyReference
+from trolley_tasks.downloaders import Downloader
+from trolley_tasks.downloaders.wado_uri import WadoURI
+from trolley_tasks.errors import NonInstanceParameterError, NotFoundError, PayloadInvalidError
+
+
+def test_downloads_a_study_byte_identical(orthanc: RunningOrthanc) -> None:
+    cohort = orthanc.cohort
+    study_uid = cohort.study_refs()[1].study_uid
+    items = cohort.in_study(study_uid)
+    downloader = WadoURI(requests.Session(), orthanc.wado_url)
+    assert isinstance(downloader, Downloader)
+    files = {}
+    for ref, payload in downloader.iter_raw([item.reference() for item in items]):
+        assert not isinstance(payload, bytes)  # streamed, not buffered
+        files[ref] = b"".join(payload)
+    print(f"\nWADO-URI: study {study_uid}: {len(files)} files")
+    assert len(files) == len(items) == 6
+    for item in items:
+        data = files[item.reference()]
+        assert data == cohort.encode(item)
+        assert pydicom.dcmread(BytesIO(data)).SOPInstanceUID == item.sop_instance_uid
+
+
+def test_query_keeps_the_slash_literal(orthanc: RunningOrthanc) -> None:
+    ref = orthanc.cohort.instance_refs()[0]
+    url = WadoURI(requests.Session(), orthanc.wado_url).instance_url(ref)
+    assert url.endswith("&contentType=application/dicom") and "%2F" not in url
+    assert f"objectUID={ref.instance_uid}" in url and url.startswith(f"{orthanc.wado_url}?requestType=WADO&")
+
+
+def test_missing_instance_raises_after_the_others(orthanc: RunningOrthanc) -> None:
+    refs = orthanc.cohort.instance_refs()[:3]
+    ghost = InstanceReference(refs[0].study_uid, refs[0].series_uid, "1.2.3.4.404")
+    delivered = []
+    with pytest.raises(NotFoundError) as caught:
+        for ref, payload in WadoURI(requests.Session(), orthanc.wado_url).iter_raw([refs[0], ghost, *refs[1:]]):
+            delivered.append(ref)
+            b"".join(payload)
+    assert delivered == refs
+    assert caught.value.reference == ghost
+
+
+@pytest.mark.parametrize(
+    "objects", [StudyReference("1.2.3"), SeriesReference("1.2.3", "1.2.3.4"), Study("1.2.3")], ids=str
+)
+def test_needs_instances(objects: object) -> None:
+    with pytest.raises(NonInstanceParameterError):
+        WadoURI(requests.Session(), "http://127.0.0.1:9/wado").iter_raw(objects)  # type: ignore[arg-type]
+
+
+def test_a_200_that_is_not_dicom_is_invalid_payload() -> None:
+    page = FakeResponse(200, {"Content-Type": "text/html"}, [b"<html>Welcome to the PACS portal</html>"])
+    with FakeHTTPServer(lambda request: page) as fake:
+        downloader = WadoURI(requests.Session(), f"{fake.url}/wado")
+        with pytest.raises(PayloadInvalidError, match="not a DICOM"):
+            list(downloader.iter_raw(InstanceReference("1.2.3", "1.2.3.4", "1.2.3.4.5")))
+        assert "contentType=application/dicom" in fake.requests[0].path
+
+
+def test_another_instance_than_asked_is_invalid_payload(orthanc: RunningOrthanc) -> None:
+    cohort = orthanc.cohort
+    wrong = cohort.encode(next(iter(cohort)))
+    with FakeHTTPServer(lambda request: FakeResponse(200, {"Content-Type": "application/dicom"}, [wrong])) as fake:
+        other = cohort.instance_refs()[1]
+        with pytest.raises(PayloadInvalidError, match="SOPInstanceUID"):
+            list(WadoURI(requests.Session(), f"{fake.url}/wado").iter_raw(other))
