@@ -6,6 +6,7 @@ where Orthanc can do the job).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -66,10 +67,8 @@ class FakeHTTPServer:
                     self.send_header(name, value)
                 self.end_headers()
                 if reply.body and self.command != "HEAD":
-                    try:
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                         self.wfile.write(reply.body)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass
 
             do_GET = _serve
             do_POST = _serve

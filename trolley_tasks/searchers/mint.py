@@ -1,0 +1,211 @@
+"""MINT (Medical Imaging Network Transport, as Vitrea serves it): study search over HTTP with an XML answer.
+
+``GET {url}/studies?<DICOM keywords>&min_study_date=&max_study_date=&QueryLevel=&IncludeFields=&limit=`` answers
+``<studySearchResults xmlns="http://medical.nema.org/mint">`` holding ``study``, ``series`` and ``instance``
+elements, each with ``<attr tag="0020000d" vr="UI" val="..."/>`` children (shared/seeds/PROTOCOLS.md). Series
+attributes may come after the series' instances, so a series is read whole before its instances are placed.
+
+The answer comes from a server we do not control, so parsing is defensive: defusedxml forbids DTDs and entities
+(no entity-expansion bomb, nothing external resolved), the body is capped at :data:`MAX_ANSWER_BYTES`, and anything
+malformed is a :class:`~trolley_tasks.errors.PayloadInvalidError` that says where.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import requests
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import XMLParser
+from pydantic import ValidationError, field_validator
+from pydicom import DataElement, Dataset
+from pydicom.sequence import Sequence
+
+from trolley_tasks.core import ExtendedQuery, Query, QueryLevels, Study
+from trolley_tasks.errors import PayloadInvalidError, UnSupportedParameterError
+from trolley_tasks.http import iter_body, redact_url, request
+from trolley_tasks.searchers.base import SearcherBase
+from trolley_tasks.searchers.qido_rs_query import query_string
+from trolley_tasks.searchers.tree import TreeBuilder, dataset_uid
+
+MINT_NAMESPACE = "http://medical.nema.org/mint"
+MAX_ANSWER_BYTES = 512 * 1024 * 1024
+"""A MINT answer larger than this is refused: about a million instances' worth, far more than one study."""
+
+_NS = f"{{{MINT_NAMESPACE}}}"
+_NUMERIC_VRS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": int, "FL": float, "FD": float}
+_SINGLE_VALUED_VRS = {"LT", "ST", "UT", "UR"}
+_BULK_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN"}
+_DEPTH = {QueryLevels.STUDY: 0, QueryLevels.SERIES: 1, QueryLevels.INSTANCE: 2}
+
+
+class MintQuery(ExtendedQuery):
+    """A MINT study search. ``include_fields`` must be valid for the query level (``trolley_tasks.fields``).
+
+    Parameters
+    ----------
+    limit
+        At most this many studies; 0 means all (the MINT default the server is told explicitly).
+    """
+
+    limit: int = 0
+
+    @field_validator("limit")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("limit cannot be negative")
+        return value
+
+    def search_params(self) -> list[tuple[str, str]]:
+        """The MINT query parameters, in a stable order."""
+        params: list[tuple[str, str]] = []
+        for name in (
+            "StudyInstanceUID",
+            "AccessionNumber",
+            "PatientName",
+            "PatientID",
+            "ModalitiesInStudy",
+            "SeriesInstanceUID",
+        ):
+            value = getattr(self, name)
+            if value:
+                params.append((name, value))
+        if self.min_study_date and self.max_study_date:
+            params.append(("min_study_date", f"{self.min_study_date:%Y%m%d}"))
+            params.append(("max_study_date", f"{self.max_study_date:%Y%m%d}"))
+        params.append(("QueryLevel", self.query_level.value))
+        if self.include_fields:
+            params.append(("IncludeFields", ",".join(self.include_fields)))
+        params.append(("limit", str(self.limit)))
+        return params
+
+
+def _value(vr: str, val: str | None) -> Any:
+    if val is None or val == "" or vr in _BULK_VRS:
+        return None
+    if vr in _NUMERIC_VRS:
+        convert = _NUMERIC_VRS[vr]
+        parts = [convert(part) for part in val.split("\\")]
+        return parts[0] if len(parts) == 1 else parts
+    if vr in _SINGLE_VALUED_VRS:
+        return val
+    parts_text = val.split("\\")
+    return parts_text[0] if len(parts_text) == 1 else parts_text
+
+
+def _element(attr: ET.Element) -> DataElement:
+    tag_text, vr = attr.get("tag", ""), attr.get("vr", "")
+    if len(tag_text) != 8 or not vr:
+        raise ValueError(f"attr needs an 8-hex-digit tag and a vr, got tag={tag_text!r} vr={vr!r}")
+    tag = int(tag_text, 16)
+    if vr == "SQ":
+        items = [_dataset(item) for item in attr if item.tag == f"{_NS}item"]
+        return DataElement(tag, vr, Sequence(items))
+    return DataElement(tag, vr, _value(vr, attr.get("val")))
+
+
+def _dataset(element: ET.Element) -> Dataset:
+    """The ``attr`` children of one MINT element (in any order among its other children) as a Dataset."""
+    ds = Dataset()
+    for attr in element:
+        if attr.tag == f"{_NS}attr":
+            ds.add(_element(attr))
+    return ds
+
+
+def parse_mint_xml(body: bytes | list[bytes], level: QueryLevels, *, source: str | None = None) -> list[Study]:
+    """A MINT study search answer as the object tree, down to ``level`` (deeper elements are not read).
+
+    Raises
+    ------
+    PayloadInvalidError
+        If the answer is not well-formed XML, uses a DTD or entities, is not a ``studySearchResults`` in the MINT
+        namespace, or holds an attribute or UID that cannot be read.
+    """
+    chunks = [body] if isinstance(body, bytes) else body
+    parser = XMLParser(forbid_dtd=True)
+    try:
+        for chunk in chunks:
+            parser.feed(chunk)
+        root = parser.close()
+    except ET.ParseError as exc:
+        raise PayloadInvalidError(f"MINT answer is not well-formed XML: {exc}", source=source) from exc
+    except DefusedXmlException as exc:
+        raise PayloadInvalidError(f"MINT answer uses a forbidden XML feature: {exc!r}", source=source) from exc
+    if root.tag != f"{_NS}studySearchResults":
+        raise PayloadInvalidError(
+            f"MINT answer's root is {root.tag!r}, expected studySearchResults in namespace {MINT_NAMESPACE}",
+            source=source,
+        )
+    depth = _DEPTH[QueryLevels(level)]
+    builder = TreeBuilder(source=source)
+    try:
+        for study_el in root.iterfind(f"{_NS}study"):
+            study_ds = _dataset(study_el)
+            builder.add(study_ds, QueryLevels.STUDY)
+            study_uid = dataset_uid(study_ds, "StudyInstanceUID", source=source)
+            if depth < 1:
+                continue
+            for series_el in study_el.iterfind(f"{_NS}series"):
+                series_ds = _dataset(series_el)
+                series_ds.StudyInstanceUID = study_uid
+                builder.add(series_ds, QueryLevels.SERIES)
+                series_uid = dataset_uid(series_ds, "SeriesInstanceUID", source=source)
+                if depth < 2:
+                    continue
+                for instance_el in series_el.iterfind(f"{_NS}instance"):
+                    instance_ds = _dataset(instance_el)
+                    instance_ds.StudyInstanceUID = study_uid
+                    instance_ds.SeriesInstanceUID = series_uid
+                    builder.add(instance_ds, QueryLevels.INSTANCE)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise PayloadInvalidError(f"MINT answer holds an unreadable attr: {exc}", source=source) from exc
+    return builder.studies()
+
+
+class Mint(SearcherBase):
+    """A MINT server's study search.
+
+    Parameters
+    ----------
+    session
+        A ``requests.Session``, logged in where the server needs it (Vitrea: see ``trolley_tasks.auth``).
+    url
+        The MINT root, for example ``https://server/mint``; searches go to ``{url}/studies``.
+    source
+        A name for errors and logs; defaults to the URL without credentials.
+    """
+
+    def __init__(self, session: requests.Session, url: str, *, source: str | None = None) -> None:
+        self.session = session
+        self.url = url.rstrip("/")
+        self.source = source or redact_url(url)
+
+    def __repr__(self) -> str:
+        return f"Mint({self.source!r})"
+
+    def ensure_query_type(self, query: Query) -> MintQuery:
+        """``query`` as a MintQuery; UnSupportedParameterError when a value would be lost or is invalid for MINT."""
+        try:
+            return MintQuery.init_from_query(query)
+        except ValidationError as exc:
+            raise UnSupportedParameterError(f"MINT cannot run {query.to_short_string()}: {exc}") from exc
+
+    def find_studies(self, query: Query) -> list[Study]:
+        mint_query = self.ensure_query_type(query)
+        url = f"{self.url}/studies?{query_string(mint_query.search_params())}"
+        response = request(self.session, "GET", url, source=self.source, headers={"Accept": "application/xml"})
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in iter_body(response, source=self.source):
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                response.close()
+                raise PayloadInvalidError(
+                    f"MINT answer from {redact_url(url)} exceeds {MAX_ANSWER_BYTES} bytes; refusing to parse it",
+                    source=self.source,
+                )
+            chunks.append(chunk)
+        return parse_mint_xml(chunks, mint_query.query_level, source=self.source)
