@@ -182,3 +182,44 @@ def test_socket_path_falls_back_when_the_state_dir_is_deep(tmp_path: Path) -> No
     deep = tmp_path / ("d" * 120)
     assert len(str(socket_path_for(deep))) <= 100
     assert socket_path_for(tmp_path) == tmp_path.resolve() / "redis.sock"
+
+
+@pytest.mark.parametrize(
+    ("cohort_text", "extra", "message"),
+    [
+        ("StudyInstanceUID\n1.2.3\n1.2.x4\n", [], "row 3, column StudyInstanceUID"),
+        ("StudyInstanceUID\n1.2.3,extra\n", [], "row 2: more values than header columns"),
+        ("Name\nbob\n", [], "the header names none of StudyInstanceUID"),
+        (None, ["--study-uid", "1..2"], "--study-uid"),
+        (None, [], "nothing to export"),
+        ("StudyInstanceUID\n1.2.3\n", ["--study-uid", "1.2.3"], "not both"),
+        ("StudyInstanceUID\n1.2.3\n", ["--no-wait"], "--no-wait needs a broker"),
+        ("StudyInstanceUID\n1.2.3\n", ["--source", "nope"], "no [sources.nope]"),
+    ],
+)
+def test_export_refuses_bad_input_with_one_line(
+    tmp_path: Path, config: Path, cohort_text: str | None, extra: list[str], message: str
+) -> None:
+    args = ["export", "--source", "pacs", "--out", str(tmp_path / "out"), "--config", str(config)]
+    if cohort_text is not None:
+        cohort = tmp_path / "cohort.csv"
+        cohort.write_text(cohort_text)
+        args.insert(1, str(cohort))
+    if "--source" in extra:
+        args[args.index("--source") + 1] = extra[extra.index("--source") + 1]
+        extra = []
+    result = runner.invoke(app, [*args, *extra])
+    assert result.exit_code == 2, result.output
+    assert message in one_error_line(result)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_workers_option_needs_embedded_mode(tmp_path: Path, config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TROLLEY_BROKER__URL", "redis://127.0.0.1:9/0")
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("StudyInstanceUID\n1.2.3\n")
+    result = runner.invoke(
+        app, ["export", str(cohort), "--source", "pacs", "--out", str(tmp_path), "--workers", "2", "-c", str(config)]
+    )
+    assert result.exit_code == 2
+    assert "--workers is for embedded mode" in one_error_line(result)

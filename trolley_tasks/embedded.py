@@ -98,6 +98,11 @@ class EmbeddedRedis:
         self._owned_pid: int | None = None
 
     @property
+    def owner(self) -> bool:
+        """True when this command holds the state directory (it may run workers; it stops the server)."""
+        return self._lock is not None
+
+    @property
     def broker_url(self) -> str:
         """For Celery (kombu's Redis transport over a unix socket)."""
         return f"redis+socket://{self.socket_path}"
@@ -254,6 +259,7 @@ class EmbeddedWorkers:
     """
 
     broker_url: str
+    ledger_url: str
     state_dir: Path
     count: int
     config_path: Path | None
@@ -268,7 +274,7 @@ class EmbeddedWorkers:
 
     def environment(self) -> dict[str, str]:
         """The workers' environment: ours, plus the embedded broker and the configuration file we read."""
-        env = dict(os.environ, TROLLEY_BROKER__URL=self.broker_url)
+        env = dict(os.environ, **embedded_environment(self.broker_url, self.ledger_url))
         if self.config_path is not None:
             env["TROLLEY_CONFIG"] = str(Path(self.config_path).resolve())
         return env
@@ -349,11 +355,16 @@ def embedded_workers(
     server: EmbeddedRedis, count: int, config_path: Path | None, loglevel: str = "warning"
 ) -> Iterator[EmbeddedWorkers]:
     """``count`` workers on ``server`` for the life of the block."""
-    workers = EmbeddedWorkers(server.broker_url, server.state_dir, count, config_path, loglevel)
+    workers = EmbeddedWorkers(server.broker_url, server.redis_url, server.state_dir, count, config_path, loglevel)
     try:
         yield workers.start()
     finally:
         workers.stop()
+
+
+def embedded_environment(broker_url: str, ledger_url: str) -> dict[str, str]:
+    """The variables that point the engine (in this command and in the workers) at the embedded Redis."""
+    return {"TROLLEY_BROKER__URL": broker_url, "TROLLEY_BROKER__LEDGER_URL": ledger_url}
 
 
 def default_worker_count() -> int:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import typer
 
 from trolley_tasks import __version__
-from trolley_tasks.cli import services
+from trolley_tasks.cli import jobs, services
+from trolley_tasks.cli.export import export
 from trolley_tasks.cli.search import search
 
 app = typer.Typer(
@@ -41,6 +42,13 @@ def _root(
 
 
 app.command()(search)
+app.command()(export)
+app.command()(jobs.status)
+app.command()(jobs.jobs)
+app.command()(jobs.cancel)
+app.command()(jobs.pause)
+app.command()(jobs.resume)
+app.command("retry-failed")(jobs.retry_failed)
 app.command()(services.worker)
 app.command()(services.flower)
 

@@ -46,12 +46,18 @@ def _engine_app(settings: Settings, command: str) -> Any:
 @handles_errors
 def worker(
     concurrency: Annotated[
-        int, typer.Option("--concurrency", "-C", min=0, help="Worker processes; 0: the CPU count.")
+        int, typer.Option("--concurrency", "-C", min=0, metavar="N", help="Worker processes; 0: the CPU count.")
     ] = 0,
-    queues: Annotated[str, typer.Option("--queues", "-Q", help="Comma-separated queues; default: all of ours.")] = "",
-    loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="Celery's log level.")] = "info",
-    hostname: Annotated[str, typer.Option("--hostname", "-n", help="Node name, for example w1@%h.")] = "",
-    logfile: Annotated[str, typer.Option("--logfile", help="Write the worker's log here instead of stderr.")] = "",
+    queues: Annotated[
+        str, typer.Option("--queues", "-Q", metavar="LIST", help="Comma-separated queues; default: all of ours.")
+    ] = "",
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l", metavar="LEVEL", help="Celery's log level.")] = "info",
+    hostname: Annotated[
+        str, typer.Option("--hostname", "-n", metavar="NAME", help="Node name, for example w1@%h.")
+    ] = "",
+    logfile: Annotated[
+        str, typer.Option("--logfile", metavar="PATH", help="Write the worker's log here instead of stderr.")
+    ] = "",
     config: ConfigOption = None,
     log_level: LogLevelOption = "info",
     log_json: LogJsonOption = False,
@@ -109,8 +115,12 @@ def is_loopback(address: str) -> bool:
 
 @handles_errors
 def flower(
-    address: Annotated[str, typer.Option("--address", help="Listen address; default from [flower], 127.0.0.1.")] = "",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port; default from [flower], 5555.")] = 0,
+    address: Annotated[
+        str, typer.Option("--address", metavar="HOST", help="Listen address; default from [flower], 127.0.0.1.")
+    ] = "",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, metavar="PORT", help="Port; default from [flower], 5555.")
+    ] = 0,
     config: ConfigOption = None,
     log_level: LogLevelOption = "info",
     log_json: LogJsonOption = False,

@@ -1,0 +1,219 @@
+"""``status``, ``jobs``, ``cancel``, ``pause``, ``resume`` and ``retry-failed``: watching and steering jobs.
+
+In embedded mode these commands read the embedded Redis in the state directory: the running export's, or one they
+start for themselves. ``resume`` and ``retry-failed`` need workers to do anything; in embedded mode, when no export is
+running, they start the local workers and wait, like ``export``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from trolley_tasks.cli.client import Engine, connect
+from trolley_tasks.cli.common import (
+    EXIT_OK,
+    ConfigOption,
+    LogJsonOption,
+    LogLevelOption,
+    console,
+    handles_errors,
+    human_bytes,
+    notice,
+    start,
+)
+from trolley_tasks.cli.export import run_with_workers, wait_for
+from trolley_tasks.cli.progress import failure_table, format_eta, progress_line
+from trolley_tasks.engine.models import JobStatus
+
+JobArgument = Annotated[str, typer.Argument(metavar="JOB", help="The job id (see 'trolley-tasks jobs').")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+
+
+def status_json(status: JobStatus) -> str:
+    data = status.model_dump(mode="json")
+    data["missing"] = status.missing
+    data["complete"] = status.complete
+    return json.dumps(data, indent=2)
+
+
+@handles_errors
+def status(
+    job: JobArgument,
+    as_json: JsonOption = False,
+    watch_it: Annotated[bool, typer.Option("--watch", help="Show progress until the job ends or pauses.")] = False,
+    config: ConfigOption = None,
+    log_level: LogLevelOption = "info",
+    log_json: LogJsonOption = False,
+) -> None:
+    """Show a job's counts, rate, ETA and failures by error class.
+
+    Example:
+
+    \b
+        trolley-tasks status 3f2a9c1e --watch
+    """
+    settings = start(config, log_level, log_json)
+    with connect(settings, exclusive=False) as engine:
+        if watch_it:
+            code = wait_for(engine, job)
+            if as_json:
+                console.print_json(status_json(engine.status(job)))
+            raise typer.Exit(code)
+        current = engine.status(job)
+        if as_json:
+            console.print_json(status_json(current))
+            return
+        table = Table(show_header=False, title=f"job {current.job_id}", title_justify="left")
+        for name, value in (
+            ("state", current.state.value + (f" ({current.pause_reason})" if current.pause_reason else "")),
+            ("source", current.source),
+            ("output", f"{current.output} (layout {current.layout})"),
+            (
+                "instances",
+                f"{current.done}/{current.expected} done, {current.skipped} already on disk, "
+                f"{current.failed} failed, {current.missing} to go",
+            ),
+            ("cohort rows", f"{current.rows_expanded}/{current.rows} expanded, {current.rows_failed} failed"),
+            ("bytes", human_bytes(current.bytes)),
+            (
+                "rate",
+                f"{current.rate:.1f} inst/s, {human_bytes(current.byte_rate)}/s, ETA {format_eta(current.eta_seconds)}",
+            ),
+            ("started", str(current.started_at or "-")),
+            ("finished", str(current.finished_at or "-")),
+        ):
+            table.add_row(name, value)
+        console.print(table)
+        if current.failed or current.rows_failed:
+            console.print(failure_table(current, engine.failures(job)))
+
+
+@handles_errors
+def jobs(
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    log_level: LogLevelOption = "info",
+    log_json: LogJsonOption = False,
+) -> None:
+    """List the jobs the ledger knows, newest first.
+
+    Example:
+
+    \b
+        trolley-tasks jobs --json
+    """
+    settings = start(config, log_level, log_json)
+    with connect(settings, exclusive=False) as engine:
+        found = engine.jobs()
+    if as_json:
+        console.print_json(json.dumps([json.loads(status_json(item)) for item in found]))
+        return
+    table = Table(caption=f"{len(found)} jobs", caption_justify="left")
+    for column in ("job", "state", "source", "done", "failed", "expected", "output", "created"):
+        table.add_column(column)
+    for item in found:
+        table.add_row(
+            item.job_id,
+            item.state.value,
+            item.source,
+            str(item.done),
+            str(item.failed),
+            str(item.expected),
+            item.output,
+            str(item.created_at or ""),
+        )
+    console.print(table)
+
+
+@handles_errors
+def cancel(
+    job: JobArgument, config: ConfigOption = None, log_level: LogLevelOption = "info", log_json: LogJsonOption = False
+) -> None:
+    """Cancel a job: stop queueing, drop pending work, keep what is on disk.
+
+    Example:
+
+    \b
+        trolley-tasks cancel 3f2a9c1e
+    """
+    settings = start(config, log_level, log_json)
+    with connect(settings, exclusive=False) as engine:
+        engine.cancel(job)
+        notice(progress_line(engine.status(job)))
+
+
+@handles_errors
+def pause(
+    job: JobArgument, config: ConfigOption = None, log_level: LogLevelOption = "info", log_json: LogJsonOption = False
+) -> None:
+    """Pause a job: workers stop taking its work; running fetches finish. Resume with 'resume'.
+
+    Example:
+
+    \b
+        trolley-tasks pause 3f2a9c1e
+    """
+    settings = start(config, log_level, log_json)
+    with connect(settings, exclusive=False) as engine:
+        engine.pause(job, reason="paused by the user")
+        notice(progress_line(engine.status(job)))
+
+
+def _restart(engine: Engine, job: str, workers: int, log_level: str) -> int:
+    """After resume or retry-failed: in embedded mode with nobody else's workers, run ours until the job ends."""
+    if engine.owns_embedded:
+        return run_with_workers(engine, job, workers, log_level)
+    notice(progress_line(engine.status(job)))
+    return EXIT_OK
+
+
+WorkersOption = Annotated[
+    int, typer.Option("--workers", "-w", min=0, metavar="N", help="Embedded mode: worker processes.")
+]
+
+
+@handles_errors
+def resume(
+    job: JobArgument,
+    workers: WorkersOption = 0,
+    config: ConfigOption = None,
+    log_level: LogLevelOption = "info",
+    log_json: LogJsonOption = False,
+) -> None:
+    """Resume a paused job. In embedded mode, runs the local workers until it ends.
+
+    Example:
+
+    \b
+        trolley-tasks resume 3f2a9c1e
+    """
+    settings = start(config, log_level, log_json)
+    with connect(settings, exclusive=False) as engine:
+        engine.resume(job)
+        raise typer.Exit(_restart(engine, job, workers, log_level))
+
+
+@handles_errors
+def retry_failed(
+    job: JobArgument,
+    workers: WorkersOption = 0,
+    config: ConfigOption = None,
+    log_level: LogLevelOption = "info",
+    log_json: LogJsonOption = False,
+) -> None:
+    """Re-queue only the failed instances of an ended job (after fixing the cause).
+
+    Example:
+
+    \b
+        trolley-tasks retry-failed 3f2a9c1e
+    """
+    settings = start(config, log_level, log_json)
+    with connect(settings, exclusive=False) as engine:
+        count = engine.retry_failed(job)
+        notice(f"re-queued {count} failed instances of job {job}")
+        raise typer.Exit(_restart(engine, job, workers, log_level))
