@@ -1,0 +1,131 @@
+"""A cache in front of any Searcher, as in dicomtrolley's usage page::
+
+    searcher = CachedSearcher(searcher=a_searcher, cache=DICOMObjectCache(expiry_seconds=300))
+
+- A query repeated within ``expiry_seconds`` returns the cached studies without asking the server.
+- ``find_study_by_id(uid, level)`` is answered from the cache when the cached study was searched at ``level`` or
+  deeper; a deeper request than what is cached goes to the server, and its answer replaces the cached study.
+- Age is compared in total seconds. dicomtrolley compared ``timedelta.seconds``, the seconds *within* the last
+  day, so an entry 1 day and 10 seconds old looked 10 seconds old and never expired.
+
+Cached objects are returned as they are (not copied), so a caller that edits a returned tree edits the cache.
+The cache lives in one process; the engine's workers each have their own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from trolley_tasks.core import Query, QueryLevels, Study, validate_uid
+from trolley_tasks.searchers.base import Searcher, SearcherBase
+
+
+@dataclass
+class _Entry:
+    study: Study
+    level: QueryLevels
+    stored_at: float
+
+
+class DICOMObjectCache:
+    """Studies by StudyInstanceUID, with the depth they were searched at, and query answers, for a time.
+
+    Parameters
+    ----------
+    expiry_seconds
+        How long an entry is good for.
+    clock
+        Seconds from an arbitrary start (``time.monotonic``); tests pass their own.
+    """
+
+    def __init__(self, expiry_seconds: float = 600, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if expiry_seconds < 0:
+            raise ValueError("expiry_seconds cannot be negative")
+        self.expiry_seconds = float(expiry_seconds)
+        self.clock = clock
+        self._studies: dict[str, _Entry] = {}
+        self._queries: dict[str, tuple[list[str], float]] = {}
+        self._lock = threading.Lock()
+
+    def _fresh(self, stored_at: float) -> bool:
+        return self.clock() - stored_at <= self.expiry_seconds  # whole seconds of age, days included
+
+    def add_study(self, study: Study, level: QueryLevels) -> None:
+        """Remember ``study`` as searched at ``level``, unless a fresher deeper copy is already cached."""
+        with self._lock:
+            current = self._studies.get(study.uid)
+            if current is not None and self._fresh(current.stored_at) and _deeper(current.level, level):
+                return
+            self._studies[study.uid] = _Entry(study, QueryLevels(level), self.clock())
+
+    def get_study(self, study_uid: str, level: QueryLevels) -> Study | None:
+        """The cached study when it is fresh and at least as deep as ``level``, else None."""
+        with self._lock:
+            entry = self._studies.get(study_uid)
+            if entry is None:
+                return None
+            if not self._fresh(entry.stored_at):
+                del self._studies[study_uid]
+                return None
+            return entry.study if (entry.level == level or _deeper(entry.level, level)) else None
+
+    def add_query(self, key: str, studies: list[Study], level: QueryLevels) -> None:
+        """Remember the answer to a query (as study UIDs; the studies themselves go to the study cache)."""
+        for study in studies:
+            self.add_study(study, level)
+        with self._lock:
+            self._queries[key] = ([study.uid for study in studies], self.clock())
+
+    def get_query(self, key: str, level: QueryLevels) -> list[Study] | None:
+        """The cached answer to a query, if fresh and every study in it is still cached deep enough."""
+        with self._lock:
+            cached = self._queries.get(key)
+            if cached is None:
+                return None
+            uids, stored_at = cached
+            if not self._fresh(stored_at):
+                del self._queries[key]
+                return None
+        studies = [self.get_study(uid, level) for uid in uids]
+        if any(study is None for study in studies):
+            return None
+        return [study for study in studies if study is not None]
+
+
+def _deeper(a: QueryLevels, b: QueryLevels) -> bool:
+    """True when level ``a`` goes deeper than ``b`` (INSTANCE is deeper than SERIES, SERIES than STUDY)."""
+    return QueryLevels(a).to_object_level() < QueryLevels(b).to_object_level()
+
+
+class CachedSearcher(SearcherBase):
+    """A Searcher that answers from ``cache`` when it can and asks ``searcher`` otherwise."""
+
+    def __init__(self, searcher: Searcher, cache: DICOMObjectCache) -> None:
+        self.searcher = searcher
+        self.cache = cache
+        self.source = getattr(searcher, "source", None)
+
+    def __repr__(self) -> str:
+        return f"CachedSearcher({self.searcher!r})"
+
+    def find_studies(self, query: Query) -> list[Study]:
+        key = f"{type(query).__qualname__}:{query.model_dump_json()}"
+        level = QueryLevels(query.query_level)
+        cached = self.cache.get_query(key, level)
+        if cached is not None:
+            return cached
+        studies = self.searcher.find_studies(query)
+        self.cache.add_query(key, studies, level)
+        return studies
+
+    def find_study_by_id(self, study_uid: str, query_level: QueryLevels = QueryLevels.STUDY) -> Study:
+        validate_uid(study_uid, "StudyInstanceUID")
+        cached = self.cache.get_study(study_uid, query_level)
+        if cached is not None:
+            return cached
+        study = self.searcher.find_study_by_id(study_uid, query_level)
+        self.cache.add_study(study, query_level)
+        return study

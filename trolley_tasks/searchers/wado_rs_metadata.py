@@ -1,0 +1,108 @@
+"""WADO-RS metadata (PS3.18 10.4.1.1.2) as a Searcher: the instance tree of a study named by its UID.
+
+``GET {url}/studies/{study}/metadata`` (or ``.../series/{series}/metadata``) answers the full header of every
+instance, as DICOM JSON, bulk data by URI (never fetched here, see :mod:`trolley_tasks.dicom_json`). It is a cheap
+way to expand a study on servers whose QIDO-RS is weak, but it cannot search: only queries that name a
+StudyInstanceUID are answered, the others raise UnSupportedParameterError.
+
+Unlike dicomtrolley, the HTTP status is checked: a 404 (Orthanc's answer for an unknown study) or a 204 is "no such
+study", and every other failure maps to the error tree through :mod:`trolley_tasks.http`.
+"""
+
+from __future__ import annotations
+
+import requests
+
+from trolley_tasks.core import Query, QueryLevels, Study, StudyReference, validate_uid
+from trolley_tasks.dicom_json import datasets_from_json
+from trolley_tasks.errors import NotFoundError, StudyNotFoundError, UnSupportedParameterError
+from trolley_tasks.http import read_body, redact_url, request
+from trolley_tasks.searchers.base import SearcherBase
+from trolley_tasks.searchers.tree import build_tree, prune_to_level
+
+_ANSWERABLE = {"StudyInstanceUID", "SeriesInstanceUID", "query_level", "include_fields"}
+
+
+class WadoRSMetadata(SearcherBase):
+    """Study expansion through WADO-RS metadata.
+
+    Parameters
+    ----------
+    session
+        A ``requests.Session``, reused for keep-alive.
+    url
+        The WADO-RS root, for example ``http://server:8042/dicom-web``.
+    source
+        A name for errors and logs; defaults to the URL without credentials.
+    """
+
+    def __init__(self, session: requests.Session, url: str, *, source: str | None = None) -> None:
+        self.session = session
+        self.url = url.rstrip("/")
+        self.source = source or redact_url(url)
+
+    def __repr__(self) -> str:
+        return f"WadoRSMetadata({self.source!r})"
+
+    def find_studies(self, query: Query) -> list[Study]:
+        """The study ``query.StudyInstanceUID`` (limited to ``query.SeriesInstanceUID`` if given), or ``[]``.
+
+        Metadata holds every attribute, so any ``include_fields`` are in ``.data`` already.
+
+        Raises
+        ------
+        UnSupportedParameterError
+            If the query has no StudyInstanceUID, a wildcard or list in it, or any other matching value.
+        """
+        values = query.non_default_values()
+        extra = sorted(set(values) - _ANSWERABLE)
+        uid = query.StudyInstanceUID
+        if extra or not uid or any(ch in uid for ch in "*?,\\"):
+            raise UnSupportedParameterError(
+                f"WadoRSMetadata cannot search ({query.to_short_string()}): it reads the metadata of one study "
+                "named by an exact StudyInstanceUID; use QidoRS or DICOMQR to search by other values",
+                source=self.source,
+            )
+        try:
+            return [self._study(uid, query.SeriesInstanceUID, QueryLevels(query.query_level))]
+        except StudyNotFoundError:
+            return []
+
+    def find_study_by_id(self, study_uid: str, query_level: QueryLevels = QueryLevels.STUDY) -> Study:
+        """The study with its series and instances to ``query_level``; StudyNotFoundError if the server lacks it."""
+        validate_uid(study_uid, "StudyInstanceUID")
+        return self._study(study_uid, "", QueryLevels(query_level))
+
+    def _study(self, study_uid: str, series_uid: str, level: QueryLevels) -> Study:
+        validate_uid(study_uid, "StudyInstanceUID")
+        path = f"/studies/{study_uid}"
+        if series_uid:
+            validate_uid(series_uid, "SeriesInstanceUID")
+            path += f"/series/{series_uid}"
+        url = f"{self.url}{path}/metadata"
+        reference = StudyReference(study_uid)
+        try:
+            response = request(
+                self.session,
+                "GET",
+                url,
+                source=self.source,
+                reference=reference,
+                headers={"Accept": "application/dicom+json"},
+            )
+        except NotFoundError as exc:
+            raise self._missing(reference, url) from exc
+        if response.status_code == 204:
+            response.close()
+            raise self._missing(reference, url)
+        body = read_body(response, source=self.source, reference=reference)
+        datasets = datasets_from_json(body, source=self.source, what=f"WADO-RS metadata from {redact_url(url)}")
+        studies = [s for s in build_tree(datasets, QueryLevels.INSTANCE, source=self.source) if s.uid == study_uid]
+        if not studies:
+            raise self._missing(reference, url)
+        return prune_to_level(studies, level)[0]
+
+    def _missing(self, reference: StudyReference, url: str) -> StudyNotFoundError:
+        return StudyNotFoundError(
+            f"no study {reference.study_uid} at {redact_url(url)}", source=self.source, reference=reference
+        )
