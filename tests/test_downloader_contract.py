@@ -47,11 +47,16 @@ DOWNLOADER_FACTORIES = [
     pytest.param(lambda orthanc, tmp_path: CGet("127.0.0.1", orthanc.dicom_port, "TROLLEY", orthanc.aet), id="c-get"),
     pytest.param(
         lambda orthanc, tmp_path: CMove(
-            "127.0.0.1", orthanc.dicom_port, "TROLLEY", orthanc.aet, destination_aet=orthanc.move_aet,
-            receiver_port=orthanc.move_port, spool_dir=tmp_path / "spool",
+            "127.0.0.1",
+            orthanc.dicom_port,
+            "TROLLEY",
+            orthanc.aet,
+            destination_aet=orthanc.move_aet,
+            receiver_port=orthanc.move_port,
+            spool_dir=tmp_path / "spool",
         ),
         id="c-move",
-    ),  # fmt: skip
+    ),
 ]
 
 
