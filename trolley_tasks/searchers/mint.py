@@ -176,10 +176,20 @@ class Mint(SearcherBase):
         The MINT root, for example ``https://server/mint``; searches go to ``{url}/studies``.
     source
         A name for errors and logs; defaults to the URL without credentials.
+    timeout
+        ``(connect, read)`` seconds per call; default :data:`trolley_tasks.http.DEFAULT_TIMEOUT`.
     """
 
-    def __init__(self, session: requests.Session, url: str, *, source: str | None = None) -> None:
+    def __init__(
+        self,
+        session: requests.Session,
+        url: str,
+        *,
+        source: str | None = None,
+        timeout: float | tuple[float, float] | None = None,
+    ) -> None:
         self.session = session
+        self.timeout = timeout
         self.url = url.rstrip("/")
         self.source = source or redact_url(url)
 
@@ -196,7 +206,9 @@ class Mint(SearcherBase):
     def find_studies(self, query: Query) -> list[Study]:
         mint_query = self.ensure_query_type(query)
         url = f"{self.url}/studies?{query_string(mint_query.search_params())}"
-        response = request(self.session, "GET", url, source=self.source, headers={"Accept": "application/xml"})
+        response = request(
+            self.session, "GET", url, source=self.source, headers={"Accept": "application/xml"}, timeout=self.timeout
+        )
         chunks: list[bytes] = []
         size = 0
         for chunk in iter_body(response, source=self.source):

@@ -34,10 +34,20 @@ class WadoRSMetadata(SearcherBase):
         The WADO-RS root, for example ``http://server:8042/dicom-web``.
     source
         A name for errors and logs; defaults to the URL without credentials.
+    timeout
+        ``(connect, read)`` seconds per call; default :data:`trolley_tasks.http.DEFAULT_TIMEOUT`.
     """
 
-    def __init__(self, session: requests.Session, url: str, *, source: str | None = None) -> None:
+    def __init__(
+        self,
+        session: requests.Session,
+        url: str,
+        *,
+        source: str | None = None,
+        timeout: float | tuple[float, float] | None = None,
+    ) -> None:
         self.session = session
+        self.timeout = timeout
         self.url = url.rstrip("/")
         self.source = source or redact_url(url)
 
@@ -89,6 +99,7 @@ class WadoRSMetadata(SearcherBase):
                 source=self.source,
                 reference=reference,
                 headers={"Accept": "application/dicom+json"},
+                timeout=self.timeout,
             )
         except NotFoundError as exc:
             raise self._missing(reference, url) from exc
