@@ -11,14 +11,16 @@ import logging
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
-from trolley_tasks.cli import app
+from trolley_tasks.cli import app, progress
 from trolley_tasks.cli.logs import scrub, setup_logging
 from trolley_tasks.cli.search import Filters
 from trolley_tasks.cli.services import is_loopback
 from trolley_tasks.core import QueryLevels
 from trolley_tasks.embedded import EmbeddedError, EmbeddedRedis, _answers, socket_path_for
+from trolley_tasks.engine.models import Failure, JobState, JobStatus, SeriesProgress
 
 runner = CliRunner()
 
@@ -223,3 +225,62 @@ def test_workers_option_needs_embedded_mode(tmp_path: Path, config: Path, monkey
     )
     assert result.exit_code == 2
     assert "--workers is for embedded mode" in one_error_line(result)
+
+
+class FakeJob:
+    """A job that advances one step per status() call, with one failure on the way."""
+
+    job_id = "tfake"
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def status(self) -> JobStatus:
+        self.step = min(self.step + 1, 4)
+        ended = self.step == 4
+        return JobStatus(
+            job_id=self.job_id,
+            state=JobState.DONE_WITH_FAILURES if ended else JobState.RUNNING,
+            source="pacs",
+            output="/data/out",
+            layout="study-series",
+            expected=4,
+            done=min(self.step, 3),
+            failed=1 if self.step >= 2 else 0,
+            bytes=self.step * 526_000,
+            rate=2.0,
+            eta_seconds=None if ended else 4 - self.step,
+            failures_by_class={"not-found": 1} if self.step >= 2 else {},
+        )
+
+    def failures(self) -> list[Failure]:
+        failure = Failure(instance_uid="1.2.3.4", error_class="not-found", error="NotFoundError", message="HTTP 404")
+        return [failure] if self.step >= 2 else []
+
+    def series(self) -> list[SeriesProgress]:
+        return [SeriesProgress(study_uid="1.2", series_uid="1.2.3", expected=4, done=min(self.step, 3), failed=0)]
+
+
+def test_progress_bars_on_a_terminal_show_failures_as_they_happen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress, "POLL_SECONDS", 0)
+    buffer = io.StringIO()
+    terminal = Console(file=buffer, force_terminal=True, width=160, color_system=None)
+    status = progress.watch(FakeJob(), terminal)
+    assert status.state is JobState.DONE_WITH_FAILURES
+    shown = buffer.getvalue()
+    assert shown.count("not-found 1.2.3.4: HTTP 404") == 1  # printed once, when it happened
+    assert "1 failed" in shown and "inst/s" in shown and "series 0/1" in shown
+    table = io.StringIO()
+    Console(file=table, width=160).print(progress.failure_table(status, FakeJob().failures() or []))
+    assert "not-found" in table.getvalue()
+
+
+def test_progress_without_a_terminal_is_log_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress, "POLL_SECONDS", 0)
+    stream = io.StringIO()
+    setup_logging("info", stream=stream)
+    status = progress.watch(FakeJob(), Console(file=io.StringIO(), force_terminal=False))
+    assert status.failed == 1
+    lines = stream.getvalue().splitlines()
+    assert any("failed: not-found 1.2.3.4: HTTP 404" in line for line in lines)
+    assert "job tfake done-with-failures: 3/4 instances" in lines[-1]

@@ -98,7 +98,8 @@ def verify(out: Path, cohort: GeneratedCohort) -> Verification:
     files = valid = identical = 0
     unexpected: list[str] = []
     for path in sorted(out.rglob("*")):
-        if not path.is_file() or path.name.startswith("trolley-report") or "quarantine" in path.parts:
+        hidden = any(part.startswith(".") for part in path.relative_to(out).parts)  # .trolley/: temp, quarantine
+        if not path.is_file() or hidden or path.name.startswith("trolley-report"):
             continue
         files += 1
         try:
