@@ -344,3 +344,26 @@ def test_session_for_profile(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     session = session_for_profile(profile)
     assert isinstance(session.auth, VitreaAuth)
+
+
+def test_vitrea_threads_hitting_401_together_log_in_once(fake_server: Callable[..., FakeServer]) -> None:
+    fake = FakeVitrea()
+    server = fake_server(fake)
+    auth = VitreaAuth(f"{server.url}/vitrea/login", "trolley", PASSWORD)
+    session = make_session(auth)
+    assert http.request(session, "GET", f"{server.url}/wado").content == b"study data"
+    fake.expire_all()
+    barrier = threading.Barrier(4)
+    answers: list[bytes] = []
+
+    def fetch() -> None:
+        barrier.wait()
+        answers.append(http.request(session, "GET", f"{server.url}/wado").content)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == [b"study data"] * 4
+    assert auth.logins == 2 and len(fake.logins) == 2

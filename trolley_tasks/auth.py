@@ -231,8 +231,8 @@ class VitreaAuth(AuthBase):
             return r  # the login request itself, sent through a session that carries this auth
         if self._generation == 0:
             self.login(stale_generation=0)
+        self._local.generation = self._generation  # read before the cookies: a race can only cost a spare login
         self._apply_cookies(r)
-        self._local.generation = self._generation
         r.register_hook("response", self._renew_on_401)
         return r
 
