@@ -1,0 +1,107 @@
+"""The ledger against a real Redis: transitions are idempotent, and exactly one caller finalizes a job."""
+
+from __future__ import annotations
+
+from trolley_tasks.engine.ledger import Ledger, Settled
+from trolley_tasks.engine.models import Failure, InstanceState, JobState
+
+JOB = "j-test"
+ST, SE = "1.2.3", "1.2.3.4"
+UIDS = ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"]
+
+
+def started(redis_db) -> Ledger:  # type: ignore[no-untyped-def]
+    ledger = Ledger(redis_db.client())
+    assert ledger.create_job(JOB, {"source": "pacs", "output": "/tmp/x", "layout": "flat"})
+    assert ledger.add_row(JOB, "S:" + ST)
+    return ledger
+
+
+def test_expand_counts_each_instance_once(redis_db) -> None:  # type: ignore[no-untyped-def]
+    ledger = started(redis_db)
+    assert ledger.expand(JOB, ST, SE, UIDS) == UIDS
+    assert ledger.expand(JOB, ST, SE, UIDS) == UIDS  # a re-run publishes pending ones again, counts nothing twice
+    status = ledger.status(JOB)
+    assert status is not None and status.expected == 3 and status.state is JobState.EXPANDING
+    assert not ledger.add_row(JOB, "S:" + ST)
+
+
+def test_duplicate_delivery_never_double_counts_and_one_finalizer(redis_db) -> None:  # type: ignore[no-untyped-def]
+    ledger = started(redis_db)
+    ledger.expand(JOB, ST, SE, UIDS)
+    assert not ledger.row_done(JOB, "S:" + ST)
+    assert not ledger.producer_done(JOB)
+    assert ledger.status(JOB).state is JobState.RUNNING  # type: ignore[union-attr]
+    claim = ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3)
+    assert claim.with_code("c") == UIDS
+    again = ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3)
+    assert again.with_code("h") == UIDS  # a duplicate message while the first holder runs: skipped
+    results = [Settled(uid, "d", 1, size=10, path=f"a/{uid}.dcm") for uid in UIDS[:2]]
+    assert not ledger.settle(JOB, SE, results)
+    assert not ledger.settle(JOB, SE, results)  # duplicate: no change
+    failure = Failure(instance_uid=UIDS[2], error_class="not-found", error="NotFoundError", message="gone", attempts=1)
+    assert ledger.settle(JOB, SE, [Settled(UIDS[2], "f", 1, failure=failure)])  # the one finalizer
+    assert not ledger.settle(JOB, SE, [Settled(UIDS[2], "f", 1, failure=failure)])
+    status = ledger.status(JOB)
+    assert status is not None
+    assert (status.expected, status.done, status.failed, status.bytes) == (3, 2, 1, 20)
+    assert status.state is JobState.DONE_WITH_FAILURES and status.failures_by_class == {"not-found": 1}
+    [progress] = list(ledger.series_progress(JOB))
+    assert (progress.expected, progress.done, progress.failed) == (3, 2, 1)
+    records = {r.instance_uid: r for r in ledger.instances(JOB)}
+    assert records[UIDS[0]].state is InstanceState.DONE and records[UIDS[0]].path == f"a/{UIDS[0]}.dcm"
+    assert records[UIDS[2]].state is InstanceState.FAILED and records[UIDS[2]].error_class == "not-found"
+
+
+def test_redelivery_counter_fails_poison_instance(redis_db) -> None:  # type: ignore[no-untyped-def]
+    ledger = started(redis_db)
+    ledger.expand(JOB, ST, SE, UIDS[:1])
+    ledger.row_done(JOB, "S:" + ST)
+    ledger.producer_done(JOB)
+    codes = []
+    for _ in range(4):
+        claim = ledger.claim(JOB, SE, UIDS[:1], redelivered=True, lease_seconds=60, max_redeliveries=2)
+        codes.append(claim.codes[UIDS[0]][0])
+    # first delivery claims; redeliveries 1 and 2 take over; the third redelivery is poison; then terminal
+    assert codes == ["c", "c", "c", "x"]
+    status = ledger.status(JOB)
+    assert status is not None and status.failed == 1 and status.state is JobState.DONE_WITH_FAILURES
+    [failure] = list(ledger.failures(JOB))
+    assert failure.error == "PoisonInstanceError" and failure.series_uid == SE
+
+
+def test_pause_blocks_claims_and_resume_finalizes(redis_db) -> None:  # type: ignore[no-untyped-def]
+    ledger = started(redis_db)
+    ledger.expand(JOB, ST, SE, UIDS[:1])
+    ledger.row_done(JOB, "S:" + ST)
+    ledger.producer_done(JOB)
+    claim = ledger.claim(JOB, SE, UIDS[:1], redelivered=False, lease_seconds=60, max_redeliveries=3)
+    assert ledger.pause(JOB, "user")
+    assert (
+        ledger.claim(JOB, SE, UIDS[:1], redelivered=False, lease_seconds=60, max_redeliveries=3).job_state == "paused"
+    )
+    # the fetch that was running when the pause came still settles; the job cannot end while paused
+    assert not ledger.settle(JOB, SE, [Settled(UIDS[0], "d", claim.codes[UIDS[0]][1] + 1, size=5)])
+    assert ledger.state(JOB) == "paused"
+    assert ledger.resume(JOB) == (True, True)
+    assert ledger.state(JOB) == "done"
+
+
+def test_retry_failed_reopens_and_cancel_keeps_done(redis_db) -> None:  # type: ignore[no-untyped-def]
+    ledger = started(redis_db)
+    ledger.expand(JOB, ST, SE, UIDS)
+    ledger.row_done(JOB, "S:" + ST)
+    ledger.producer_done(JOB)
+    ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3)
+    failure = Failure(error_class="not-found", error="NotFoundError", message="gone")
+    ledger.settle(JOB, SE, [Settled(u, "f", 1, failure=failure) for u in UIDS[1:]] + [Settled(UIDS[0], "d", 1)])
+    ledger.expire_job(JOB)
+    assert redis_db.client().ttl(ledger.series_key(JOB, SE)) > 0
+    assert ledger.reopen(JOB, JobState.RUNNING) == "running"
+    assert redis_db.client().ttl(ledger.series_key(JOB, SE)) == -1
+    assert ledger.unfail(JOB, SE, UIDS) == UIDS[1:]
+    assert list(ledger.pending(JOB)) == [(ST, SE, UIDS[1:])]
+    assert ledger.cancel(JOB)
+    status = ledger.status(JOB)
+    assert status is not None and (status.state, status.done, status.failed) == (JobState.CANCELLED, 1, 0)
+    assert ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3).job_state == "cancelled"

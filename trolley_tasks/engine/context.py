@@ -1,0 +1,252 @@
+"""What a worker process (or the producer) holds between tasks: the ledger, the publisher and, per source profile,
+one searcher, one downloader, one throttle and one retry policy.
+
+Clients are built lazily, once per process, from the process's own configuration (``trolley_tasks.sources``), and
+reused by every task that process runs: HTTP keep-alive sessions and DIMSE associations stay open between batches
+(DESIGN.md, "Workers"). A prefork worker builds them in each child after the fork, never in the parent, so no socket
+is shared between processes.
+
+Messages carry only the job id, the profile *name* and UIDs (:class:`FetchMessage`), never a URL or a secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import redis
+
+from trolley_tasks.config import Settings, SourceProfile
+from trolley_tasks.downloaders.base import Downloader
+from trolley_tasks.engine.ledger import Ledger
+from trolley_tasks.engine.policy import Policy, policy_with_overrides
+from trolley_tasks.engine.throttle import Throttle
+from trolley_tasks.errors import ConfigurationError
+from trolley_tasks.searchers.base import Searcher
+from trolley_tasks.storage import DICOMDiskStorage, FlatStorageDir, StorageDir, TemplateStorage
+
+log = logging.getLogger("trolley.engine")
+
+LAYOUTS = {"study-series": StorageDir, "flat": FlatStorageDir}
+"""Named layouts; anything else given as a layout is a :class:`TemplateStorage` template."""
+
+
+def storage_for_layout(layout: str) -> DICOMDiskStorage:
+    """``study-series`` (the default), ``flat``, or a template such as ``{PatientID}/{SOPInstanceUID}.dcm``."""
+    if layout in LAYOUTS:
+        return LAYOUTS[layout]()
+    return TemplateStorage(layout)
+
+
+@dataclass(frozen=True)
+class FetchMessage:
+    """A fetch task's arguments: a batch of instances of ONE series, the job and the source profile's name."""
+
+    job: str
+    source: str
+    study: str
+    series: str
+    instances: tuple[str, ...]
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "source": self.source,
+            "study": self.study,
+            "series": self.series,
+            "instances": list(self.instances),
+        }
+
+    def with_instances(self, uids: Iterable[str]) -> FetchMessage:
+        return FetchMessage(self.job, self.source, self.study, self.series, tuple(uids))
+
+
+class Publisher(Protocol):
+    """Where the engine's functions send follow-up work (Celery in production, a list in unit tests)."""
+
+    def fetch(self, message: FetchMessage, countdown: float = 0.0) -> None: ...
+
+    def expand(self, job: str, source: str, row: str, attempt: int = 1, countdown: float = 0.0) -> None: ...
+
+
+def batches(uids: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(uids), size):
+        yield uids[start : start + size]
+
+
+@dataclass
+class SourceRuntime:
+    """One profile's clients in this process."""
+
+    name: str
+    profile: SourceProfile
+    throttle: Throttle
+    policy: Policy
+    build_searcher: Callable[[], Searcher]
+    build_downloader: Callable[[], Downloader]
+    _searcher: Searcher | None = None
+    _downloader: Downloader | None = None
+
+    @property
+    def searcher(self) -> Searcher:
+        if self._searcher is None:
+            self._searcher = self.build_searcher()
+        return self._searcher
+
+    @property
+    def downloader(self) -> Downloader:
+        if self._downloader is None:
+            self._downloader = self.build_downloader()
+        return self._downloader
+
+    def reset_downloader(self) -> None:
+        """Drop the downloader after a transport failure, so the next fetch opens fresh connections."""
+        if self._downloader is not None:
+            try:
+                self._downloader.close()
+            except Exception:  # closing a broken client must not hide the error that broke it
+                log.debug("closing the downloader of %s failed", self.name, exc_info=True)
+            self._downloader = None
+
+    def close(self) -> None:
+        self.reset_downloader()
+        self._searcher = None
+
+
+@dataclass(frozen=True)
+class JobMeta:
+    """A job's fixed facts, cached per process (they never change during a job)."""
+
+    output: str
+    layout: str
+    batch_size: int
+
+
+@dataclass
+class EngineContext:
+    """The per-process state every engine function receives.
+
+    Parameters
+    ----------
+    settings
+        This process's configuration (profiles, broker).
+    ledger
+        The ledger over the ledger Redis.
+    publisher
+        Where follow-up tasks go.
+    max_redeliveries
+        Worker-lost redeliveries of one instance before it is failed as poison.
+    lease_seconds
+        How long a claimed instance stays "running" without its holder settling it; after that another delivery
+        may take it over. Longer than the longest fetch (the task time limit).
+    """
+
+    settings: Settings
+    ledger: Ledger
+    publisher: Publisher
+    max_redeliveries: int = 3
+    lease_seconds: float = 1800.0
+    sources: dict[str, SourceRuntime] = field(default_factory=dict)
+    storages: dict[str, DICOMDiskStorage] = field(default_factory=dict)
+    jobs: dict[str, JobMeta] = field(default_factory=dict)
+    build_clients: Callable[[SourceProfile, str], tuple[Callable[[], Searcher], Callable[[], Downloader]]] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def source(self, name: str) -> SourceRuntime:
+        with self._lock:
+            runtime = self.sources.get(name)
+            if runtime is None:
+                profile = self.settings.source(name)
+                if profile.downloader == "c-move" and profile.spool_dir is None:
+                    profile = profile.model_copy(update={"spool_dir": default_spool(self.settings, name)})
+                builders = (self.build_clients or default_clients)(profile, name)
+                runtime = SourceRuntime(
+                    name=name,
+                    profile=profile,
+                    throttle=Throttle(
+                        self.ledger.r,
+                        name,
+                        max_concurrency=profile.max_concurrency,
+                        rate_limit=profile.rate_limit,
+                        window=profile.window,
+                    ),
+                    policy=policy_with_overrides(profile.retry, where=f"[sources.{name}.retry]"),
+                    build_searcher=builders[0],
+                    build_downloader=builders[1],
+                )
+                self.sources[name] = runtime
+            return runtime
+
+    def storage(self, layout: str) -> DICOMDiskStorage:
+        if layout not in self.storages:
+            self.storages[layout] = storage_for_layout(layout)
+        return self.storages[layout]
+
+    def job(self, job_id: str) -> JobMeta | None:
+        meta = self.jobs.get(job_id)
+        if meta is None:
+            fields = self.ledger.job_fields(job_id)
+            if not fields:
+                return None
+            meta = JobMeta(fields["output"], fields["layout"], int(fields.get("batch_size") or 50))
+            self.jobs[job_id] = meta
+        return meta
+
+    def close(self) -> None:
+        for runtime in self.sources.values():
+            runtime.close()
+        self.sources.clear()
+
+
+def default_clients(profile: SourceProfile, name: str) -> tuple[Callable[[], Searcher], Callable[[], Downloader]]:
+    """Builders over ``trolley_tasks.sources``. C-MOVE downloaders rely on the host's receiver (see
+    :mod:`trolley_tasks.engine.receiver`) instead of running one each."""
+    from trolley_tasks.sources import build_downloader, build_searcher
+
+    def searcher() -> Searcher:
+        return build_searcher(profile, name)
+
+    def downloader() -> Downloader:
+        if profile.downloader == "c-move":
+            return build_downloader(profile, name, run_receiver=False)
+        return build_downloader(profile, name)
+
+    return searcher, downloader
+
+
+def default_spool(settings: Settings, name: str) -> Path:
+    """Where the host's C-MOVE receiver of profile ``name`` writes when the profile names no ``spool_dir``."""
+    return Path(settings.state_dir) / "spool" / name
+
+
+REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "unix")
+
+
+def ledger_url(settings: Settings, broker_url: str) -> str:
+    """The ledger's Redis URL: ``[broker] ledger_url``, else the broker's own when it is a Redis."""
+    url = settings.broker.ledger_url or (broker_url if broker_url.split("://", 1)[0] in REDIS_SCHEMES else None)
+    if not url:
+        raise ConfigurationError(
+            "the ledger needs a Redis: set [broker] ledger_url (TROLLEY_BROKER__LEDGER_URL) when the broker is "
+            "not a Redis (RabbitMQ)"
+        )
+    return url
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A redis-py client for a ``redis://``, ``rediss://``, ``unix://`` or kombu-style ``redis+socket://`` URL."""
+    if url.startswith("redis+socket://"):
+        path, _, query = url.removeprefix("redis+socket://").partition("?")
+        url = f"unix://{path}" + (f"?{query}" if query else "")
+    return redis.Redis.from_url(url, health_check_interval=30)
+
+
+def build_context(settings: Settings, publisher: Publisher, broker_url: str) -> EngineContext:
+    """An :class:`EngineContext` over the ledger this configuration names."""
+    return EngineContext(
+        settings=settings, ledger=Ledger(redis_client(ledger_url(settings, broker_url))), publisher=publisher
+    )

@@ -1,0 +1,143 @@
+"""What the engine tells its callers (the CLI, the report, a notebook): pydantic models, no Redis types."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict
+
+
+class JobState(StrEnum):
+    """The life of a job (DESIGN.md, "The engine").
+
+    ``expanding`` while cohort rows are still being turned into instances (fetches already run), ``running`` once
+    every row is expanded, ``paused`` by a user or by an auth error, then one of the three end states.
+    """
+
+    EXPANDING = "expanding"
+    RUNNING = "running"
+    PAUSED = "paused"
+    DONE = "done"
+    DONE_WITH_FAILURES = "done-with-failures"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self in (JobState.DONE, JobState.DONE_WITH_FAILURES, JobState.CANCELLED)
+
+
+class InstanceState(StrEnum):
+    """The state of one instance in the ledger."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+STATE_CODES: dict[str, InstanceState] = {
+    "p": InstanceState.PENDING,
+    "r": InstanceState.RUNNING,
+    "d": InstanceState.DONE,
+    "s": InstanceState.SKIPPED,
+    "f": InstanceState.FAILED,
+}
+
+
+def from_epoch(value: str | float | None) -> datetime | None:
+    """A ledger timestamp (seconds since the epoch, Redis clock) as an aware UTC datetime, or None."""
+    if value in (None, ""):
+        return None
+    return datetime.fromtimestamp(float(value), tz=UTC)
+
+
+class Failure(BaseModel):
+    """Why one instance (or one cohort row that could not be expanded) failed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    study_uid: str = ""
+    series_uid: str = ""
+    instance_uid: str = ""
+    row: str = ""
+    """For a cohort row whose expansion failed: the row as the cohort gave it (``row 12: AccessionNumber=A1``)."""
+    error_class: str
+    error: str
+    """The exception's class name, for example ``NotFoundError``."""
+    message: str
+    attempts: int = 0
+
+
+class JobStatus(BaseModel):
+    """A job's counters and state, as :func:`trolley_tasks.engine.api.job_status` returns them.
+
+    ``done`` counts every instance verified on disk; ``skipped`` is the part of ``done`` that was already on disk
+    and valid, so it was not fetched. The job is complete when ``done + failed == expected`` and every row is
+    expanded; ``missing`` is what is neither done nor failed.
+    """
+
+    job_id: str
+    state: JobState
+    source: str
+    output: str
+    layout: str
+    expected: int = 0
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    rows: int = 0
+    rows_expanded: int = 0
+    rows_failed: int = 0
+    rows_skipped: int = 0
+    """Bad cohort rows left out with ``skip_bad_rows``; listed in :func:`~trolley_tasks.engine.api.bad_rows`."""
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    pause_reason: str = ""
+    rate: float = 0.0
+    """Instances fetched per second while the job was not paused."""
+    byte_rate: float = 0.0
+    eta_seconds: float | None = None
+    failures_by_class: dict[str, int] = {}
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.expected - self.done - self.failed)
+
+    @property
+    def complete(self) -> bool:
+        """Every expected instance is on disk and verified, and no row failed."""
+        return self.state is JobState.DONE and self.done == self.expected
+
+
+class SeriesProgress(BaseModel):
+    """Completeness of one series: expected against done and failed (issue 5, "Completeness")."""
+
+    study_uid: str
+    series_uid: str
+    expected: int
+    done: int
+    failed: int
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.expected
+
+
+class InstanceRecord(BaseModel):
+    """One instance as the ledger and the report know it."""
+
+    study_uid: str
+    series_uid: str
+    instance_uid: str
+    state: InstanceState
+    attempts: int
+    redeliveries: int
+    size: int
+    path: str
+    """Relative to the job's output directory; empty until stored."""
+    error_class: str = ""
+    message: str = ""

@@ -1,0 +1,176 @@
+"""The export report, written by the engine when a job ends: ``<out>/trolley-report.json`` and ``.csv``.
+
+One line per instance (its UIDs, the path relative to the output directory, its size, its status, the attempts,
+and the error class and message when it failed), plus the job's id, counts, ``started_at`` / ``finished_at``
+(ISO 8601, UTC) and source profile name. Nothing secret is in the ledger, so nothing secret can be in the report.
+
+Both files are streamed from the ledger (a million-instance job does not need a million-row list in memory) and
+written atomically (a temp file, then rename), so a reader never sees half a report. The CSV opens in a spreadsheet
+as is: one header row, one row per instance, failed cohort rows and skipped bad rows at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from trolley_tasks.core import InstanceReference
+from trolley_tasks.engine.context import storage_for_layout
+from trolley_tasks.engine.ledger import Ledger
+from trolley_tasks.engine.models import InstanceRecord, JobStatus
+from trolley_tasks.errors import TrolleyError
+
+log = logging.getLogger("trolley.engine.report")
+
+REPORT_JSON = "trolley-report.json"
+REPORT_CSV = "trolley-report.csv"
+CSV_COLUMNS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "path",
+    "size",
+    "status",
+    "attempts",
+    "error_class",
+    "error_message",
+)
+
+
+def _iso(status: JobStatus, name: str) -> str | None:
+    value = getattr(status, name)
+    return value.isoformat() if value else None
+
+
+def job_summary(status: JobStatus) -> dict[str, Any]:
+    return {
+        "job_id": status.job_id,
+        "state": status.state.value,
+        "source": status.source,
+        "output": status.output,
+        "layout": status.layout,
+        "started_at": _iso(status, "started_at"),
+        "finished_at": _iso(status, "finished_at"),
+        "counts": {
+            "expected": status.expected,
+            "done": status.done,
+            "fetched": status.done - status.skipped,
+            "already_on_disk": status.skipped,
+            "failed": status.failed,
+            "missing": status.missing,
+            "bytes": status.bytes,
+            "rows": status.rows,
+            "rows_failed": status.rows_failed,
+            "rows_skipped": status.rows_skipped,
+        },
+        "failures_by_class": status.failures_by_class,
+    }
+
+
+def _records(ledger: Ledger, job_id: str, layout: str, output: str) -> Iterator[InstanceRecord]:
+    """The ledger's records with their paths filled in where the layout derives them from the UIDs."""
+    storage = storage_for_layout(layout)
+    for record in ledger.instances(job_id):
+        if not record.path and record.state.value in ("done", "skipped"):
+            ref = InstanceReference(record.study_uid, record.series_uid, record.instance_uid)
+            try:
+                final = storage.reference_path(ref, output)
+            except TrolleyError:
+                final = None
+            if final is not None:
+                record = record.model_copy(update={"path": os.path.relpath(final, output)})
+        yield record
+
+
+def _atomic(path: Path) -> tuple[Any, Path]:
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed by the caller's with, renamed after
+        "w", dir=path.parent, prefix=f".{path.name}.", delete=False, newline="", encoding="utf-8"
+    )
+    return handle, Path(handle.name)
+
+
+def write_report(ledger: Ledger, job_id: str) -> tuple[Path, Path]:
+    """Write both report files into the job's output directory; return their paths."""
+    status = ledger.status(job_id)
+    if status is None:
+        raise KeyError(job_id)
+    out = Path(status.output)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / REPORT_JSON, out / REPORT_CSV
+    jh, jtmp = _atomic(json_path)
+    ch, ctmp = _atomic(csv_path)
+    try:
+        with jh, ch:
+            writer = csv.writer(ch)
+            writer.writerow(CSV_COLUMNS)
+            summary = json.dumps(job_summary(status), indent=2)
+            jh.write(summary[:-2] + ',\n  "instances": [')
+            first = True
+            for record in _records(ledger, job_id, status.layout, status.output):
+                item = {
+                    "StudyInstanceUID": record.study_uid,
+                    "SeriesInstanceUID": record.series_uid,
+                    "SOPInstanceUID": record.instance_uid,
+                    "path": record.path,
+                    "size": record.size,
+                    "status": record.state.value,
+                    "attempts": record.attempts,
+                    "error_class": record.error_class,
+                    "error_message": record.message,
+                }
+                jh.write(("\n    " if first else ",\n    ") + json.dumps(item))
+                first = False
+                writer.writerow([item[c] for c in CSV_COLUMNS])
+            jh.write('\n  ],\n  "failed_rows": [')
+            first = True
+            for _, failure in ledger.row_failures(job_id):
+                item = {"row": failure.row, "error_class": failure.error_class, "error_message": failure.message}
+                jh.write(("\n    " if first else ",\n    ") + json.dumps(item))
+                first = False
+                writer.writerow(
+                    [
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "row-failed",
+                        failure.attempts,
+                        failure.error_class,
+                        f"{failure.row}: {failure.message}",
+                    ]
+                )
+            jh.write('\n  ],\n  "skipped_rows": ' + json.dumps(ledger.bad_rows(job_id)) + "\n}\n")
+            for bad in ledger.bad_rows(job_id):
+                writer.writerow(["", "", "", "", "", "row-skipped", 0, "request-rejected", bad])
+            jh.flush()
+            os.fsync(jh.fileno())
+            ch.flush()
+            os.fsync(ch.fileno())
+        os.replace(jtmp, json_path)
+        os.replace(ctmp, csv_path)
+    finally:
+        for tmp in (jtmp, ctmp):
+            if tmp.exists():
+                tmp.unlink()
+    return json_path, csv_path
+
+
+def finalize_job(ledger: Ledger, job_id: str) -> bool:
+    """What the one finalizer does when a job ends: write the report, then give the ledger keys their expiry.
+
+    A report that cannot be written (a full disk) is logged and does not undo the job; ``trolley-tasks status``
+    still has everything, and :func:`write_report` can be called again.
+    """
+    try:
+        write_report(ledger, job_id)
+    except (OSError, KeyError) as exc:
+        log.error("job %s ended but its report could not be written: %s", job_id, exc)
+    ledger.expire_job(job_id)
+    return True
