@@ -260,3 +260,18 @@ def test_orthanc_result_limit_is_detected_and_worked_around(orthanc_factory: Cal
     assert len(found) == len(set(found)) == 18
     with pytest.raises(IncompleteResultError, match="3 of the 5 instances"):
         qido.find_study_by_id(big_series.study_refs()[0].study_uid, QueryLevels.INSTANCE)
+
+
+@pytest.mark.parametrize("with_study", [True, False], ids=["study-and-series", "series-only"])
+def test_find_studies_limited_to_one_series(qido: QidoRS, with_study: bool) -> None:
+    item = STANDARD_COHORT.instance(2, 1, 0)
+    query = Query(
+        StudyInstanceUID=item.study_uid if with_study else "",
+        SeriesInstanceUID=item.series_uid,
+        query_level=QueryLevels.INSTANCE,
+    )
+    (study,) = qido.find_studies(query)
+    assert [s.uid for s in study.series] == [item.series_uid]
+    assert len(study.all_instances()) == 3
+    missing = Query(StudyInstanceUID=item.study_uid, SeriesInstanceUID="1.2.3", query_level=QueryLevels.INSTANCE)
+    assert qido.find_studies(missing) == []

@@ -128,21 +128,25 @@ class QidoRS(SearcherBase):
             finder: QidoRSQueryBase = query
             if query.limit or query.offset:
                 return build_tree(self.search(query), level, source=self.source)
+        elif level == QueryLevels.STUDY:
+            finder = self.ensure_query_type(query)
         else:
-            finder_level = QueryLevels.STUDY
-            if query.SeriesInstanceUID and not query.StudyInstanceUID and level != QueryLevels.STUDY:
-                finder_level = QueryLevels.SERIES
-            values = {**query.non_default_values(), "query_level": finder_level}
+            values = query.non_default_values()
+            if query.SeriesInstanceUID and not query.StudyInstanceUID:
+                values["query_level"] = QueryLevels.SERIES  # /series?SeriesInstanceUID= finds its study
+            else:  # the series filter is applied by the expansion: /studies?SeriesInstanceUID= matches nothing
+                values.update(query_level=QueryLevels.STUDY, SeriesInstanceUID="")
             finder = self.ensure_query_type(type(query).model_construct(**values))
         found = build_tree(self.search(finder), finder.query_level, source=self.source)
         if level == QueryLevels.STUDY:
             return found
-        return [
+        expanded = [
             self._expand(
                 study.uid, level, series_uid=query.SeriesInstanceUID, include_fields=query.include_fields, found=study
             )
             for study in found
         ]
+        return [study for study in expanded if study.series or not query.SeriesInstanceUID]
 
     def find_study_by_id(self, study_uid: str, query_level: QueryLevels = QueryLevels.STUDY) -> Study:
         """One study with its series and instances to ``query_level``, complete as the server counts it.
