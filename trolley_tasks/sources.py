@@ -1,0 +1,111 @@
+"""Build a source profile's searcher and downloader, the way a worker process does: once, then reuse.
+
+A task message names a profile (``"orthanc"``); each worker resolves that name against its own configuration and
+builds its clients here. So URLs, AE titles and credentials never travel in messages, and HTTP sessions and DIMSE
+associations live as long as the worker process.
+
+Protocol modules are imported only when a profile uses them, so a WADO-RS worker never loads pynetdicom.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import requests
+
+from trolley_tasks.auth import session_for_profile
+from trolley_tasks.config import SourceProfile
+from trolley_tasks.downloaders.base import Downloader
+from trolley_tasks.searchers.base import Searcher
+
+
+def _need(value: str | int | None, key: str, name: str) -> str:
+    # config.SourceProfile already refuses a profile whose protocols lack their keys; this keeps mypy honest.
+    if value is None:
+        raise AssertionError(f"profile {name} has no {key}")
+    return str(value)
+
+
+def build_searcher(profile: SourceProfile, name: str, session: requests.Session | None = None) -> Searcher:
+    """The searcher ``profile.searcher`` names, over ``session`` (built from the profile when not given)."""
+    timeout = profile.timeout
+    if profile.searcher == "dicom-qr":
+        from trolley_tasks.searchers.dicom_qr import DICOMQR
+
+        return DICOMQR(
+            _need(profile.host, "host", name),
+            int(_need(profile.port, "port", name)),
+            profile.calling_aet,
+            profile.called_aet,
+            source=name,
+            timeout=timeout,
+        )
+    session = session or session_for_profile(profile)
+    if profile.searcher == "qido-rs":
+        from trolley_tasks.searchers.qido_rs import QidoRS
+
+        return QidoRS(session, _need(profile.url, "url", name), source=name, timeout=timeout)
+    if profile.searcher == "wado-rs-metadata":
+        from trolley_tasks.searchers.wado_rs_metadata import WadoRSMetadata
+
+        return WadoRSMetadata(session, _need(profile.url, "url", name), source=name, timeout=timeout)
+    from trolley_tasks.searchers.mint import Mint
+
+    return Mint(session, _need(profile.mint_url, "mint_url", name), source=name, timeout=timeout)
+
+
+def build_downloader(
+    profile: SourceProfile,
+    name: str,
+    session: requests.Session | None = None,
+    *,
+    run_receiver: bool = True,
+) -> Downloader:
+    """The downloader ``profile.downloader`` names.
+
+    Parameters
+    ----------
+    run_receiver
+        C-MOVE only: start this downloader's own storage receiver (library use, one process), or rely on the one
+        receiver that runs per worker host and writes to ``profile.spool_dir`` (engine use).
+    """
+    timeout = profile.timeout
+    if profile.downloader in ("c-get", "c-move"):
+        host, port = _need(profile.host, "host", name), int(_need(profile.port, "port", name))
+        if profile.downloader == "c-get":
+            from trolley_tasks.downloaders.dicom_qr import CGet
+
+            return CGet(host, port, profile.calling_aet, profile.called_aet, source=name, timeout=timeout)
+        from trolley_tasks.downloaders.dicom_qr import CMove
+
+        return CMove(
+            host,
+            port,
+            profile.calling_aet,
+            profile.called_aet,
+            destination_aet=_need(profile.move_destination, "move_destination", name),
+            receiver_port=int(_need(profile.receiver_port, "receiver_port", name)),
+            receiver_host=profile.receiver_host,
+            spool_dir=Path(profile.spool_dir) if profile.spool_dir else None,
+            run_receiver=run_receiver,
+            source=name,
+            timeout=timeout,
+        )
+    session = session or session_for_profile(profile)
+    if profile.downloader == "wado-rs":
+        from trolley_tasks.downloaders.wado_rs import WadoRS
+
+        return WadoRS(
+            session,
+            _need(profile.url, "url", name),
+            source=name,
+            timeout=timeout,
+            transfer_syntax=profile.transfer_syntax,
+        )
+    if profile.downloader == "wado-uri":
+        from trolley_tasks.downloaders.wado_uri import WadoURI
+
+        return WadoURI(session, _need(profile.wado_uri_url, "wado_uri_url", name), source=name, timeout=timeout)
+    from trolley_tasks.downloaders.rad69 import Rad69
+
+    return Rad69(session, _need(profile.rad69_url, "rad69_url", name), source=name, timeout=timeout)
