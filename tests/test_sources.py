@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from trolley_tasks.config import SourceProfile
 from trolley_tasks.downloaders.base import Downloader
+from trolley_tasks.errors import ConfigurationError
 from trolley_tasks.searchers.base import Searcher
 from trolley_tasks.sources import build_downloader, build_searcher
 
@@ -58,3 +61,40 @@ def test_http_clients_share_the_session_given() -> None:
     profile = SourceProfile(**COMMON)  # type: ignore[arg-type]
     assert build_searcher(profile, "pacs", session).session is session  # type: ignore[attr-defined]
     assert build_downloader(profile, "pacs", session).session is session  # type: ignore[attr-defined]
+
+
+def test_dimse_tls_is_built_from_the_profile_certificates(tmp_path: Path) -> None:
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+        + ["-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+        check=True,
+        capture_output=True,
+    )
+    shutil.copy(tmp_path / "cert.pem", tmp_path / "ca.pem")
+    profile = SourceProfile(
+        searcher="dicom-qr",
+        downloader="c-get",
+        dimse_tls=True,
+        ca_bundle=tmp_path / "ca.pem",
+        client_cert=tmp_path / "cert.pem",
+        client_key=tmp_path / "key.pem",
+        **COMMON,  # type: ignore[arg-type]
+    )
+    searcher = build_searcher(profile, "pacs")
+    tls = searcher.associations.tls  # type: ignore[attr-defined]
+    assert (tls.ca_file, tls.cert_file, tls.key_file) == (profile.ca_bundle, profile.client_cert, profile.client_key)
+    assert build_searcher(SourceProfile(searcher="dicom-qr", **COMMON), "p").associations.tls is None  # type: ignore[arg-type,attr-defined]
+
+
+def test_unreadable_dimse_certificates_are_a_configuration_error(tmp_path: Path) -> None:
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("not a certificate")
+    profile = SourceProfile(
+        searcher="dicom-qr",
+        dimse_tls=True,
+        client_cert=tmp_path / "cert.pem",
+        client_key=tmp_path / "key.pem",
+        **COMMON,
+    )  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="DICOM TLS"):
+        build_searcher(profile, "pacs")

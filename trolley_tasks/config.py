@@ -158,6 +158,7 @@ class SourceProfile(_Strict):
     client_cert: Path | None = None
     client_key: Path | None = None
     ca_bundle: Path | None = None
+    dimse_tls: bool = False  # DICOM TLS (PS3.15 B.1) for DIMSE, with client_cert/client_key/ca_bundle above
     auth: AuthConfig = AuthConfig()
     retry: dict[ErrorClass, RetryOverride] = {}
 

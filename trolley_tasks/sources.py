@@ -10,6 +10,7 @@ Protocol modules are imported only when a profile uses them, so a WADO-RS worker
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
 
@@ -18,12 +19,24 @@ from trolley_tasks.config import SourceProfile
 from trolley_tasks.downloaders.base import Downloader
 from trolley_tasks.searchers.base import Searcher
 
+if TYPE_CHECKING:
+    from trolley_tasks.dimse import DimseTLS
+
 
 def _need(value: str | int | None, key: str, name: str) -> str:
     # config.SourceProfile already refuses a profile whose protocols lack their keys; this keeps mypy honest.
     if value is None:
         raise AssertionError(f"profile {name} has no {key}")
     return str(value)
+
+
+def _dimse_tls(profile: SourceProfile) -> DimseTLS | None:
+    """DICOM TLS for a DIMSE profile that asks for it: our certificate and key, and the PACS's CA bundle."""
+    if not profile.dimse_tls:
+        return None
+    from trolley_tasks.dimse import DimseTLS
+
+    return DimseTLS(ca_file=profile.ca_bundle, cert_file=profile.client_cert, key_file=profile.client_key)
 
 
 def build_searcher(profile: SourceProfile, name: str, session: requests.Session | None = None) -> Searcher:
@@ -39,6 +52,7 @@ def build_searcher(profile: SourceProfile, name: str, session: requests.Session 
             profile.called_aet,
             source=name,
             timeout=timeout,
+            tls=_dimse_tls(profile),
         )
     session = session or session_for_profile(profile)
     if profile.searcher == "qido-rs":
@@ -75,7 +89,15 @@ def build_downloader(
         if profile.downloader == "c-get":
             from trolley_tasks.downloaders.dicom_qr import CGet
 
-            return CGet(host, port, profile.calling_aet, profile.called_aet, source=name, timeout=timeout)
+            return CGet(
+                host,
+                port,
+                profile.calling_aet,
+                profile.called_aet,
+                source=name,
+                timeout=timeout,
+                tls=_dimse_tls(profile),
+            )
         from trolley_tasks.downloaders.dicom_qr import CMove
 
         return CMove(
@@ -90,6 +112,7 @@ def build_downloader(
             run_receiver=run_receiver,
             source=name,
             timeout=timeout,
+            tls=_dimse_tls(profile),
         )
     session = session or session_for_profile(profile)
     if profile.downloader == "wado-rs":
