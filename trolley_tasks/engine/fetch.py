@@ -126,13 +126,20 @@ class _Download:
                 self.bad[uid] = exc
 
 
-def _quick_retry(runtime: SourceRuntime) -> Retrying:
+def _quick_retry(runtime: SourceRuntime, prior: int) -> Retrying:
+    """Immediate retries for the classes that allow them, never past the attempt budget (``prior`` tries were
+    spent before this fetch)."""
+
     def should_retry(state: RetryCallState) -> bool:
         error = state.outcome.exception() if state.outcome else None
         if error is None:
             return False
         _, decision = runtime.policy.decide(error)
-        return decision.action is Action.RETRY and decision.quick_retries >= state.attempt_number
+        return (
+            decision.action is Action.RETRY
+            and decision.quick_retries >= state.attempt_number
+            and prior + state.attempt_number < decision.max_attempts
+        )
 
     quick = max(d.quick_retries for d in runtime.policy.table.values())
     return Retrying(
@@ -218,7 +225,7 @@ def _fetch(
 
             beats = keepalive()
             try:
-                for attempt in _quick_retry(runtime):
+                for attempt in _quick_retry(runtime, max(codes[r.instance_uid][1] for r in refs)):
                     with attempt:
                         download.run(refs, beats)
                         missing = download.remaining(refs)
