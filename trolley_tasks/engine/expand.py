@@ -110,6 +110,10 @@ def _record_study(
 ) -> list[str]:
     """Record and publish the study's instances (restricted to the row's series/instances). Returns the series
     the row names that the server does not have."""
+    if ctx.source(source).profile.downloader == "wado-rs":
+        # WADO-RS asks for a whole series whenever a batch holds more than one of its instances, so a batch smaller
+        # than the series would download the series once per batch: one message per series instead
+        batch_size = max(batch_size, max((len(s.instances) for s in study.series), default=1))
     wanted_series = set(row.series_uids)
     wanted_instances = set(row.instance_uids)
     present = {series.uid for series in study.series}
