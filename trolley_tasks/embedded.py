@@ -314,11 +314,10 @@ class EmbeddedWorkers:
 
     def check(self) -> None:
         """Raise EmbeddedError when every worker has exited: waiting on would wait forever."""
-        codes = [p.poll() for p in self.processes]
-        if self.processes and all(code is not None for code in codes):
-            raise EmbeddedError(
-                f"the embedded workers exited (codes {sorted({c for c in codes if c is not None})}); see {self.log_dir / 'worker-1.log'}"
-            )
+        codes = {p.poll() for p in self.processes}
+        if self.processes and None not in codes:
+            exits = ", ".join(str(code) for code in sorted(c for c in codes if c is not None))
+            raise EmbeddedError(f"the embedded workers exited (codes {exits}); see {self.log_dir / 'worker-1.log'}")
 
     def stop(self, grace: float = 60.0) -> None:
         """Warm shutdown (SIGTERM: running tasks finish), then SIGKILL after ``grace`` seconds.

@@ -1,8 +1,8 @@
 """The CLI's one door into the engine: where the broker is, and the engine API bound to it.
 
-In embedded mode the broker is the private Redis that :mod:`trolley_tasks.embedded` starts; otherwise it is
-``[broker] url``. The engine reads its broker from ``TROLLEY_BROKER__URL`` and its profiles from ``TROLLEY_CONFIG``
-(the same variables its workers read), so this module sets both before importing it.
+In embedded mode the broker and the ledger are the private Redis that :mod:`trolley_tasks.embedded` starts;
+otherwise ``[broker] url`` (and ``ledger_url``). The engine API takes the settings; its workers read the same facts
+from ``TROLLEY_BROKER__URL``, ``TROLLEY_BROKER__LEDGER_URL`` and ``TROLLEY_CONFIG``.
 """
 
 from __future__ import annotations
@@ -15,17 +15,23 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from trolley_tasks.config import Settings
-from trolley_tasks.embedded import EmbeddedRedis, embedded_environment, embedded_redis
+from trolley_tasks.config import BrokerConfig, Settings
+from trolley_tasks.embedded import EmbeddedRedis, embedded_redis
 from trolley_tasks.engine.models import Failure, JobStatus, SeriesProgress
 
 
-def _point_engine_at(settings: Settings, embedded: EmbeddedRedis | None) -> ModuleType:
-    if embedded is not None:
-        os.environ.update(embedded_environment(embedded.broker_url, embedded.redis_url))
-    config_path = settings.config_path
-    if config_path is not None:
-        os.environ["TROLLEY_CONFIG"] = str(Path(config_path).resolve())
+def _engine_api(settings: Settings) -> ModuleType:
+    """Import the engine API with the environment pointing where ``settings`` point.
+
+    The engine's Celery configuration reads ``TROLLEY_CONFIG`` and ``TROLLEY_BROKER__*`` when it is imported, so a
+    ``--config PATH`` given to this command must be in the environment first.
+    """
+    if settings.config_path is not None:
+        os.environ["TROLLEY_CONFIG"] = str(Path(settings.config_path).resolve())
+    if settings.broker.url:
+        os.environ["TROLLEY_BROKER__URL"] = settings.broker.url
+    if settings.broker.ledger_url:
+        os.environ["TROLLEY_BROKER__LEDGER_URL"] = settings.broker.ledger_url
     from trolley_tasks.engine import api
 
     return api
@@ -33,49 +39,52 @@ def _point_engine_at(settings: Settings, embedded: EmbeddedRedis | None) -> Modu
 
 @dataclass
 class Engine:
-    """The engine API for one broker. ``embedded`` holds the embedded Redis when there is one."""
+    """The engine API on one broker. ``embedded`` holds the embedded Redis when there is one."""
 
     settings: Settings
-    broker_url: str
     embedded: EmbeddedRedis | None = None
 
     def __post_init__(self) -> None:
-        self.api = _point_engine_at(self.settings, self.embedded)
+        if self.embedded is not None:
+            broker = BrokerConfig(url=self.embedded.broker_url, ledger_url=self.embedded.redis_url)
+            self.settings = self.settings.model_copy(update={"broker": broker})
+        self.api = _engine_api(self.settings)
 
     @property
     def owns_embedded(self) -> bool:
         """True when this command started (and will stop) the embedded Redis: it may run workers on it."""
         return self.embedded is not None and self.embedded.owner
 
-    def submit(self, **kwargs: Any) -> str:
-        return str(self.api.submit_export(**kwargs))
+    def submit(self, cohort: Any, **kwargs: Any) -> str:
+        return str(self.api.submit_export(cohort, settings=self.settings, **kwargs))
 
     def status(self, job_id: str) -> JobStatus:
-        status: JobStatus = self.api.job_status(job_id)
+        status: JobStatus = self.api.job_status(job_id, self.settings)
         return status
 
     def failures(self, job_id: str) -> Iterable[Failure]:
-        failures: Iterable[Failure] = self.api.job_failures(job_id)
+        failures: Iterable[Failure] = self.api.job_failures(job_id, self.settings)
         return failures
 
     def series(self, job_id: str) -> Iterable[SeriesProgress]:
-        series: Iterable[SeriesProgress] = self.api.series_progress(job_id)
+        series: Iterable[SeriesProgress] = self.api.series_progress(job_id, self.settings)
         return series
 
     def jobs(self) -> list[JobStatus]:
-        return list(self.api.list_jobs())
+        """Newest first."""
+        return list(reversed(self.api.list_jobs(self.settings)))
 
-    def pause(self, job_id: str, reason: str) -> None:
-        self.api.pause(job_id, reason=reason)
+    def pause(self, job_id: str, reason: str = "paused by the user") -> bool:
+        return bool(self.api.pause(job_id, self.settings, reason=reason))
 
-    def resume(self, job_id: str) -> None:
-        self.api.resume(job_id)
+    def resume(self, job_id: str) -> bool:
+        return bool(self.api.resume(job_id, self.settings))
 
-    def cancel(self, job_id: str) -> None:
-        self.api.cancel(job_id)
+    def cancel(self, job_id: str) -> bool:
+        return bool(self.api.cancel(job_id, self.settings))
 
     def retry_failed(self, job_id: str) -> int:
-        return int(self.api.retry_failed(job_id))
+        return int(self.api.retry_failed(job_id, self.settings))
 
 
 @dataclass
@@ -103,7 +112,7 @@ def connect(settings: Settings, exclusive: bool) -> Iterator[Engine]:
     the embedded state. Read-only commands share the Redis of a running export.
     """
     if settings.broker.url:
-        yield Engine(settings, settings.broker.url)
+        yield Engine(settings)
         return
     with embedded_redis(settings.state_dir, exclusive=exclusive) as server:
-        yield Engine(settings, server.broker_url, server)
+        yield Engine(settings, server)

@@ -50,8 +50,8 @@ from trolley_tasks.engine.cohort import validate_csv
 from trolley_tasks.engine.models import JobState, JobStatus
 
 
-def cohort_input(cohort: Path | None, filters: Filters, skip_bad_rows: bool = False) -> dict[str, Any]:
-    """The one cohort the user gave, as keyword arguments of the engine's ``submit_export``.
+def cohort_input(cohort: Path | None, filters: Filters, skip_bad_rows: bool = False) -> Any:
+    """The one cohort the user gave, as the engine's ``submit_export`` takes it: a CSV path, references, a Query.
 
     A cohort file is read once here, before any server starts, so a bad row is one clear line at once.
     """
@@ -65,7 +65,7 @@ def cohort_input(cohort: Path | None, filters: Filters, skip_bad_rows: bool = Fa
             log.warning("skipped: %s", error)
         if not good:
             raise CliUsageError(f"{cohort}: no cohort rows to export")
-        return {"cohort": cohort}
+        return cohort
     if not filters.given:
         raise CliUsageError("nothing to export: give a cohort CSV, --study-uid UID, or search filters (see --help)")
     if filters.study_uids and not (
@@ -79,11 +79,11 @@ def cohort_input(cohort: Path | None, filters: Filters, skip_bad_rows: bool = Fa
         filters.queries()  # validates every UID: one clear line for a bad one
         from trolley_tasks.core import StudyReference
 
-        return {"cohort": [StudyReference(uid) for uid in filters.study_uids]}
+        return [StudyReference(uid) for uid in filters.study_uids]
     queries = filters.queries(QueryLevels.STUDY)
     if len(queries) > 1:
         raise CliUsageError("combine several --study-uid with search filters is not supported; use a cohort CSV")
-    return {"cohort": queries[0]}
+    return queries[0]
 
 
 def conclude(engine: Engine, status: JobStatus, interrupted: bool = False) -> int:
@@ -212,8 +212,8 @@ def export(
     """
     settings = start(config, log_level, log_json)
     filters = Filters(tuple(study_uid or ()), accession, patient_id, patient_name, modality, date_from, date_to)
-    inputs = cohort_input(cohort, filters, skip_bad_rows)
     settings.source(source)  # unknown source or missing secret: refused before anything starts
+    given = cohort_input(cohort, filters, skip_bad_rows)
     embedded = not settings.broker.url
     if wait is None:
         wait = embedded
@@ -225,7 +225,7 @@ def export(
         raise CliUsageError("--workers is for embedded mode; with a broker, start workers with 'trolley-tasks worker'")
     with connect(settings, exclusive=embedded) as engine:
         job = engine.submit(
-            **inputs,
+            given,
             source=source,
             output=out.resolve(),
             layout=layout,

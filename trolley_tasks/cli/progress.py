@@ -132,7 +132,9 @@ def watch_terminal(view: JobView, console: Console, check: Callable[[], None] = 
         f"{status.state.value}", total=max(status.expected, 1), completed=0, **_overall_fields(status)
     )
     shown: dict[str, TaskID] = {}
-    ticker = _FailureTicker(view, lambda line: console.print(f"[red]✗[/] {escape(line)}", soft_wrap=True, highlight=False))
+    ticker = _FailureTicker(
+        view, lambda line: console.print(f"[red]✗[/] {escape(line)}", soft_wrap=True, highlight=False)
+    )
     with Live(Group(overall, per_series), console=console, refresh_per_second=4, transient=False):
         while True:
             status = view.status()
