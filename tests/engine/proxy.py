@@ -3,6 +3,7 @@ PACS sees) and injects faults (statuses with Retry-After, truncated multipart bo
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -48,10 +49,8 @@ class PacsProxy:
                 pass
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a worker killed on purpose
                     proxy.handle(self)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client went away (a worker killed on purpose)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

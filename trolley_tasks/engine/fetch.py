@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tenacity import RetryCallState, Retrying, stop_after_attempt, wait_random_exponential
 
@@ -32,8 +33,9 @@ from trolley_tasks.engine.models import Failure
 from trolley_tasks.engine.policy import Action
 from trolley_tasks.engine.report import finalize_job
 from trolley_tasks.engine.throttle import ThrottleBusy
-from trolley_tasks.errors import ErrorClass, NotFoundError, TrolleyError, error_class_of
-from trolley_tasks.storage import DICOMDiskStorage, SaveResult
+from trolley_tasks.errors import ErrorClass, NotFoundError, TrolleyError, UnsafePathError, error_class_of
+from trolley_tasks.layout import path_component
+from trolley_tasks.storage import QUARANTINE_DIR, DICOMDiskStorage, QuarantinedPayloadError, SaveResult
 
 log = logging.getLogger("trolley.engine.fetch")
 
@@ -82,6 +84,40 @@ def relative_path(storage: DICOMDiskStorage, result: SaveResult, output: str) ->
     return os.path.relpath(result.path, output)
 
 
+class _Kept:
+    """Passes a chunked payload through, holding references to its chunks (no copy) until the instance is stored,
+    so that the part of an instance whose stream broke can still be kept in quarantine."""
+
+    def __init__(self, payload: RawPayload) -> None:
+        self.payload = payload
+        self.chunks: list[bytes] = []
+
+    def stream(self) -> RawPayload:
+        if isinstance(self.payload, bytes):
+            return self.payload
+        return self._chunks(self.payload)
+
+    def _chunks(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.chunks.append(chunk)
+            yield chunk
+
+
+def quarantine_partial(output: str, instance_uid: str, chunks: list[bytes]) -> Path:
+    """Write the bytes of a broken instance to ``<out>/quarantine/<SOPInstanceUID>.bad`` (atomically), like the
+    storage does for whole payloads that are not the instance asked for."""
+    directory = Path(output) / QUARANTINE_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{path_component(instance_uid, 'SOPInstanceUID', is_uid=True)}.bad"
+    temp = directory / f".{target.name}.{os.getpid()}.tmp"
+    with open(temp, "wb") as handle:
+        for chunk in chunks:
+            handle.write(chunk)
+    os.replace(temp, target)
+    log.warning("kept the %d bytes received of %s in %s", sum(map(len, chunks)), instance_uid, target)
+    return target
+
+
 def _drain(payload: RawPayload) -> None:
     if not isinstance(payload, bytes):
         for _ in payload:
@@ -120,10 +156,16 @@ class _Download:
             if uid not in wanted or uid in self.saved:
                 _drain(payload)
                 continue
+            kept = _Kept(payload)
             try:
-                self.saved[uid] = self.storage.save_raw(wanted[uid], payload, self.output)
-            except TrolleyError as exc:  # quarantined payload, unsafe path: this instance only
+                self.saved[uid] = self.storage.save_raw(wanted[uid], kept.stream(), self.output)
+            except (QuarantinedPayloadError, UnsafePathError) as exc:  # this instance only; the stream goes on
                 self.bad[uid] = exc
+            except TrolleyError as exc:
+                # the stream broke inside this instance (a truncated multipart): keep what came, for a person
+                if exc.error_class is ErrorClass.PAYLOAD_INVALID and kept.chunks:
+                    quarantine_partial(self.output, uid, kept.chunks)
+                raise
 
 
 def _quick_retry(runtime: SourceRuntime, prior: int) -> Retrying:
