@@ -262,3 +262,70 @@ def test_ctrl_c_pauses_and_the_same_command_resumes_without_refetching(orthanc: 
     assert {uid: after[uid].stat().st_mtime_ns for uid in before} == before  # nothing fetched twice
     summary = report(out)
     assert summary["job_id"] == job["job_id"] and summary["counts"]["done"] == len(orthanc.cohort)
+
+
+def test_failures_exit_1_with_a_table_and_retry_failed_reruns_them(orthanc: Any, tmp_path: Path) -> None:
+    config = write_config(tmp_path, orthanc.dicomweb_url)
+    item = orthanc.cohort.instance(0, 0, 0)
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text(
+        "StudyInstanceUID,SeriesInstanceUID,SOPInstanceUID\n"
+        f"{item.study_uid},{item.series_uid},{item.sop_instance_uid}\n"
+        f"{item.study_uid},{item.series_uid},1.2.3.999\n"  # the PACS has no such instance
+    )
+    out = tmp_path / "out"
+    args = ["export", str(cohort), "--source", "orthanc", "--out", str(out), "--workers", "1", "-c", str(config)]
+    result = run_cli(*args)
+    assert result.returncode == 1, result.stderr
+    assert "not-found" in result.stderr and "1 instances failed" in result.stderr
+    assert set(dicom_files(out)) == {item.sop_instance_uid}
+    summary = report(out)
+    assert summary["counts"]["failed"] == 1 and summary["failures_by_class"] == {"not-found": 1}
+    job = summary["job_id"]
+
+    status = run_cli("status", job, "--json", "-c", str(config))
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["state"] == "done-with-failures"
+
+    retried = run_cli("retry-failed", job, "--workers", "1", "-c", str(config))
+    assert retried.returncode == 1, retried.stderr  # still not on the PACS: still failed, and said so
+    assert "re-queued 1 failed instances" in retried.stderr
+
+    unknown = run_cli("status", "tnosuchjob", "-c", str(config))
+    assert unknown.returncode == 2
+    assert "no job 'tnosuchjob'" in one_error_line(unknown)
+
+
+def test_flower_gets_its_password_from_the_environment_only(redis_service: Any, tmp_path: Path) -> None:
+    import requests
+
+    from trolley_tasks.testbed.orthanc import free_port
+
+    config = tmp_path / "trolley.toml"
+    config.write_text('[flower]\nusername = "watcher"\npassword_env = "TT_FLOWER_PW"\n')
+    port = free_port()
+    env = clean_env(TROLLEY_BROKER__URL=redis_service.broker_url, TT_FLOWER_PW="s3cret-pw")
+    process = subprocess.Popen(
+        [*CLI, "flower", "--port", str(port), "-c", str(config)],
+        env=env,
+        cwd="/",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                anonymous = requests.get(url, timeout=2)
+                break
+            except requests.ConnectionError:
+                assert process.poll() is None, process.communicate()[0]
+                time.sleep(0.2)
+        assert anonymous.status_code == 401
+        assert requests.get(url, auth=("watcher", "s3cret-pw"), timeout=5).status_code == 200
+        assert b"s3cret-pw" not in Path(f"/proc/{process.pid}/cmdline").read_bytes()
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert b"s3cret-pw" not in output

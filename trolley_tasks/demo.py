@@ -35,7 +35,7 @@ APT_PACKAGES = ("orthanc", "orthanc-dicomweb")
 DEMO_DIR = Path("demo-out")
 COHORT = {"studies": 4, "series": 3, "instances": 20, "seed": 2024}
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def ensure_orthanc() -> None:

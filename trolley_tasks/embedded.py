@@ -198,7 +198,7 @@ class EmbeddedRedis:
                 )
             if _answers(self.socket_path):
                 self._owned_pid = self.process.pid
-                log.info("embedded Redis pid %s on %s", self.process.pid, self.socket_path)
+                log.debug("embedded Redis pid %s on %s", self.process.pid, self.socket_path)
                 return
             time.sleep(0.05)
         self.stop()
@@ -309,7 +309,7 @@ class EmbeddedWorkers:
                 )
             self.processes.append(process)
         (self.state_dir / "workers.pid").write_text("".join(f"{p.pid}\n" for p in self.processes))
-        log.info("started %d embedded workers (logs in %s)", self.count, self.log_dir)
+        log.debug("started %d embedded workers (logs in %s)", self.count, self.log_dir)
         return self
 
     def check(self) -> None:

@@ -32,7 +32,7 @@ from trolley_tasks.cli.common import (
     notice,
     start,
 )
-from trolley_tasks.cli.progress import failure_table, progress_line, watch
+from trolley_tasks.cli.progress import failure_table, watch
 from trolley_tasks.cli.search import (
     AccessionOption,
     DateFromOption,
@@ -88,9 +88,7 @@ def cohort_input(cohort: Path | None, filters: Filters, skip_bad_rows: bool = Fa
 
 def conclude(engine: Engine, status: JobStatus, interrupted: bool = False) -> int:
     """Say how the job ended, and return the exit code (see :mod:`trolley_tasks.cli.common`)."""
-    line = progress_line(status)
     if status.complete:
-        notice(line)
         err_console.print(
             f"[green]✓[/] job {status.job_id}: all {status.expected} instances on disk "
             f"({status.skipped} were already there), {human_bytes(status.bytes)} in {status.output}",
@@ -110,7 +108,6 @@ def conclude(engine: Engine, status: JobStatus, interrupted: bool = False) -> in
             f"[red]job {status.job_id} was cancelled[/]: {status.done}/{status.expected} on disk", soft_wrap=True
         )
         return EXIT_FAILURES
-    notice(line)
     err_console.print(failure_table(status, engine.failures(status.job_id)))
     missing = status.missing
     err_console.print(
