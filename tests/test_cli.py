@@ -284,3 +284,22 @@ def test_progress_without_a_terminal_is_log_lines(monkeypatch: pytest.MonkeyPatc
     lines = stream.getvalue().splitlines()
     assert any("failed: not-found 1.2.3.4: HTTP 404" in line for line in lines)
     assert "job tfake done-with-failures: 3/4 instances" in lines[-1]
+
+
+def test_a_closed_window_is_announced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from datetime import datetime, timedelta
+
+    from trolley_tasks.cli.export import window_notice
+    from trolley_tasks.config import load_settings
+
+    opens = datetime.now() + timedelta(hours=2)
+    closes = opens + timedelta(hours=1)
+    path = tmp_path / "trolley.toml"
+    path.write_text(
+        CONFIG + f'\n[sources.night]\nurl = "http://127.0.0.1:9/x"\nwindow = "{opens:%H:%M}-{closes:%H:%M}"\n'
+    )
+    settings = load_settings(path)
+    window_notice(settings, "pacs")
+    assert capsys.readouterr().err == ""
+    window_notice(settings, "night")
+    assert f"fetches only in the window {opens:%H:%M}-{closes:%H:%M}: the job waits " in capsys.readouterr().err

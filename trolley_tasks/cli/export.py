@@ -32,7 +32,7 @@ from trolley_tasks.cli.common import (
     notice,
     start,
 )
-from trolley_tasks.cli.progress import failure_table, watch
+from trolley_tasks.cli.progress import failure_table, format_eta, watch
 from trolley_tasks.cli.search import (
     AccessionOption,
     DateFromOption,
@@ -44,10 +44,12 @@ from trolley_tasks.cli.search import (
     SourceOption,
     StudyUidOption,
 )
+from trolley_tasks.config import Settings
 from trolley_tasks.core import QueryLevels
 from trolley_tasks.embedded import EmbeddedWorkers, default_worker_count, embedded_workers
 from trolley_tasks.engine.cohort import validate_csv
 from trolley_tasks.engine.models import JobState, JobStatus
+from trolley_tasks.engine.throttle import Window
 
 
 def cohort_input(cohort: Path | None, filters: Filters, skip_bad_rows: bool = False) -> Any:
@@ -133,6 +135,13 @@ def wait_for(engine: Engine, job_id: str, workers: EmbeddedWorkers | None = None
     return conclude(engine, status)
 
 
+def window_notice(settings: Settings, source: str) -> None:
+    """Say so when the source's time window is closed now: otherwise the bars would sit still without a reason."""
+    window = settings.sources[source].window
+    if window and (wait := Window.parse(window).seconds_until_open()) > 0:
+        notice(f"source {source} fetches only in the window {window}: the job waits {format_eta(wait)} for it")
+
+
 def ensure_running(engine: Engine, job_id: str) -> JobStatus:
     """A re-run of a paused job resumes it (Ctrl-C, or an auth pause fixed since)."""
     status = engine.status(job_id)
@@ -210,6 +219,7 @@ def export(
     settings = start(config, log_level, log_json)
     filters = Filters(tuple(study_uid or ()), accession, patient_id, patient_name, modality, date_from, date_to)
     settings.source(source)  # unknown source or missing secret: refused before anything starts
+    window_notice(settings, source)
     given = cohort_input(cohort, filters, skip_bad_rows)
     embedded = not settings.broker.url
     if wait is None:

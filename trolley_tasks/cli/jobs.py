@@ -113,8 +113,11 @@ def jobs(
         console.print_json(json.dumps([json.loads(status_json(item)) for item in found]))
         return
     table = Table(caption=f"{len(found)} jobs", caption_justify="left")
-    for column in ("job", "state", "source", "done", "failed", "expected", "output", "created"):
-        table.add_column(column)
+    table.add_column("job", no_wrap=True, min_width=16)
+    for column in ("state", "source", "done", "failed", "expected"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("output", overflow="fold")
+    table.add_column("created", no_wrap=True)
     for item in found:
         table.add_row(
             item.job_id,
@@ -124,7 +127,7 @@ def jobs(
             str(item.failed),
             str(item.expected),
             item.output,
-            str(item.created_at or ""),
+            item.created_at.astimezone().strftime("%Y-%m-%d %H:%M") if item.created_at else "",
         )
     console.print(table)
 
