@@ -14,11 +14,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from trolley_tasks.core import QueryLevels, Series, Study
+from trolley_tasks.core import QueryLevels, Study
 from trolley_tasks.engine.cohort import CohortRow
 from trolley_tasks.engine.context import EngineContext, FetchMessage, SourceRuntime, batches
 from trolley_tasks.engine.fetch import MAX_HOLD
-from trolley_tasks.engine.ledger import Settled
 from trolley_tasks.engine.models import Failure
 from trolley_tasks.engine.policy import Action
 from trolley_tasks.engine.report import finalize_job
@@ -70,6 +69,13 @@ def expand_row(ctx: EngineContext, job: str, source: str, row_key: str, attempt:
         ctx.publisher.expand(job, source, row_key, attempt, countdown=result.retry_in)
         return result
     row = CohortRow.from_key(row_key)
+    if row.instance_uids:
+        # the cohort names every instance (an instance-level CSV or references): nothing to ask the PACS; an
+        # instance it lacks fails at fetch time as not-found
+        _record_instances(ctx, job, source, meta.batch_size, row, result)
+        if ctx.ledger.row_done(job, row_key):
+            result.finalized = finalize_job(ctx.ledger, job)
+        return result
     try:
         with runtime.throttle.slot(max_wait=SEARCH_SLOT_WAIT):
             if row.study_uid:
@@ -105,6 +111,22 @@ def expand_row(ctx: EngineContext, job: str, source: str, row_key: str, attempt:
     return result
 
 
+def _record_instances(
+    ctx: EngineContext, job: str, source: str, batch_size: int, row: CohortRow, result: ExpandResult
+) -> None:
+    by_series: dict[str, list[str]] = {}
+    for series_uid, uid in zip(row.series_uids, row.instance_uids, strict=True):
+        by_series.setdefault(series_uid, []).append(uid)
+    if ctx.source(source).profile.downloader == "wado-rs":
+        batch_size = max(batch_size, max(len(uids) for uids in by_series.values()))
+    for series_uid, uids in by_series.items():
+        publish = ctx.ledger.expand(job, row.study_uid, series_uid, uids)
+        result.instances += len(uids)
+        for batch in batches(publish, batch_size):
+            ctx.publisher.fetch(FetchMessage(job, source, row.study_uid, series_uid, tuple(batch)))
+            result.messages += 1
+
+
 def _record_study(
     ctx: EngineContext, job: str, source: str, batch_size: int, study: Study, row: CohortRow, result: ExpandResult
 ) -> list[str]:
@@ -115,59 +137,17 @@ def _record_study(
         # than the series would download the series once per batch: one message per series instead
         batch_size = max(batch_size, max((len(s.instances) for s in study.series), default=1))
     wanted_series = set(row.series_uids)
-    wanted_instances = set(row.instance_uids)
     present = {series.uid for series in study.series}
     for series in study.series:
         if wanted_series and series.uid not in wanted_series:
             continue
-        uids = _instance_uids(series, wanted_instances)
+        uids = [i.uid for i in series.instances]
         publish = ctx.ledger.expand(job, study.uid, series.uid, uids)
         result.instances += len(uids)
         for batch in batches(publish, batch_size):
             ctx.publisher.fetch(FetchMessage(job, source, study.uid, series.uid, tuple(batch)))
             result.messages += 1
-        if wanted_instances:
-            _fail_absent(ctx, job, source, study.uid, series, wanted_instances, row)
     return sorted(wanted_series - present)
-
-
-def _instance_uids(series: Series, wanted: set[str]) -> list[str]:
-    return [i.uid for i in series.instances if not wanted or i.uid in wanted]
-
-
-def _fail_absent(
-    ctx: EngineContext, job: str, source: str, study_uid: str, series: Series, wanted: set[str], row: CohortRow
-) -> None:
-    """Instances the cohort names in this series that the server does not list: expected, and failed not-found."""
-    listed = {i.uid for i in series.instances}
-    asked = {uid for uid in row.instance_uids if uid in wanted} - listed
-    # an instance of the row belongs to the series its CSV line named; only those of this series are ours
-    absent = sorted(uid for uid in asked if row.series_of(uid) == series.uid)
-    if not absent:
-        return
-    ctx.ledger.expand(job, study_uid, series.uid, absent)
-    failure = NotFoundError("the server does not list this instance in its series", source=source)
-    claim = ctx.ledger.claim(job, series.uid, absent, redelivered=False, lease_seconds=60, max_redeliveries=1)
-    settled = []
-    for uid in claim.with_code("c"):
-        settled.append(
-            Settled(
-                uid,
-                "f",
-                1,
-                failure=Failure(
-                    study_uid=study_uid,
-                    series_uid=series.uid,
-                    instance_uid=uid,
-                    error_class=failure.error_class.value,
-                    error=type(failure).__name__,
-                    message=failure.message,
-                    attempts=1,
-                ),
-            )
-        )
-    if ctx.ledger.settle(job, series.uid, settled):
-        finalize_job(ctx.ledger, job)
 
 
 def _expansion_failed(
