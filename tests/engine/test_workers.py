@@ -57,21 +57,26 @@ def test_export_with_each_protocol(source: str, workers: Workers, fresh: EngineE
 
 
 def test_killed_worker_process_loses_nothing(workers: Workers, fresh: EngineEnv, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    fresh.proxy.delay = 0.15  # slow the PACS down so that batches are in flight when the worker dies
+    fresh.proxy.delay = 0.3  # slow the PACS down so that batches are in flight when the worker dies
     out = tmp_path / "killed"
     job = api.submit_export(
         orthanc.cohort.study_refs(), source="proxied", output=out, settings=fresh.settings, batch_size=3
     )
     fresh.wait(job, until=lambda s: s.done >= 2)
-    victim = workers.pool()[0]
-    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not any(r.state.value == "running" for r in api.job_instances(job, fresh.settings)):
+        assert time.monotonic() < deadline, "no batch in flight"
+        time.sleep(0.01)
+    victims = workers.pool()
+    for victim in victims:  # both pool processes, so the batch in flight is certainly among the dead
+        os.kill(victim.pid, signal.SIGKILL)
     status = fresh.wait(job)
     assert status.state is JobState.DONE, status
     assert (status.expected, status.done, status.failed) == (18, 18, 0)
     check_complete(out, orthanc.cohort)
     redelivered = [r for r in api.job_instances(job, fresh.settings) if r.redeliveries]
     assert redelivered, "the killed process held a batch; its instances must have come back redelivered"
-    print(f"\nkilled pid {victim.pid}; {len(redelivered)} instances redelivered; all 18 on disk, none twice")
+    print(f"\nkilled {[v.pid for v in victims]}; {len(redelivered)} instances redelivered; all 18 on disk, none twice")
 
 
 def test_pause_then_resume(workers: Workers, fresh: EngineEnv, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
