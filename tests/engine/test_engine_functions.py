@@ -46,6 +46,7 @@ def test_export_end_to_end_writes_files_ledger_and_report(redis_db, tmp_path: Pa
     assert (status.expected, status.done, status.failed, status.skipped) == (12, 12, 0, 0)
     assert len(files(tmp_path)) == 12
     assert downloader.calls == 4  # 4 series of 3 instances, batch size 4: one message per series
+    assert status.reported_at is not None
     report = json.loads((tmp_path / "trolley-report.json").read_text())
     assert report["job_id"] == job and report["counts"]["done"] == 12 and len(report["instances"]) == 12
     first = report["instances"][0]

@@ -275,11 +275,11 @@ end
 if ARGV[1] == 'expanding' then
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', job, 'state', 'expanding', 'producer_done', '0', 'expanded', '0', 'failed_rows', '0',
-             'finished_at', '')
+             'finished_at', '', 'reported_at', '')
   return 'expanding'
 end
 if state == 'done' or state == 'done-with-failures' or state == 'cancelled' then
-  redis.call('HSET', job, 'state', 'running', 'finished_at', '')
+  redis.call('HSET', job, 'state', 'running', 'finished_at', '', 'reported_at', '')
   return 'running'
 end
 return state

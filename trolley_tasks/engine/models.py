@@ -102,6 +102,9 @@ class JobStatus(BaseModel):
     byte_rate: float = 0.0
     eta_seconds: float | None = None
     failures_by_class: dict[str, int] = {}
+    reported_at: datetime | None = None
+    """When the engine wrote ``trolley-report.json``/``.csv`` for the job's end (None: not yet). The state turns
+    ``done`` a moment before the report is on disk; wait for this before reading it."""
 
     @property
     def missing(self) -> int:
@@ -141,3 +144,46 @@ class InstanceRecord(BaseModel):
     """Relative to the job's output directory; empty until stored."""
     error_class: str = ""
     message: str = ""
+
+
+def status_from_fields(job_id: str, f: dict[str, str], by_class: dict[str, int], now: float) -> JobStatus:
+    """A :class:`JobStatus` from the job hash; rate and ETA over the time the job was not paused."""
+
+    def n(name: str) -> int:
+        return int(float(f.get(name) or 0))
+
+    state = JobState(f["state"])
+    created = float(f.get("created_at") or now)
+    end = float(f["finished_at"]) if f.get("finished_at") else now
+    if state is JobState.PAUSED and f.get("paused_at"):
+        end = float(f["paused_at"])
+    active = max(1e-6, end - created - float(f.get("paused_seconds") or 0))
+    fetched = n("done") - n("skipped")
+    rate = fetched / active
+    remaining = max(0, n("expected") - n("done") - n("failed"))
+    eta = remaining / rate if rate > 0 and not state.ended else None
+    return JobStatus(
+        job_id=job_id,
+        state=state,
+        source=f.get("source", ""),
+        output=f.get("output", ""),
+        layout=f.get("layout", ""),
+        expected=n("expected"),
+        done=n("done"),
+        failed=n("failed"),
+        skipped=n("skipped"),
+        bytes=n("bytes"),
+        rows=n("rows"),
+        rows_expanded=n("expanded"),
+        rows_failed=n("failed_rows"),
+        rows_skipped=n("bad_rows"),
+        created_at=from_epoch(f.get("created_at")),
+        started_at=from_epoch(f.get("created_at")),
+        finished_at=from_epoch(f.get("finished_at")),
+        pause_reason=f.get("pause_reason", ""),
+        rate=rate,
+        byte_rate=n("bytes") / active,
+        eta_seconds=eta,
+        failures_by_class=by_class,
+        reported_at=from_epoch(f.get("reported_at")),
+    )

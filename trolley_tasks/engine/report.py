@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,5 +173,7 @@ def finalize_job(ledger: Ledger, job_id: str) -> bool:
         write_report(ledger, job_id)
     except (OSError, KeyError) as exc:
         log.error("job %s ended but its report could not be written: %s", job_id, exc)
+    else:
+        ledger.r.hset(ledger.key(job_id, "job"), "reported_at", str(time.time()))
     ledger.expire_job(job_id)
     return True
