@@ -9,8 +9,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from xml.sax.saxutils import quoteattr
 
-from fakehttp import FakeHTTPServer, FakeRequest, Reply
-
+from tests.fakehttp import FakeHTTPServer, FakeRequest, Reply
 from trolley_tasks.testbed.cohort import GeneratedCohort, GeneratedInstance
 
 JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"

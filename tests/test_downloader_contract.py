@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import STANDARD_COHORT, RunningOrthanc
-from http_fakes import FakeHTTPServer, Rad69Responder
 
+from tests.conftest import STANDARD_COHORT, RunningOrthanc
+from tests.http_fakes import FakeHTTPServer, Rad69Responder
 from trolley_tasks.core import InstanceReference, SeriesReference, StudyReference
 from trolley_tasks.downloaders import Downloader
 from trolley_tasks.downloaders.base import parse_dataset, payload_bytes

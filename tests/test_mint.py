@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from fakehttp import FakeHTTPServer, FakeRequest, Reply
-from mint_fake import EXPLICIT_LE, JPEG_LOSSLESS, mint_xml, start_mint_server
 from pydantic import ValidationError
 
+from tests.fakehttp import FakeHTTPServer, FakeRequest, Reply
+from tests.mint_fake import EXPLICIT_LE, JPEG_LOSSLESS, mint_xml, start_mint_server
 from trolley_tasks.core import Query, QueryLevels
 from trolley_tasks.errors import PayloadInvalidError, ServerError, StudyNotFoundError, UnSupportedParameterError
 from trolley_tasks.searchers.mint import Mint, MintQuery, parse_mint_xml

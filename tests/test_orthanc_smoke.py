@@ -6,8 +6,8 @@ from io import BytesIO
 
 import pydicom
 import requests
-from conftest import STANDARD_COHORT, RunningOrthanc
 
+from tests.conftest import STANDARD_COHORT, RunningOrthanc
 from trolley_tasks.core import is_valid_uid
 from trolley_tasks.testbed.cohort import generate_cohort
 

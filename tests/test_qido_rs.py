@@ -8,11 +8,11 @@ from datetime import datetime
 
 import pytest
 import requests
-from conftest import STANDARD_COHORT, RunningOrthanc
-from fakehttp import FakeHTTPServer, FakeRequest, Reply
 from pydantic import ValidationError
 from pydicom import Dataset
 
+from tests.conftest import STANDARD_COHORT, RunningOrthanc
+from tests.fakehttp import FakeHTTPServer, FakeRequest, Reply
 from trolley_tasks.core import ExtendedQuery, Query, QueryLevels
 from trolley_tasks.errors import PayloadInvalidError, StudyNotFoundError, UnSupportedParameterError
 from trolley_tasks.searchers.qido_rs import HierarchicalQuery, IncompleteResultError, QidoRS, RelationalQuery

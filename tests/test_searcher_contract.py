@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-from conftest import STANDARD_COHORT, RunningOrthanc
-from mint_fake import start_mint_server
 
+from tests.conftest import STANDARD_COHORT, RunningOrthanc
+from tests.mint_fake import start_mint_server
 from trolley_tasks.caching import CachedSearcher, DICOMObjectCache
 from trolley_tasks.core import DICOMObjectLevels, Query, QueryLevels, to_instance_refs
 from trolley_tasks.errors import AmbiguousResultError, StudyNotFoundError, UnSupportedParameterError

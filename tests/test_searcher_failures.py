@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import pytest
 import requests
-from fakehttp import FakeHTTPServer, FakeRequest, Reply
 
+from tests.fakehttp import FakeHTTPServer, FakeRequest, Reply
 from trolley_tasks.core import Query, QueryLevels
 from trolley_tasks.errors import (
     AuthError,

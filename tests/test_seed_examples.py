@@ -27,8 +27,8 @@ from typing import Any
 import pydicom
 import pytest
 import requests
-from mint_fake import start_mint_server
 
+from tests.mint_fake import start_mint_server
 from trolley_tasks.caching import CachedSearcher, DICOMObjectCache  # seed: dicomtrolley.caching
 from trolley_tasks.core import (  # seed: dicomtrolley.core
     InstanceReference,

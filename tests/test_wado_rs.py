@@ -7,9 +7,9 @@ from io import BytesIO
 import pydicom
 import pytest
 import requests
-from conftest import RunningOrthanc
-from http_fakes import FakeHTTPServer, FakeResponse, multipart
 
+from tests.conftest import RunningOrthanc
+from tests.http_fakes import FakeHTTPServer, FakeResponse, multipart
 from trolley_tasks.core import Instance, InstanceReference, Series, Study, StudyReference
 from trolley_tasks.downloaders import Downloader
 from trolley_tasks.downloaders.base import payload_bytes

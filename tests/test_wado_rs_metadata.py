@@ -6,9 +6,9 @@ import json
 
 import pytest
 import requests
-from conftest import STANDARD_COHORT, RunningOrthanc
-from fakehttp import FakeHTTPServer, FakeRequest, Reply
 
+from tests.conftest import STANDARD_COHORT, RunningOrthanc
+from tests.fakehttp import FakeHTTPServer, FakeRequest, Reply
 from trolley_tasks.core import Query, QueryLevels
 from trolley_tasks.errors import PayloadInvalidError, ServerError, StudyNotFoundError, UnSupportedParameterError
 from trolley_tasks.searchers.wado_rs_metadata import WadoRSMetadata

@@ -7,9 +7,9 @@ from io import BytesIO
 import pydicom
 import pytest
 import requests
-from conftest import RunningOrthanc
-from http_fakes import FakeHTTPServer, FakeResponse
 
+from tests.conftest import RunningOrthanc
+from tests.http_fakes import FakeHTTPServer, FakeResponse
 from trolley_tasks.core import InstanceReference, SeriesReference, Study, StudyReference
 from trolley_tasks.downloaders import Downloader
 from trolley_tasks.downloaders.wado_uri import WadoURI
