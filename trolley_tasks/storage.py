@@ -23,11 +23,10 @@ stray temp files are removed by :func:`clean_temp_files`.
 
 from __future__ import annotations
 
-import errno
+import functools
 import logging
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,19 +34,18 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import Dataset
-from pydicom.datadict import tag_for_keyword
 
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.downloaders.base import RawPayload
+from trolley_tasks.durable import TEMP_PREFIX, Committer, commit_now, fsync_path, replace
 from trolley_tasks.errors import ConfigurationError, PayloadInvalidError, UnsafePathError
 from trolley_tasks.layout import PathTemplate, path_component
-from trolley_tasks.part10 import read_part10_header
+from trolley_tasks.part10 import FileHeader, dataset_value, read_part10_header
 
 logger = logging.getLogger("trolley.storage")
 
 WORK_DIR = ".trolley"
 TEMP_DIR = f"{WORK_DIR}/tmp"
-TEMP_PREFIX = ".trolley-tmp-"
 QUARANTINE_DIR = "quarantine"
 STALE_TEMP_SECONDS = 3600.0
 _COMPARE_CHUNK = 1024 * 1024
@@ -125,9 +123,16 @@ class DICOMDiskStorage:
                 uid = dataset.get("SOPInstanceUID")
                 raise PayloadInvalidError(f"dataset {uid} cannot be written as a DICOM file: {exc}") from exc
             temp.finish()
-            return _commit(temp.path, final, root)
+            return _commit(temp, final, root)
 
-    def save_raw(self, reference: InstanceReference, payload: RawPayload, path: PathLike | None = None) -> SaveResult:
+    def save_raw(
+        self,
+        reference: InstanceReference,
+        payload: RawPayload,
+        path: PathLike | None = None,
+        *,
+        committer: Committer | None = None,
+    ) -> SaveResult:
         """Write one instance's bytes as they came, after checking them. The engine's fast path.
 
         ``payload`` (bytes, or an iterator of chunks) is streamed to disk and never joined in memory. The three UIDs
@@ -143,6 +148,10 @@ class DICOMDiskStorage:
             A value used in the path would escape the output directory. Nothing is written.
         TrolleyError
             Whatever the payload iterator raises (a broken stream); the temp file is removed.
+
+        With a ``committer`` (:class:`trolley_tasks.durable.Committer`), the fsync and the rename run in the
+        background and the file is under its final name only once ``committer.flush()`` returned without naming
+        ``reference.instance_uid``; the engine uses it to overlap disk waits with the next instance's download.
         """
         root = self._root(path)
         template = self._template()
@@ -152,7 +161,7 @@ class DICOMDiskStorage:
                 temp.handle.write(chunk)
             temp.finish()
             try:
-                dataset = read_part10_header(temp.path)
+                dataset = read_part10_header(temp.path, template.keywords)
                 _check_identity(dataset, reference)
             except PayloadInvalidError as exc:
                 target = _quarantine(temp.path, root, reference)
@@ -162,7 +171,7 @@ class DICOMDiskStorage:
                 return _reference_value(reference, keyword) or _dataset_value(dataset, keyword)
 
             final = self._confined(root, template.render(lookup))
-            return _commit(temp.path, final, root)
+            return _commit(temp, final, root, committer, reference.instance_uid)
 
     def reference_path(self, reference: InstanceReference, path: PathLike | None = None) -> Path | None:
         """The final path of ``reference``, or None when the layout needs attributes from the file itself (a
@@ -213,10 +222,17 @@ class DICOMDiskStorage:
     @staticmethod
     def _confined(root: Path, relative: os.PathLike[str]) -> Path:
         final = root / relative
-        resolved_root = root.resolve()
-        if os.path.commonpath([resolved_root, final.resolve()]) != str(resolved_root):
+        if not _directory_inside(root, final.parent) or final.is_symlink():
             raise UnsafePathError(f"{relative} would be written outside the output directory {root}")
         return final
+
+
+@functools.lru_cache(maxsize=4096)
+def _directory_inside(root: Path, directory: Path) -> bool:
+    """True when ``directory`` resolves inside ``root``: path components are sanitized, so only a symlink could lead
+    out. Cached per directory, since a series' hundreds of files share one (resolving walks every component)."""
+    resolved_root = root.resolve()
+    return os.path.commonpath([resolved_root, directory.resolve()]) == str(resolved_root)
 
 
 class TemplateStorage(DICOMDiskStorage):
@@ -275,18 +291,24 @@ class _TempFile:
         # os.open with 0o666, not mkstemp: the final files get the user's umask, as any file they write would.
         self.handle: BinaryIO = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
 
+        self.detached = False
+
     def finish(self) -> None:
-        """Flush and fsync: the bytes are on disk before the file can get its final name."""
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
+        """All bytes written; the file is fsynced when it is committed (:mod:`trolley_tasks.durable`)."""
         self.handle.close()
+
+    def detach(self) -> Path:
+        """Hand the file over (to a background commit): it is no longer removed on exit."""
+        self.detached = True
+        return self.path
 
     def __enter__(self) -> _TempFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.handle.close()
-        self.path.unlink(missing_ok=True)
+        if not self.detached:
+            self.path.unlink(missing_ok=True)
 
 
 def _defining_class(cls: type, name: str) -> type:
@@ -301,13 +323,13 @@ def _reference_value(reference: InstanceReference, keyword: str) -> str | None:
     }.get(keyword)
 
 
-def _dataset_value(dataset: Dataset, keyword: str) -> object:
-    tag = tag_for_keyword(keyword)
-    source = dataset.get("file_meta") if tag is not None and tag >> 16 == 0x0002 else dataset
-    return source.get(keyword) if source is not None else None
+def _dataset_value(dataset: Dataset | FileHeader, keyword: str) -> object:
+    if isinstance(dataset, FileHeader):
+        return dataset.get(keyword)
+    return dataset_value(dataset, keyword)
 
 
-def _check_identity(dataset: Dataset, reference: InstanceReference) -> None:
+def _check_identity(dataset: FileHeader, reference: InstanceReference) -> None:
     uid = dataset.get("SOPInstanceUID")
     if uid != reference.instance_uid:
         raise PayloadInvalidError(f"file holds SOPInstanceUID {str(uid)[:80]!r}, not {reference.instance_uid}")
@@ -324,42 +346,26 @@ def _quarantine(temp: Path, root: Path, reference: InstanceReference) -> Path:
     directory = root / QUARANTINE_DIR
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{path_component(reference.instance_uid, 'SOPInstanceUID', is_uid=True)}.bad"
-    _replace(temp, target)
+    replace(temp, target)
     return target
 
 
-def _commit(temp: Path, final: Path, root: Path) -> SaveResult:
-    size = temp.stat().st_size
+def _commit(temp: _TempFile, final: Path, root: Path, committer: Committer | None = None, key: str = "") -> SaveResult:
+    size = temp.path.stat().st_size
     _make_dirs(final.parent, root)
     try:
         existing = final.stat().st_size
     except FileNotFoundError:
         existing = None
-    if existing == size and _same_bytes(temp, final):
+    if existing == size and _same_bytes(temp.path, final):
         return SaveResult(final, size, already_present=True)
-    _replace(temp, final)
-    _fsync_dir(final.parent)
+    if committer is None:
+        commit_now(temp.path, final)
+    else:
+        committer.submit(key, temp.detach(), final)
     if existing is not None:
         logger.warning("replaced %s: the server sent different bytes than the file already there", final)
     return SaveResult(final, size, replaced=existing is not None)
-
-
-def _replace(source: Path, target: Path) -> None:
-    """``os.replace``; across filesystems (a mount inside the output), copy next to the target and replace there."""
-    try:
-        os.replace(source, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        neighbour = target.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-        try:
-            shutil.copyfile(source, neighbour)
-            with open(neighbour, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(neighbour, target)
-        finally:
-            neighbour.unlink(missing_ok=True)
-        source.unlink(missing_ok=True)
 
 
 def _make_dirs(directory: Path, root: Path) -> None:
@@ -381,11 +387,7 @@ def _make_dirs(directory: Path, root: Path) -> None:
 
 
 def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(directory)
 
 
 def _same_bytes(first: Path, second: Path) -> bool:

@@ -21,6 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
+from trolley_tasks import part10_scan
 from trolley_tasks.core import InstanceReference, is_valid_uid
 from trolley_tasks.errors import PayloadInvalidError
 
@@ -31,6 +32,7 @@ MAX_PEEK = 16 * 1024 * 1024
 """Give up when the UIDs are not found within this many bytes: the stream is not the DICOM file it claims to be."""
 
 _LAST_TAG_NEEDED = 0x0020000E  # SeriesInstanceUID; SOPInstanceUID (0008,0018) and StudyInstanceUID come before it
+_IDENTITY_TAGS = frozenset({0x00080018, 0x0020000D, 0x0020000E})
 
 
 def _stop_after_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -54,7 +56,26 @@ class Part10Header:
 
 
 def _parse(data: bytes) -> Part10Header | None:
-    """The header when ``data`` holds all of it, None when more bytes are needed. Raises on non-DICOM."""
+    """The header when ``data`` holds all of it, None when more bytes are needed. Raises on non-DICOM.
+
+    Little endian files (nearly all) are walked by :mod:`trolley_tasks.part10_scan`; big endian and deflated ones
+    by pydicom.
+    """
+    try:
+        found = part10_scan.scan(data, _IDENTITY_TAGS, stop=_LAST_TAG_NEEDED)
+    except part10_scan.Truncated:
+        return None
+    except part10_scan.NotDicom as exc:
+        raise InvalidDicomError(str(exc)) from exc
+    except part10_scan.Unsupported:
+        return _parse_pydicom(data)
+    sop_uid, series_uid = found.text(0x00080018), found.text(0x0020000E)
+    if sop_uid is None or series_uid is None:
+        return None
+    return Part10Header(sop_uid, series_uid, found.text(0x0020000D), found.transfer_syntax)
+
+
+def _parse_pydicom(data: bytes) -> Part10Header | None:
     try:
         dataset = read_partial(BytesIO(data), stop_when=_stop_after_series_uid)
     except zlib.error:  # deflated syntax (PS3.5 A.5): pydicom inflates all it has, so a partial stream fails here
@@ -107,6 +128,12 @@ def peek_header(
             ) from exc
         if header is not None:
             break
+        if exhausted and size < part10_scan.PREAMBLE_AND_MAGIC:
+            raise PayloadInvalidError(
+                f"not a DICOM Part 10 file: only {size} bytes; first bytes {data[:40]!r}",
+                source=source,
+                reference=reference,
+            )
         if exhausted or size >= MAX_PEEK:
             raise PayloadInvalidError(
                 f"DICOM data without SOPInstanceUID/SeriesInstanceUID in its first {size} bytes",

@@ -27,6 +27,7 @@ from tenacity import RetryCallState, Retrying, stop_after_attempt, wait_random_e
 
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.downloaders.base import RawPayload
+from trolley_tasks.durable import Committer
 from trolley_tasks.engine.context import EngineContext, FetchMessage, SourceRuntime
 from trolley_tasks.engine.ledger import Settled
 from trolley_tasks.engine.models import Failure
@@ -134,6 +135,14 @@ class _Download:
         self.saved: dict[str, SaveResult] = {}
         self.bad: dict[str, BaseException] = {}
         self.tries: dict[str, int] = {}
+        self.committer = Committer()
+
+    def flush(self) -> None:
+        """Make every saved file durable (fsyncs ran behind the download); a file that could not be committed is
+        not saved, whatever its bytes were."""
+        for uid, error in self.committer.flush().items():
+            self.saved.pop(uid, None)
+            self.bad[uid] = error
 
     def remaining(self, refs: list[InstanceReference]) -> list[InstanceReference]:
         return [r for r in refs if r.instance_uid not in self.saved and r.instance_uid not in self.bad]
@@ -158,7 +167,9 @@ class _Download:
                 continue
             kept = _Kept(payload)
             try:
-                self.saved[uid] = self.storage.save_raw(wanted[uid], kept.stream(), self.output)
+                self.saved[uid] = self.storage.save_raw(
+                    wanted[uid], kept.stream(), self.output, committer=self.committer
+                )
             except (QuarantinedPayloadError, UnsafePathError) as exc:  # this instance only; the stream goes on
                 self.bad[uid] = exc
             except TrolleyError as exc:
@@ -278,6 +289,8 @@ def _fetch(
                 stream_error = exc
                 if exc.error_class in (ErrorClass.TRANSIENT, ErrorClass.TIMEOUT):
                     runtime.reset_downloader()  # the next fetch opens fresh connections
+            finally:
+                download.flush()  # before the ledger hears of any of them: "done" means durable on disk
     except ThrottleBusy:
         # nothing was asked of the PACS: back to pending without spending an attempt, and try again shortly
         for ref in download.remaining(refs):
