@@ -135,6 +135,8 @@ def _scan(view: memoryview, wanted: frozenset[int] | set[int], stop: int | None)
         raise Truncated("file meta information but no dataset")
     try:
         while offset < size:
+            if offset + 4 > size:
+                raise _Short
             tag = (_U16.unpack_from(view, offset)[0] << 16) | _U16.unpack_from(view, offset + 2)[0]
             if stop is not None and tag > stop:
                 result.end = offset

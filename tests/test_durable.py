@@ -1,0 +1,32 @@
+"""Background commits: nothing is under its final name before flush() says so, failures are reported per key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trolley_tasks.durable import Committer, commit_now
+
+
+def test_commit_now_and_background_commits(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    first = tmp_path / "a.tmp"
+    first.write_bytes(b"one")
+    commit_now(first, tmp_path / "out" / "a.dcm")
+    assert (tmp_path / "out" / "a.dcm").read_bytes() == b"one" and not first.exists()
+
+    committer = Committer()
+    temps = []
+    for index in range(20):
+        temp = tmp_path / f"{index}.tmp"
+        temp.write_bytes(bytes([index]) * 1000)
+        temps.append(temp)
+        committer.submit(f"k{index}", temp, tmp_path / "out" / f"{index}.dcm")
+    missing_dir = tmp_path / "missing.tmp"
+    missing_dir.write_bytes(b"x")
+    committer.submit("bad", missing_dir, tmp_path / "no-such-dir" / "x.dcm")
+    failed = committer.flush()
+    assert set(failed) == {"bad"} and isinstance(failed["bad"], OSError)
+    for index in range(20):
+        assert (tmp_path / "out" / f"{index}.dcm").read_bytes() == bytes([index]) * 1000
+        assert not temps[index].exists()
+    assert committer.flush() == {}  # nothing pending any more
