@@ -43,7 +43,13 @@ def free_port() -> int:
 
 def find_orthanc() -> tuple[str, str]:
     """Paths of the Orthanc binary and the DICOMweb plugin, or :class:`OrthancUnavailable` saying how to install."""
-    binary = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
+    override = os.environ.get("TROLLEY_ORTHANC_BINARY")  # another build of Orthanc, or none (to test its absence)
+    if override:
+        if not os.access(override, os.X_OK):
+            raise OrthancUnavailable(f"TROLLEY_ORTHANC_BINARY={override} is not an executable; {INSTALL_HINT}")
+        binary: str | None = override
+    else:
+        binary = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
     if binary is None:
         raise OrthancUnavailable(f"Orthanc is not installed; {INSTALL_HINT}")
     plugin = next((p for p in PLUGIN_PATHS if os.path.exists(p)), None)
