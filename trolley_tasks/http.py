@@ -182,3 +182,26 @@ def iter_body(
 def read_body(response: requests.Response, *, source: str | None = None, reference: Any = None) -> bytes:
     """The whole body of a response, with transport errors mapped. For small answers (JSON, XML) only."""
     return b"".join(iter_body(response, source=source, reference=reference))
+
+
+class HTTPEndpoint:
+    """What every HTTP searcher and downloader holds: the session it reuses (keep-alive), its root URL, a name for
+    errors and logs without credentials, and its ``(connect, read)`` timeout (None: :data:`DEFAULT_TIMEOUT`)."""
+
+    source: str | None
+
+    def __init__(
+        self,
+        session: requests.Session,
+        url: str,
+        *,
+        source: str | None = None,
+        timeout: float | tuple[float, float] | None = None,
+    ) -> None:
+        self.session = session
+        self.url = url
+        self.source = source or redact_url(url)
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r})"

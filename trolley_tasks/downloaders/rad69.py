@@ -71,7 +71,7 @@ DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = (
 _SOAP_TYPES = {"application/soap+xml", "application/xop+xml", "text/xml", "application/xml"}
 
 
-class Rad69(DownloaderBase):
+class Rad69(http.HTTPEndpoint, DownloaderBase):
     """A RAD-69 Imaging Document Source.
 
     Parameters
@@ -100,10 +100,7 @@ class Rad69(DownloaderBase):
         repository_unique_id: str = DEFAULT_REPOSITORY_UNIQUE_ID,
         transfer_syntaxes: Sequence[str] = DEFAULT_TRANSFER_SYNTAXES,
     ) -> None:
-        self.session = session
-        self.url = url
-        self.source = source or http.redact_url(url)
-        self.timeout = timeout
+        super().__init__(session, url, source=source, timeout=timeout)
         self.errors_to_ignore = tuple(errors_to_ignore)
         self.repository_unique_id = repository_unique_id
         self.transfer_syntaxes = tuple(transfer_syntaxes)

@@ -61,7 +61,7 @@ class _Request:
     expected: tuple[InstanceReference, ...] | None
 
 
-class WadoRS(DownloaderBase):
+class WadoRS(http.HTTPEndpoint, DownloaderBase):
     """A WADO-RS endpoint, for example Orthanc's ``http://host:8042/dicom-web``.
 
     Parameters
@@ -95,10 +95,7 @@ class WadoRS(DownloaderBase):
         request_per_series: bool = True,
         transfer_syntax: str = AS_STORED,
     ) -> None:
-        self.session = session
-        self.url = url.rstrip("/")
-        self.source = source or http.redact_url(url)
-        self.timeout = timeout
+        super().__init__(session, url.rstrip("/"), source=source, timeout=timeout)
         self.request_per_series = request_per_series
         self.transfer_syntax = transfer_syntax
         self.accept = f'multipart/related; type="application/dicom"; transfer-syntax={transfer_syntax}'

@@ -24,7 +24,7 @@ from trolley_tasks.downloaders.shortfall import Shortfall, instance_refs_or_rais
 from trolley_tasks.errors import NotFoundError
 
 
-class WadoURI(DownloaderBase):
+class WadoURI(http.HTTPEndpoint, DownloaderBase):
     """A WADO-URI endpoint, for example Orthanc's ``http://host:8042/wado``.
 
     Parameters
@@ -47,10 +47,7 @@ class WadoURI(DownloaderBase):
         source: str | None = None,
         timeout: float | tuple[float, float] | None = None,
     ) -> None:
-        self.session = session
-        self.url = url
-        self.source = source or http.redact_url(url)
-        self.timeout = timeout
+        super().__init__(session, url, source=source, timeout=timeout)
 
     def __repr__(self) -> str:
         return f"WadoURI(url={http.redact_url(self.url)!r})"

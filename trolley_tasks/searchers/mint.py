@@ -24,7 +24,7 @@ from pydicom.sequence import Sequence
 
 from trolley_tasks.core import ExtendedQuery, Query, QueryLevels, Study
 from trolley_tasks.errors import PayloadInvalidError, UnSupportedParameterError
-from trolley_tasks.http import iter_body, redact_url, request
+from trolley_tasks.http import HTTPEndpoint, iter_body, redact_url, request
 from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.qido_rs_query import query_string
 from trolley_tasks.searchers.tree import TreeBuilder, dataset_uid
@@ -165,7 +165,7 @@ def parse_mint_xml(body: bytes | list[bytes], level: QueryLevels, *, source: str
     return builder.studies()
 
 
-class Mint(SearcherBase):
+class Mint(HTTPEndpoint, SearcherBase):
     """A MINT server's study search.
 
     Parameters
@@ -188,13 +188,7 @@ class Mint(SearcherBase):
         source: str | None = None,
         timeout: float | tuple[float, float] | None = None,
     ) -> None:
-        self.session = session
-        self.timeout = timeout
-        self.url = url.rstrip("/")
-        self.source = source or redact_url(url)
-
-    def __repr__(self) -> str:
-        return f"Mint({self.source!r})"
+        super().__init__(session, url.rstrip("/"), source=source, timeout=timeout)
 
     def ensure_query_type(self, query: Query) -> MintQuery:
         """``query`` as a MintQuery; UnSupportedParameterError when a value would be lost or is invalid for MINT."""

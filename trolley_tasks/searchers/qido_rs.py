@@ -22,7 +22,7 @@ from pydicom import Dataset
 
 from trolley_tasks.core import Query, QueryLevels, Study, StudyReference, validate_uid
 from trolley_tasks.errors import StudyNotFoundError
-from trolley_tasks.http import redact_url
+from trolley_tasks.http import HTTPEndpoint
 from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.qido_rs_paging import IncompleteResultError, paged_search
 from trolley_tasks.searchers.qido_rs_query import (
@@ -54,7 +54,7 @@ def _count(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-class QidoRS(SearcherBase):
+class QidoRS(HTTPEndpoint, SearcherBase):
     """A QIDO-RS server.
 
     Parameters
@@ -85,15 +85,9 @@ class QidoRS(SearcherBase):
     ) -> None:
         if page_size is not None and page_size < 1:
             raise ValueError("page_size must be at least 1, or None")
-        self.session = session
-        self.url = url.rstrip("/")
-        self.source = source or redact_url(url)
-        self.timeout = timeout
+        super().__init__(session, url.rstrip("/"), source=source, timeout=timeout)
         self.page_size = page_size
         self.relational = relational
-
-    def __repr__(self) -> str:
-        return f"QidoRS({self.source!r})"
 
     def ensure_query_type(self, query: Query) -> QidoRSQueryBase:
         """``query`` as a Hierarchical or Relational query; see :func:`~.qido_rs_query.to_qido_query`."""

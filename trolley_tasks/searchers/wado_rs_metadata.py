@@ -16,14 +16,14 @@ import requests
 from trolley_tasks.core import Query, QueryLevels, Study, StudyReference, validate_uid
 from trolley_tasks.dicom_json import datasets_from_json
 from trolley_tasks.errors import NotFoundError, StudyNotFoundError, UnSupportedParameterError
-from trolley_tasks.http import read_body, redact_url, request
+from trolley_tasks.http import HTTPEndpoint, read_body, redact_url, request
 from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.tree import build_tree, prune_to_level
 
 _ANSWERABLE = {"StudyInstanceUID", "SeriesInstanceUID", "query_level", "include_fields"}
 
 
-class WadoRSMetadata(SearcherBase):
+class WadoRSMetadata(HTTPEndpoint, SearcherBase):
     """Study expansion through WADO-RS metadata.
 
     Parameters
@@ -46,13 +46,7 @@ class WadoRSMetadata(SearcherBase):
         source: str | None = None,
         timeout: float | tuple[float, float] | None = None,
     ) -> None:
-        self.session = session
-        self.timeout = timeout
-        self.url = url.rstrip("/")
-        self.source = source or redact_url(url)
-
-    def __repr__(self) -> str:
-        return f"WadoRSMetadata({self.source!r})"
+        super().__init__(session, url.rstrip("/"), source=source, timeout=timeout)
 
     def find_studies(self, query: Query) -> list[Study]:
         """The study ``query.StudyInstanceUID`` (limited to ``query.SeriesInstanceUID`` if given), or ``[]``.
