@@ -291,7 +291,6 @@ def _c_move(orthanc: Any) -> Any:
 )
 def test_download_a_study_from_orthanc(orthanc: Any, tmp_path: Path, make: Any, byte_identical: bool) -> None:
     from tests.conftest import STANDARD_COHORT
-
     from trolley_tasks.searchers.qido_rs import QidoRS
 
     study = STANDARD_COHORT.study_refs()[1]
