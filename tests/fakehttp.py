@@ -1,7 +1,9 @@
-"""A tiny HTTP server on 127.0.0.1 in a thread, for parsing and error-mapping tests (never a stand-in for Orthanc
-where Orthanc can do the job).
+"""The one tiny HTTP server of the tests: 127.0.0.1, a free port, a thread. For parsing and error-mapping tests and
+for protocols without a public server (MINT, RAD-69) -- never a stand-in for Orthanc where Orthanc can do the job.
 
-``FakeHTTPServer(handler)`` calls ``handler(request)`` for each GET/POST and sends back the ``Reply`` it returns.
+``FakeHTTPServer(handler)`` calls ``handler(request)`` for each GET/POST and sends back the ``Reply`` it returns. A
+``bytes`` body gets a Content-Length; an iterable body is streamed and ends when the connection closes (HTTP/1.0),
+so a short body is a clean EOF, as a server crash gives.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import parse_qsl, urlsplit
+
+from requests.structures import CaseInsensitiveDict
 
 
 @dataclass
@@ -22,7 +26,8 @@ class FakeRequest:
     path: str
     query: list[tuple[str, str]]
     raw_query: str
-    headers: dict[str, str]
+    headers: CaseInsensitiveDict[str]
+    body: bytes = b""
 
     def param(self, name: str, default: str = "") -> str:
         return next((value for key, value in self.query if key == name), default)
@@ -34,7 +39,7 @@ class FakeRequest:
 @dataclass
 class Reply:
     status: int = 200
-    body: bytes = b""
+    body: bytes | Iterable[bytes] = b""
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
 
@@ -50,25 +55,32 @@ class FakeHTTPServer:
         class Handler(BaseHTTPRequestHandler):
             def _serve(self) -> None:
                 parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
                 request = FakeRequest(
                     self.command,
                     parts.path,
                     parse_qsl(parts.query, keep_blank_values=True),
                     parts.query,
-                    {k: v for k, v in self.headers.items()},
+                    CaseInsensitiveDict(dict(self.headers.items())),
+                    self.rfile.read(length) if length else b"",
                 )
                 outer.requests.append(request)
                 reply = outer.handler(request)
                 if reply.delay:
                     time.sleep(reply.delay)
                 self.send_response(reply.status)
-                headers = {"Content-Length": str(len(reply.body)), **reply.headers}
+                headers = dict(reply.headers)
+                if isinstance(reply.body, bytes):
+                    headers.setdefault("Content-Length", str(len(reply.body)))
                 for name, value in headers.items():
                     self.send_header(name, value)
                 self.end_headers()
-                if reply.body and self.command != "HEAD":
-                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                        self.wfile.write(reply.body)
+                if self.command == "HEAD":
+                    return
+                chunks = [reply.body] if isinstance(reply.body, bytes) else reply.body
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client may stop reading
+                    for chunk in chunks:
+                        self.wfile.write(chunk)
 
             do_GET = _serve
             do_POST = _serve
@@ -90,6 +102,8 @@ class FakeHTTPServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
+
+    stop = close
 
     def __enter__(self) -> FakeHTTPServer:
         return self

@@ -1,89 +1,18 @@
-"""Local HTTP fakes for what Orthanc cannot show: broken answers, 406, and RAD-69 (no public server exists).
+"""Answers for :mod:`tests.fakehttp` that Orthanc cannot give: multipart bodies (whole or truncated) and RAD-69
+(no public server exists).
 
-Every server binds 127.0.0.1 on a free port and runs in a daemon thread. The RAD-69 responder is written from the
-wire facts in /work/shared/seeds/PROTOCOLS.md (IHE RAD TF-3 4.69, ITI TF-3 4.2.4.1), not from any implementation.
+The RAD-69 responder is written from the wire facts in /work/shared/seeds/PROTOCOLS.md (IHE RAD TF-3 4.69,
+ITI TF-3 4.2.4.1), not from any implementation.
 """
 
 from __future__ import annotations
 
-import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from tests.fakehttp import FakeRequest, Reply
 from trolley_tasks.downloaders.rad69_soap import IHE_NS, IHERAD_NS, SOAP_NS
-
-
-@dataclass
-class FakeRequest:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class FakeResponse:
-    status: int = 200
-    headers: Mapping[str, str] = field(default_factory=dict)
-    body: Iterable[bytes] = ()
-
-
-Handler = Callable[[FakeRequest], FakeResponse]
-
-
-class FakeHTTPServer:
-    """Answers every request with ``handler(request)``; the body is streamed and the connection then closed."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.requests: list[FakeRequest] = []
-        outer = self
-
-        class _Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.0"  # close-delimited bodies: a short body is a clean EOF, as a crash gives
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                request = FakeRequest(
-                    self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, self.rfile.read(length)
-                )
-                outer.requests.append(request)
-                response = outer.handler(request)
-                self.send_response(response.status)
-                for name, value in response.headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                try:
-                    for chunk in response.body:
-                        self.wfile.write(chunk)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client stopped reading: that is its right
-
-            do_GET = do_POST = _serve
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> FakeHTTPServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def multipart(parts: Iterable[tuple[Mapping[str, str], bytes]], boundary: str, *, close: bool = True) -> bytes:
@@ -117,11 +46,11 @@ class Rad69Responder:
     boundary: str = "MIMEBoundary_rad69_fake"
     requests: list[ET.Element] = field(default_factory=list)
 
-    def __call__(self, request: FakeRequest) -> FakeResponse:
+    def __call__(self, request: FakeRequest) -> Reply:
         envelope = ET.fromstring(request.body)
         self.requests.append(envelope)
         if self.fault:
-            return FakeResponse(500, {"Content-Type": "application/soap+xml; charset=utf-8"}, [self._fault()])
+            return Reply(500, [self._fault()], {"Content-Type": "application/soap+xml; charset=utf-8"})
         asked = [element.text or "" for element in envelope.iter(f"{{{IHE_NS}}}DocumentUniqueId")]
         found = [uid for uid in asked if uid in self.documents]
         missing = [uid for uid in asked if uid not in self.documents]
@@ -129,7 +58,7 @@ class Rad69Responder:
             f'multipart/related; type="application/xop+xml"; start="<soap@fake>"; '
             f'start-info="application/soap+xml"; boundary="{self.boundary}"'
         )
-        return FakeResponse(200, {"Content-Type": content_type}, self._body(found, missing))
+        return Reply(200, self._body(found, missing), {"Content-Type": content_type})
 
     def _fault(self) -> bytes:
         return (

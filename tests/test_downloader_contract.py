@@ -14,7 +14,8 @@ import pytest
 import requests
 
 from tests.conftest import STANDARD_COHORT, RunningOrthanc
-from tests.http_fakes import FakeHTTPServer, Rad69Responder
+from tests.fakehttp import FakeHTTPServer
+from tests.http_fakes import Rad69Responder
 from trolley_tasks.core import InstanceReference, SeriesReference, StudyReference
 from trolley_tasks.downloaders import Downloader
 from trolley_tasks.downloaders.base import parse_dataset, payload_bytes

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.http_fakes import FakeHTTPServer, Rad69Responder
+from tests.fakehttp import FakeHTTPServer
+from tests.http_fakes import Rad69Responder
 from trolley_tasks.core import InstanceReference, SeriesReference, StudyReference
 from trolley_tasks.downloaders import Downloader
 from trolley_tasks.downloaders.base import payload_bytes

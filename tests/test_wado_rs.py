@@ -9,7 +9,8 @@ import pytest
 import requests
 
 from tests.conftest import RunningOrthanc
-from tests.http_fakes import FakeHTTPServer, FakeResponse, multipart
+from tests.fakehttp import FakeHTTPServer, Reply
+from tests.http_fakes import multipart
 from trolley_tasks.core import Instance, InstanceReference, Series, Study, StudyReference
 from trolley_tasks.downloaders import Downloader
 from trolley_tasks.downloaders.base import payload_bytes
@@ -112,21 +113,21 @@ def test_syntax_orthanc_cannot_produce_is_a_clear_error(orthanc: RunningOrthanc)
 
 
 def test_406_is_a_clear_rejection() -> None:
-    with FakeHTTPServer(lambda request: FakeResponse(406, {"Content-Type": "text/plain"}, [b"no"])) as fake:
+    with FakeHTTPServer(lambda request: Reply(406, [b"no"], {"Content-Type": "text/plain"})) as fake:
         downloader = WadoRS(requests.Session(), fake.url, transfer_syntax="1.2.840.10008.1.2.4.80")
         with pytest.raises(RequestRejectedError, match="does not transcode to transfer syntax 1.2.840.10008.1.2.4.80"):
             list(downloader.iter_raw(InstanceReference("1.2.3", "1.2.3.4", "1.2.3.4.5")))
         assert "transfer-syntax=1.2.840.10008.1.2.4.80" in fake.requests[0].headers["accept"]
 
 
-def fake_series(orthanc: RunningOrthanc, *, close: bool, syntax: str | None = None) -> tuple[FakeResponse, list]:
+def fake_series(orthanc: RunningOrthanc, *, close: bool, syntax: str | None = None) -> tuple[Reply, list]:
     items = orthanc.cohort.in_study(orthanc.cohort.study_refs()[0].study_uid)[:3]
     part_type = "application/dicom" + (f"; transfer-syntax={syntax}" if syntax else "")
     body = multipart([({"Content-Type": part_type}, orthanc.cohort.encode(item)) for item in items], "xyz", close=close)
     if not close:
         body = body[:-1000]  # and the last part is cut short
     content_type = 'multipart/related; type="application/dicom"; boundary=xyz'
-    return FakeResponse(200, {"Content-Type": content_type}, [body]), items
+    return Reply(200, [body], {"Content-Type": content_type}), items
 
 
 def test_truncated_multipart_is_invalid_payload(orthanc: RunningOrthanc) -> None:

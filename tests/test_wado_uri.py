@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.conftest import RunningOrthanc
-from tests.http_fakes import FakeHTTPServer, FakeResponse
+from tests.fakehttp import FakeHTTPServer, Reply
 from trolley_tasks.core import InstanceReference, SeriesReference, Study, StudyReference
 from trolley_tasks.downloaders import Downloader
 from trolley_tasks.downloaders.wado_uri import WadoURI
@@ -62,18 +62,18 @@ def test_needs_instances(objects: object) -> None:
 
 
 def test_a_200_that_is_not_dicom_is_invalid_payload() -> None:
-    page = FakeResponse(200, {"Content-Type": "text/html"}, [b"<html>Welcome to the PACS portal</html>"])
+    page = Reply(200, [b"<html>Welcome to the PACS portal</html>"], {"Content-Type": "text/html"})
     with FakeHTTPServer(lambda request: page) as fake:
         downloader = WadoURI(requests.Session(), f"{fake.url}/wado")
         with pytest.raises(PayloadInvalidError, match="not a DICOM"):
             list(downloader.iter_raw(InstanceReference("1.2.3", "1.2.3.4", "1.2.3.4.5")))
-        assert "contentType=application/dicom" in fake.requests[0].path
+        assert "contentType=application/dicom" in fake.requests[0].raw_query  # the "/" stays literal
 
 
 def test_another_instance_than_asked_is_invalid_payload(orthanc: RunningOrthanc) -> None:
     cohort = orthanc.cohort
     wrong = cohort.encode(next(iter(cohort)))
-    with FakeHTTPServer(lambda request: FakeResponse(200, {"Content-Type": "application/dicom"}, [wrong])) as fake:
+    with FakeHTTPServer(lambda request: Reply(200, [wrong], {"Content-Type": "application/dicom"})) as fake:
         other = cohort.instance_refs()[1]
         with pytest.raises(PayloadInvalidError, match="SOPInstanceUID"):
             list(WadoURI(requests.Session(), f"{fake.url}/wado").iter_raw(other))
