@@ -286,10 +286,15 @@ class _TempFile:
 
     def __init__(self, root: Path) -> None:
         directory = root / TEMP_DIR
-        directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
         # os.open with 0o666, not mkstemp: the final files get the user's umask, as any file they write would.
-        self.handle: BinaryIO = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except FileNotFoundError:  # first file under this output (the folder is made once, not per file)
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, flags, 0o666)
+        self.handle: BinaryIO = os.fdopen(fd, "wb")
 
         self.detached = False
 
