@@ -68,8 +68,8 @@ def fetch(self: Task, job: str, source: str, study: str, series: str, instances:
     log.info("fetch %s series %s: %s", job, series, result)
 
 
-@app.task(name="trolley.expand_study", bind=True)
-def expand_study(self: Task, job: str, source: str, row: str, attempt: int = 1) -> None:
+@app.task(name="trolley.expand_study")
+def expand_study(job: str, source: str, row: str, attempt: int = 1) -> None:
     """Expand one cohort row into instances and fetch messages (see trolley_tasks.engine.expand)."""
     result = expand_row(context(), job, source, row, attempt)
     log.info("expand %s %s: %s", job, row[:120], result)
