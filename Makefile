@@ -19,15 +19,15 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check trolley_tasks tests workers bench
-	$(BIN)/ruff format --check trolley_tasks tests workers bench
+	$(BIN)/ruff check trolley_tasks tests workers bench testbed scripts
+	$(BIN)/ruff format --check trolley_tasks tests workers bench testbed scripts
 	$(BIN)/mypy
 
 demo: install
-	$(BIN)/python -m trolley_tasks.demo
+	$(BIN)/python -m scripts.demo
 
 bench: install
-	$(BIN)/python bench/export_speed.py
+	$(BIN)/python -m bench.export_speed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

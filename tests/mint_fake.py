@@ -9,8 +9,8 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from xml.sax.saxutils import quoteattr
 
+from testbed.cohort import GeneratedCohort, GeneratedInstance
 from tests.fakehttp import FakeHTTPServer, FakeRequest, Reply
-from trolley_tasks.testbed.cohort import GeneratedCohort, GeneratedInstance
 
 JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"

@@ -16,8 +16,13 @@ from typing import Any
 import pytest
 import requests
 
-from trolley_tasks import http
-from trolley_tasks.auth import (
+from testbed.cohort import generate_cohort
+from trolley_tasks.config import AuthConfig, SourceProfile
+from trolley_tasks.downloaders.base import payload_bytes
+from trolley_tasks.downloaders.wado_uri import WadoURI
+from trolley_tasks.errors import AuthError, ConfigurationError, MissingCredentialError, TrolleyError
+from trolley_tasks.transports import http
+from trolley_tasks.transports.auth import (
     BasicAuth,
     BearerAuth,
     VitreaAuth,
@@ -27,11 +32,6 @@ from trolley_tasks.auth import (
     read_secret,
     session_for_profile,
 )
-from trolley_tasks.config import AuthConfig, SourceProfile
-from trolley_tasks.downloaders.base import payload_bytes
-from trolley_tasks.downloaders.wado_uri import WadoURI
-from trolley_tasks.errors import AuthError, ConfigurationError, MissingCredentialError, TrolleyError
-from trolley_tasks.testbed.cohort import generate_cohort
 
 PASSWORD = "s3cret-pass"
 TOKEN = "tok-9f8e7d6c5b4a"

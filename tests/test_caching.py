@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydicom import Dataset
 
-from trolley_tasks.caching import CachedSearcher, DICOMObjectCache
 from trolley_tasks.core import Instance, Query, QueryLevels, Series, Study
 from trolley_tasks.searchers.base import Searcher, SearcherBase
+from trolley_tasks.searchers.caching import CachedSearcher, DICOMObjectCache
 
 
 class CountingSearcher(SearcherBase):

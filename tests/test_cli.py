@@ -19,7 +19,7 @@ from trolley_tasks.cli.logs import scrub, setup_logging
 from trolley_tasks.cli.search import Filters
 from trolley_tasks.cli.services import is_loopback
 from trolley_tasks.core import QueryLevels
-from trolley_tasks.embedded import EmbeddedError, EmbeddedRedis, _answers, socket_path_for
+from trolley_tasks.engine.embedded import EmbeddedError, EmbeddedRedis, _answers, socket_path_for
 from trolley_tasks.engine.models import Failure, JobState, JobStatus, SeriesProgress
 
 runner = CliRunner()

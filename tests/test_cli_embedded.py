@@ -299,7 +299,7 @@ def test_failures_exit_1_with_a_table_and_retry_failed_reruns_them(orthanc: Any,
 def test_flower_gets_its_password_from_the_environment_only(redis_service: Any, tmp_path: Path) -> None:
     import requests
 
-    from trolley_tasks.testbed.orthanc import free_port
+    from testbed.orthanc import free_port
 
     config = tmp_path / "trolley.toml"
     config.write_text('[flower]\nusername = "watcher"\npassword_env = "TT_FLOWER_PW"\n')

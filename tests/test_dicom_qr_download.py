@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
+from testbed.cohort import generate_cohort
 from trolley_tasks.core import QueryLevels, Study, StudyReference
 from trolley_tasks.downloaders.base import Downloader, parse_dataset
 from trolley_tasks.downloaders.dicom_qr import CGet, CMove, StorageReceiver
 from trolley_tasks.errors import ConfigurationError, ErrorClass, NonInstanceParameterError, NotFoundError
 from trolley_tasks.searchers.dicom_qr import DICOMQR
-from trolley_tasks.testbed.cohort import generate_cohort
 
 SMALL_COHORT = generate_cohort(studies=1, series=2, instances=3, seed=31, rows=64, columns=64)
 

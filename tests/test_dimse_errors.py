@@ -15,8 +15,8 @@ import pytest
 from pydicom import Dataset
 from pynetdicom import AE, evt
 
+from testbed.orthanc import free_port
 from trolley_tasks.core import InstanceReference, Query, SeriesReference
-from trolley_tasks.dimse import STUDY_ROOT_FIND, DimseCancelledError, DimseTLS, error_for_rejection, error_for_status
 from trolley_tasks.downloaders.dimse_retrieve import RetrieveRequest, RetrieveRun, plan_requests
 from trolley_tasks.errors import (
     AuthError,
@@ -31,7 +31,13 @@ from trolley_tasks.errors import (
     TransientNetworkError,
 )
 from trolley_tasks.searchers.dicom_qr import DICOMQR
-from trolley_tasks.testbed.orthanc import free_port
+from trolley_tasks.transports.dimse import (
+    STUDY_ROOT_FIND,
+    DimseCancelledError,
+    DimseTLS,
+    error_for_rejection,
+    error_for_status,
+)
 
 UID = "1.2.826.0.1.3680043.8.498.1"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trolley_tasks.durable import Committer, commit_now
+from trolley_tasks.storage.durable import Committer, commit_now
 
 
 def test_commit_now_and_background_commits(tmp_path: Path) -> None:

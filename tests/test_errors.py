@@ -7,7 +7,7 @@ import requests
 
 from trolley_tasks import errors
 from trolley_tasks.errors import ErrorClass
-from trolley_tasks.http import error_for_status, parse_retry_after, redact_url
+from trolley_tasks.transports.http import error_for_status, parse_retry_after, redact_url
 
 EXPECTED = {
     errors.ConfigurationError: ErrorClass.CONFIGURATION,

@@ -9,12 +9,12 @@ import pytest
 import requests
 from pydantic import ValidationError
 
+from testbed.cohort import generate_cohort
 from tests.fakehttp import FakeHTTPServer, FakeRequest, Reply
 from tests.mint_fake import EXPLICIT_LE, JPEG_LOSSLESS, mint_xml, start_mint_server
 from trolley_tasks.core import Query, QueryLevels
 from trolley_tasks.errors import PayloadInvalidError, ServerError, StudyNotFoundError, UnSupportedParameterError
 from trolley_tasks.searchers.mint import Mint, MintQuery, parse_mint_xml
-from trolley_tasks.testbed.cohort import generate_cohort
 
 DATA = Path(__file__).parent / "data" / "mint"
 BIG = generate_cohort(studies=1, series=7, instances=22, seed=11)  # 154 instances, like the real answer

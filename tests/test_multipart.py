@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from trolley_tasks.errors import PayloadInvalidError
-from trolley_tasks.multipart import MultipartReader, boundary_from_content_type, iter_parts, parse_content_type
+from trolley_tasks.formats.multipart import MultipartReader, boundary_from_content_type, iter_parts, parse_content_type
 
 BOUNDARY = "b0undary-Zz9"
 CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary="{BOUNDARY}"'
@@ -151,7 +151,7 @@ def test_error_is_raised_again_when_the_consumer_swallows_it() -> None:
 LARGE_PART_SCRIPT = textwrap.dedent(
     """
     import json, os, resource, sys
-    from trolley_tasks.multipart import iter_parts
+    from trolley_tasks.formats.multipart import iter_parts
 
     SIZE = int(sys.argv[1])
     WITH_LENGTH = sys.argv[2] == "length"

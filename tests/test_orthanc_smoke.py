@@ -7,9 +7,9 @@ from io import BytesIO
 import pydicom
 import requests
 
+from testbed.cohort import generate_cohort
 from tests.conftest import STANDARD_COHORT, RunningOrthanc
 from trolley_tasks.core import is_valid_uid
-from trolley_tasks.testbed.cohort import generate_cohort
 
 
 def test_cohort_is_reproducible_and_realistic() -> None:

@@ -19,8 +19,8 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
-from trolley_tasks import part10_scan
-from trolley_tasks.part10_scan import NotDicom, Truncated, Unsupported, scan
+from trolley_tasks.formats import part10_scan
+from trolley_tasks.formats.part10_scan import NotDicom, Truncated, Unsupported, scan
 
 SOP, STUDY, SERIES, ROWS = 0x00080018, 0x0020000D, 0x0020000E, 0x00280010
 

@@ -11,6 +11,7 @@ import requests
 from pydantic import ValidationError
 from pydicom import Dataset
 
+from testbed.cohort import generate_cohort
 from tests.conftest import STANDARD_COHORT, RunningOrthanc
 from tests.fakehttp import FakeHTTPServer, FakeRequest, Reply
 from trolley_tasks.core import ExtendedQuery, Query, QueryLevels
@@ -18,7 +19,6 @@ from trolley_tasks.errors import PayloadInvalidError, StudyNotFoundError, UnSupp
 from trolley_tasks.searchers.qido_rs import HierarchicalQuery, IncompleteResultError, QidoRS, RelationalQuery
 from trolley_tasks.searchers.qido_rs_paging import warning_says_truncated
 from trolley_tasks.searchers.qido_rs_query import choose_query_type, query_string
-from trolley_tasks.testbed.cohort import generate_cohort
 
 STUDY_1 = STANDARD_COHORT.instance(1, 0, 0)
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from testbed.cohort import generate_cohort
 from tests.fakehttp import FakeHTTPServer
 from tests.http_fakes import Rad69Responder
 from trolley_tasks.core import InstanceReference, SeriesReference, StudyReference
@@ -22,7 +23,6 @@ from trolley_tasks.errors import (
     RequestRejectedError,
     ServerError,
 )
-from trolley_tasks.testbed.cohort import generate_cohort
 
 COHORT = generate_cohort(studies=1, series=2, instances=3, seed=21, rows=32, columns=32)
 FILES = {item.sop_instance_uid: COHORT.encode(item) for item in COHORT}

@@ -20,10 +20,10 @@ import requests
 
 from tests.conftest import STANDARD_COHORT, RunningOrthanc
 from tests.mint_fake import start_mint_server
-from trolley_tasks.caching import CachedSearcher, DICOMObjectCache
 from trolley_tasks.core import DICOMObjectLevels, Query, QueryLevels, to_instance_refs
 from trolley_tasks.errors import AmbiguousResultError, StudyNotFoundError, UnSupportedParameterError
 from trolley_tasks.searchers.base import Searcher
+from trolley_tasks.searchers.caching import CachedSearcher, DICOMObjectCache
 from trolley_tasks.searchers.dicom_qr import DICOMQR
 from trolley_tasks.searchers.mint import Mint
 from trolley_tasks.searchers.qido_rs import QidoRS

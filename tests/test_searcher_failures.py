@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 import requests
 
+from testbed.orthanc import free_port
 from tests.fakehttp import FakeHTTPServer, FakeRequest, Reply
 from trolley_tasks.core import Query, QueryLevels
 from trolley_tasks.errors import (
@@ -26,7 +27,6 @@ from trolley_tasks.searchers.base import Searcher
 from trolley_tasks.searchers.mint import Mint
 from trolley_tasks.searchers.qido_rs import QidoRS
 from trolley_tasks.searchers.wado_rs_metadata import WadoRSMetadata
-from trolley_tasks.testbed.orthanc import free_port
 
 TIMEOUT = (2.0, 0.5)
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"

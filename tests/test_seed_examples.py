@@ -28,8 +28,8 @@ import pydicom
 import pytest
 import requests
 
+from testbed.cohort import GeneratedCohort, GeneratedInstance
 from tests.mint_fake import start_mint_server
-from trolley_tasks.caching import CachedSearcher, DICOMObjectCache  # seed: dicomtrolley.caching
 from trolley_tasks.core import (  # seed: dicomtrolley.core
     InstanceReference,
     Query,
@@ -40,12 +40,12 @@ from trolley_tasks.core import (  # seed: dicomtrolley.core
 from trolley_tasks.downloaders.rad69 import Rad69, XDSMissingDocumentError  # seed: dicomtrolley.rad69
 from trolley_tasks.downloaders.wado_rs import WadoRS  # seed: dicomtrolley.wado_rs
 from trolley_tasks.downloaders.wado_uri import WadoURI  # seed: dicomtrolley.wado_uri
+from trolley_tasks.searchers.caching import CachedSearcher, DICOMObjectCache  # seed: dicomtrolley.caching
 from trolley_tasks.searchers.dicom_qr import DICOMQR  # seed: dicomtrolley.dicom_qr
 from trolley_tasks.searchers.mint import Mint  # seed: dicomtrolley.mint
 from trolley_tasks.searchers.qido_rs import QidoRS  # seed: dicomtrolley.qido_rs
 from trolley_tasks.searchers.wado_rs_metadata import WadoRSMetadata  # seed: dicomtrolley.wado_rs
-from trolley_tasks.storage import DICOMDiskStorage, FlatStorageDir  # seed: dicomtrolley.storage
-from trolley_tasks.testbed.cohort import GeneratedCohort, GeneratedInstance
+from trolley_tasks.storage.disk import DICOMDiskStorage, FlatStorageDir  # seed: dicomtrolley.storage
 from trolley_tasks.trolley import Trolley  # seed: dicomtrolley.trolley
 
 

@@ -11,8 +11,8 @@ import pytest
 from trolley_tasks.config import SourceProfile
 from trolley_tasks.downloaders.base import Downloader
 from trolley_tasks.errors import ConfigurationError
+from trolley_tasks.profiles import build_downloader, build_searcher
 from trolley_tasks.searchers.base import Searcher
-from trolley_tasks.sources import build_downloader, build_searcher
 
 COMMON = {
     "url": "http://127.0.0.1:8042/dicom-web",

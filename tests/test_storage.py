@@ -17,6 +17,7 @@ from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
+from testbed.cohort import GeneratedInstance, generate_cohort
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.errors import (
     ConfigurationError,
@@ -26,9 +27,8 @@ from trolley_tasks.errors import (
     UnsafePathError,
     UsageError,
 )
-from trolley_tasks.layout import PathTemplate, path_component
-from trolley_tasks.part10 import add_file_meta, is_part10, read_part10_header
-from trolley_tasks.storage import (
+from trolley_tasks.formats.part10 import add_file_meta, is_part10, read_part10_header
+from trolley_tasks.storage.disk import (
     TEMP_DIR,
     DICOMDiskStorage,
     FlatStorageDir,
@@ -37,7 +37,7 @@ from trolley_tasks.storage import (
     TemplateStorage,
     clean_temp_files,
 )
-from trolley_tasks.testbed.cohort import GeneratedInstance, generate_cohort
+from trolley_tasks.storage.layouts import PathTemplate, path_component
 
 COHORT = generate_cohort(studies=1, series=1, instances=2, seed=11, rows=16, columns=16)
 FIRST, SECOND = list(COHORT)
@@ -271,8 +271,8 @@ def test_broken_stream_leaves_nothing(tmp_path: Path) -> None:
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from trolley_tasks.storage import StorageDir
-    from trolley_tasks.testbed.cohort import generate_cohort
+    from trolley_tasks.storage.disk import StorageDir
+    from testbed.cohort import generate_cohort
 
     cohort = generate_cohort(studies=1, series=1, instances=1, seed=3, rows=1024, columns=1024)
     item = next(iter(cohort))

@@ -14,6 +14,7 @@ import pytest
 import requests
 from pydicom import Dataset
 
+from testbed.cohort import GeneratedCohort, generate_cohort
 from trolley_tasks.core import (
     Downloadable,
     Instance,
@@ -36,8 +37,7 @@ from trolley_tasks.errors import (
     StudyNotFoundError,
 )
 from trolley_tasks.searchers.base import SearcherBase
-from trolley_tasks.storage import DICOMDiskStorage, FlatStorageDir, QuarantinedPayloadError, StorageDir
-from trolley_tasks.testbed.cohort import GeneratedCohort, generate_cohort
+from trolley_tasks.storage.disk import DICOMDiskStorage, FlatStorageDir, QuarantinedPayloadError, StorageDir
 from trolley_tasks.trolley import Trolley
 
 COHORT = generate_cohort(studies=2, series=2, instances=2, seed=31, rows=16, columns=16)

@@ -3,7 +3,8 @@
 Every error that a searcher, downloader or storage raises is a :class:`TrolleyError`. Errors are grouped by what a
 worker should do with them, so the engine's retry policy is one table keyed on :class:`ErrorClass`
 (``trolley_tasks.engine.policy``). Lower-level errors (requests, sockets, pynetdicom statuses, pydicom parse errors)
-are translated in exactly one place per transport (``trolley_tasks.http`` and ``trolley_tasks.dimse``), with
+are translated in exactly one place per transport (``trolley_tasks.transports.http`` and
+``trolley_tasks.transports.dimse``), with
 ``raise ... from exc``.
 
 ::

@@ -42,7 +42,7 @@ from trolley_tasks.errors import (
     NotFoundError,
 )
 from trolley_tasks.searchers.base import Searcher
-from trolley_tasks.storage import DICOMDiskStorage, SaveResult, StorageDir, clean_temp_files
+from trolley_tasks.storage.disk import DICOMDiskStorage, SaveResult, StorageDir, clean_temp_files
 
 logger = logging.getLogger("trolley.trolley")
 
@@ -59,7 +59,7 @@ class Trolley:
     downloader
         Any :class:`~trolley_tasks.downloaders.base.Downloader` (WadoRS, WadoURI, Rad69, DICOMQR).
     storage
-        Where and how files are written; :class:`~trolley_tasks.storage.StorageDir` by default.
+        Where and how files are written; :class:`~trolley_tasks.storage.disk.StorageDir` by default.
     """
 
     def __init__(self, searcher: Searcher, downloader: Downloader, storage: DICOMDiskStorage | None = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 
-from trolley_tasks.engine.app import get_app
+from trolley_tasks.engine.celery_app.app import get_app
 
 
 def main() -> int:

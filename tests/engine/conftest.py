@@ -106,13 +106,13 @@ class Workers:
 
 @contextmanager
 def celery_workers(config: Path, concurrency: int, log_dir: Path) -> Iterator[Workers]:
-    """Start a real worker: ``python -m celery -A trolley_tasks.engine.app worker -c N -P prefork``."""
+    """Start a real worker: ``python -m celery -A trolley_tasks.engine.celery_app.app worker -c N -P prefork``."""
     name = f"t{uuid.uuid4().hex[:6]}"
     log = log_dir / f"worker-{name}.log"
     env = dict(os.environ, TROLLEY_CONFIG=str(config), PYTHONPATH=os.getcwd())
     env.pop("TROLLEY_BROKER__URL", None)
     command = [
-        sys.executable, "-m", "celery", "-A", "trolley_tasks.engine.app", "worker",
+        sys.executable, "-m", "celery", "-A", "trolley_tasks.engine.celery_app.app", "worker",
         "-c", str(concurrency), "-P", "prefork", "-n", f"{name}@%h", "-l", "info",
         "--without-heartbeat", "--without-gossip", "--without-mingle",
     ]  # fmt: skip

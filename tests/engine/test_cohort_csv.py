@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trolley_tasks.core import InstanceReference, Query, SeriesReference, StudyReference
-from trolley_tasks.engine.cohort import (
+from trolley_tasks.cohort import (
     CohortError,
     CohortRow,
     iter_csv_rows,
@@ -15,6 +14,7 @@ from trolley_tasks.engine.cohort import (
     rows_from_references,
     validate_csv,
 )
+from trolley_tasks.core import InstanceReference, Query, SeriesReference, StudyReference
 
 
 def write(tmp_path: Path, text: str) -> Path:

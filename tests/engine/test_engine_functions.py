@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from testbed.cohort import generate_cohort
 from tests.engine.fakes import FakeDownloader, FakeSearcher, RecordingPublisher, drain, make_context
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.engine import control
@@ -17,7 +18,6 @@ from trolley_tasks.engine.fetch import fetch_batch
 from trolley_tasks.engine.models import JobState
 from trolley_tasks.engine.producer import submit
 from trolley_tasks.errors import AuthError, NotFoundError, ServerBusyError, ServerError, TransientNetworkError
-from trolley_tasks.testbed.cohort import generate_cohort
 
 COHORT = generate_cohort(studies=2, series=2, instances=3, seed=11, rows=8, columns=8)
 

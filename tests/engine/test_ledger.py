@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trolley_tasks.engine.ledger import Ledger, Settled
+from trolley_tasks.engine.ledger.ledger import Ledger, Settled
 from trolley_tasks.engine.models import Failure, InstanceState, JobState
 
 JOB = "j-test"

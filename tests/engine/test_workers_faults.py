@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from testbed.cohort import generate_cohort
 from tests.engine.conftest import FAST_RETRY, EngineEnv, Workers, celery_workers
 from tests.engine.proxy import Fault, PacsProxy
 from trolley_tasks.config import load_settings
 from trolley_tasks.engine import api
 from trolley_tasks.engine.models import JobState
-from trolley_tasks.testbed.cohort import generate_cohort
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """The CLI's one door into the engine: where the broker is, and the engine API bound to it.
 
-In embedded mode the broker and the ledger are the private Redis that :mod:`trolley_tasks.embedded` starts;
+In embedded mode the broker and the ledger are the private Redis that :mod:`trolley_tasks.engine.embedded` starts;
 otherwise ``[broker] url`` (and ``ledger_url``). The engine API takes the settings; its workers read the same facts
 from ``TROLLEY_BROKER__URL``, ``TROLLEY_BROKER__LEDGER_URL`` and ``TROLLEY_CONFIG``.
 """
@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from trolley_tasks.config import BrokerConfig, Settings
-from trolley_tasks.embedded import EmbeddedRedis, embedded_redis
+from trolley_tasks.engine.embedded import EmbeddedRedis, embedded_redis
 from trolley_tasks.engine.models import Failure, JobStatus, SeriesProgress
 
 

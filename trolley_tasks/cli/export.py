@@ -44,10 +44,10 @@ from trolley_tasks.cli.search import (
     SourceOption,
     StudyUidOption,
 )
+from trolley_tasks.cohort import validate_csv
 from trolley_tasks.config import Settings
 from trolley_tasks.core import QueryLevels
-from trolley_tasks.embedded import EmbeddedWorkers, default_worker_count, embedded_workers
-from trolley_tasks.engine.cohort import validate_csv
+from trolley_tasks.engine.embedded import EmbeddedWorkers, default_worker_count, embedded_workers
 from trolley_tasks.engine.models import JobState, JobStatus
 from trolley_tasks.engine.throttle import Window
 

@@ -216,7 +216,7 @@ def search(
     depth = {Level.study: QueryLevels.STUDY, Level.series: QueryLevels.SERIES, Level.instance: QueryLevels.INSTANCE}
     queries = filters.queries(depth[level])  # bad filters are refused before the PACS is asked anything
     profile = settings.source(source)
-    from trolley_tasks.sources import build_searcher
+    from trolley_tasks.profiles import build_searcher
 
     searcher = build_searcher(profile, source)
     studies: dict[str, Study] = {}

@@ -38,7 +38,7 @@ def _engine_app(settings: Settings, command: str) -> Any:
     if settings.config_path is not None:
         os.environ["TROLLEY_CONFIG"] = str(Path(settings.config_path).resolve())
     os.environ["TROLLEY_BROKER__URL"] = broker
-    from trolley_tasks.engine.app import get_app
+    from trolley_tasks.engine.celery_app.app import get_app
 
     return get_app()
 

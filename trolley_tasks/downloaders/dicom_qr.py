@@ -30,16 +30,22 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build
 from pynetdicom.presentation import PresentationContext
 
 from trolley_tasks.core import Downloadable, InstanceReference, is_valid_uid
-from trolley_tasks.dimse import STUDY_ROOT_FIND, STUDY_ROOT_GET, STUDY_ROOT_MOVE, AssociationManager, DimseTLS
 from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
 from trolley_tasks.downloaders.dimse_retrieve import RetrieveRequest, RetrieveRun, plan_requests
-from trolley_tasks.downloaders.storage_scp import StorageReceiver, spool_path
 from trolley_tasks.errors import (
     ConfigurationError,
     NonInstanceParameterError,
     RequestRejectedError,
     TransientNetworkError,
 )
+from trolley_tasks.transports.dimse import (
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+    AssociationManager,
+    DimseTLS,
+)
+from trolley_tasks.transports.storage_scp import StorageReceiver, spool_path
 
 __all__ = ["CGet", "CMove", "StorageReceiver"]
 

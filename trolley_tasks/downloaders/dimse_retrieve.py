@@ -36,9 +36,9 @@ from trolley_tasks.core import (
     Study,
     StudyReference,
 )
-from trolley_tasks.dimse import AssociationManager, error_for_status
 from trolley_tasks.downloaders.shortfall import Shortfall
 from trolley_tasks.errors import NotFoundError, PayloadInvalidError, TrolleyError
+from trolley_tasks.transports.dimse import AssociationManager, error_for_status
 
 MAX_UIDS_PER_REQUEST = 500
 """A list of UIDs longer than this is split: 500 UIDs make a 32 KB identifier, which every PACS we know accepts."""

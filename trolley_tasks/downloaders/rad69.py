@@ -20,10 +20,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import requests
 
-from trolley_tasks import http
 from trolley_tasks.core import Downloadable, InstanceReference
 from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
-from trolley_tasks.downloaders.peek import check_identity, peek_header
 from trolley_tasks.downloaders.rad69_soap import (
     ACTION,
     RegistryError,
@@ -37,7 +35,9 @@ from trolley_tasks.downloaders.rad69_soap import (
 )
 from trolley_tasks.downloaders.shortfall import Shortfall, instance_refs_or_raise
 from trolley_tasks.errors import NotFoundError, PayloadInvalidError
-from trolley_tasks.multipart import iter_parts, parse_content_type
+from trolley_tasks.formats.multipart import iter_parts, parse_content_type
+from trolley_tasks.formats.peek import check_identity, peek_header
+from trolley_tasks.transports import http
 
 __all__ = [
     "DEFAULT_TRANSFER_SYNTAXES",

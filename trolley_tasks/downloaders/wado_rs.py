@@ -6,9 +6,10 @@
 named syntax (for example explicit VR little endian, ``1.2.840.10008.1.2.1``, for an ML pipeline) asks the server to
 transcode; each part is then checked to carry it.
 
-The answer is parsed incrementally (:mod:`trolley_tasks.multipart`): memory is one part's headers plus one chunk,
+The answer is parsed incrementally (:mod:`trolley_tasks.formats.multipart`): memory is one part's headers plus one
+chunk,
 whatever the series weighs. Each part is identified by the SOPInstanceUID in its first bytes
-(:mod:`~trolley_tasks.downloaders.peek`) and handed on as a chunk stream, unparsed beyond its header.
+(:mod:`~trolley_tasks.formats.peek`) and handed on as a chunk stream, unparsed beyond its header.
 
 What was asked is checked against what came: parts not asked for (a series request made for some of its
 instances) are skipped, and instances asked for and not delivered are raised once the rest was delivered.
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 
 import requests
 
-from trolley_tasks import http
 from trolley_tasks.core import (
     DICOMObject,
     DICOMObjectLevels,
@@ -35,7 +35,6 @@ from trolley_tasks.core import (
     to_series_level_refs,
 )
 from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
-from trolley_tasks.downloaders.peek import check_identity, peek_header
 from trolley_tasks.downloaders.shortfall import Shortfall
 from trolley_tasks.errors import (
     NonSeriesParameterError,
@@ -45,7 +44,9 @@ from trolley_tasks.errors import (
     RequestRejectedError,
     ServerError,
 )
-from trolley_tasks.multipart import iter_parts, parse_content_type
+from trolley_tasks.formats.multipart import iter_parts, parse_content_type
+from trolley_tasks.formats.peek import check_identity, peek_header
+from trolley_tasks.transports import http
 
 logger = logging.getLogger("trolley.downloaders.wado_rs")
 
@@ -73,7 +74,7 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
     source
         Name used in errors and logs; defaults to the URL without credentials.
     timeout
-        ``(connect, read)`` seconds, or one number; defaults to :data:`trolley_tasks.http.DEFAULT_TIMEOUT`.
+        ``(connect, read)`` seconds, or one number; defaults to :data:`trolley_tasks.transports.http.DEFAULT_TIMEOUT`.
     request_per_series
         True (dicomtrolley's default): one request per series, which keeps each answer to a size the PACS serves
         comfortably. Studies must then come with their series (a searched Study, or SeriesReferences):

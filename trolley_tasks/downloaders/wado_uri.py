@@ -7,7 +7,7 @@ by the references), so nothing else in the query needs escaping.
 
 Each answer is streamed: the engine gets ``(InstanceReference, chunk iterator)`` and writes the chunks as they come,
 so a 500 MB enhanced multi-frame instance never sits in memory. The first bytes are parsed (file meta and dataset up
-to SeriesInstanceUID, :mod:`~trolley_tasks.downloaders.peek`) to make sure the server sent the instance asked for.
+to SeriesInstanceUID, :mod:`~trolley_tasks.formats.peek`) to make sure the server sent the instance asked for.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from collections.abc import Iterable, Iterator
 
 import requests
 
-from trolley_tasks import http
 from trolley_tasks.core import Downloadable, InstanceReference
 from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
-from trolley_tasks.downloaders.peek import check_identity, peek_header
 from trolley_tasks.downloaders.shortfall import Shortfall, instance_refs_or_raise
 from trolley_tasks.errors import NotFoundError
+from trolley_tasks.formats.peek import check_identity, peek_header
+from trolley_tasks.transports import http
 
 
 class WadoURI(http.HTTPEndpoint, DownloaderBase):
@@ -30,13 +30,14 @@ class WadoURI(http.HTTPEndpoint, DownloaderBase):
     Parameters
     ----------
     session
-        A ``requests.Session``, possibly logged in (see :mod:`trolley_tasks.auth`); reused for keep-alive.
+        A ``requests.Session``, possibly logged in (see :mod:`trolley_tasks.transports.auth`); reused for keep-alive.
     url
         The WADO-URI endpoint, without query string.
     source
         Name used in errors and logs; defaults to the URL without credentials.
     timeout
-        ``(connect, read)`` seconds, or one number for both; defaults to :data:`trolley_tasks.http.DEFAULT_TIMEOUT`.
+        ``(connect, read)`` seconds, or one number for both; defaults to
+        :data:`trolley_tasks.transports.http.DEFAULT_TIMEOUT`.
     """
 
     def __init__(

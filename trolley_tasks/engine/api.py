@@ -3,7 +3,7 @@
 How the engine finds its broker and ledger: ``settings.broker.url`` (``[broker] url`` or ``TROLLEY_BROKER__URL``) is
 the Celery broker, Redis or RabbitMQ; the ledger is ``settings.broker.ledger_url`` (``TROLLEY_BROKER__LEDGER_URL``),
 defaulting to the broker's URL when that is a Redis. Workers read the same two settings from their environment
-(:mod:`trolley_tasks.engine.celeryconfig`).
+(:mod:`trolley_tasks.engine.celery_app.celeryconfig`).
 
 >>> job = submit_export("cohort.csv", source="orthanc", output="/data/out", settings=settings)
 >>> job_status(job, settings).state        # expanding, running, paused, done, done-with-failures, cancelled
@@ -23,11 +23,11 @@ from celery import Celery
 
 from trolley_tasks.config import Settings
 from trolley_tasks.engine import control, producer, report
-from trolley_tasks.engine.celeryconfig import DEFAULT_BROKER, celery_settings
+from trolley_tasks.engine.celery_app.celeryconfig import DEFAULT_BROKER, celery_settings
+from trolley_tasks.engine.celery_app.messages import CeleryPublisher
 from trolley_tasks.engine.context import EngineContext, build_context
 from trolley_tasks.engine.models import Failure, InstanceRecord, JobState, JobStatus, SeriesProgress
 from trolley_tasks.engine.producer import DEFAULT_BATCH_SIZE, Cohort
-from trolley_tasks.engine.publisher import CeleryPublisher
 from trolley_tasks.errors import UsageError
 
 __all__ = [
@@ -100,7 +100,7 @@ def submit_export(
     Parameters
     ----------
     cohort
-        A CSV path (see :mod:`trolley_tasks.engine.cohort` for the columns), a :class:`~trolley_tasks.core.Query`,
+        A CSV path (see :mod:`trolley_tasks.cohort` for the columns), a :class:`~trolley_tasks.core.Query`,
         or an iterable of Study/Series/InstanceReference.
     source
         The profile name in ``[sources.NAME]``; workers resolve it in their own configuration.

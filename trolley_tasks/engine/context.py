@@ -1,7 +1,7 @@
 """What a worker process (or the producer) holds between tasks: the ledger, the publisher and, per source profile,
 one searcher, one downloader, one throttle and one retry policy.
 
-Clients are built lazily, once per process, from the process's own configuration (``trolley_tasks.sources``), and
+Clients are built lazily, once per process, from the process's own configuration (``trolley_tasks.profiles``), and
 reused by every task that process runs: HTTP keep-alive sessions and DIMSE associations stay open between batches
 (DESIGN.md, "Workers"). A prefork worker builds them in each child after the fork, never in the parent, so no socket
 is shared between processes.
@@ -22,12 +22,12 @@ import redis
 
 from trolley_tasks.config import Settings, SourceProfile
 from trolley_tasks.downloaders.base import Downloader
-from trolley_tasks.engine.ledger import Ledger
+from trolley_tasks.engine.ledger.ledger import Ledger
 from trolley_tasks.engine.policy import Policy, policy_with_overrides
 from trolley_tasks.engine.throttle import Throttle
 from trolley_tasks.errors import ConfigurationError
 from trolley_tasks.searchers.base import Searcher
-from trolley_tasks.storage import DICOMDiskStorage, FlatStorageDir, StorageDir, TemplateStorage
+from trolley_tasks.storage.disk import DICOMDiskStorage, FlatStorageDir, StorageDir, TemplateStorage
 
 log = logging.getLogger("trolley.engine")
 
@@ -203,9 +203,9 @@ class EngineContext:
 
 
 def default_clients(profile: SourceProfile, name: str) -> tuple[Callable[[], Searcher], Callable[[], Downloader]]:
-    """Builders over ``trolley_tasks.sources``. C-MOVE downloaders rely on the host's receiver (see
+    """Builders over ``trolley_tasks.profiles``. C-MOVE downloaders rely on the host's receiver (see
     :mod:`trolley_tasks.engine.receiver`) instead of running one each."""
-    from trolley_tasks.sources import build_downloader, build_searcher
+    from trolley_tasks.profiles import build_downloader, build_searcher
 
     def searcher() -> Searcher:
         return build_searcher(profile, name)

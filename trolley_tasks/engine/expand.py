@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from trolley_tasks.cohort import CohortRow
 from trolley_tasks.core import QueryLevels, Study
-from trolley_tasks.engine.cohort import CohortRow
 from trolley_tasks.engine.context import EngineContext, FetchMessage, SourceRuntime, batches
 from trolley_tasks.engine.fetch import MAX_HOLD
 from trolley_tasks.engine.models import Failure

@@ -27,16 +27,16 @@ from tenacity import RetryCallState, Retrying, stop_after_attempt, wait_random_e
 
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.downloaders.base import RawPayload
-from trolley_tasks.durable import Committer
 from trolley_tasks.engine.context import EngineContext, FetchMessage, SourceRuntime
-from trolley_tasks.engine.ledger import Settled
+from trolley_tasks.engine.ledger.ledger import Settled
 from trolley_tasks.engine.models import Failure
 from trolley_tasks.engine.policy import Action
 from trolley_tasks.engine.report import finalize_job
 from trolley_tasks.engine.throttle import ThrottleBusy
 from trolley_tasks.errors import ErrorClass, NotFoundError, TrolleyError, UnsafePathError, error_class_of
-from trolley_tasks.layout import path_component
-from trolley_tasks.storage import QUARANTINE_DIR, DICOMDiskStorage, QuarantinedPayloadError, SaveResult
+from trolley_tasks.storage.disk import QUARANTINE_DIR, DICOMDiskStorage, QuarantinedPayloadError, SaveResult
+from trolley_tasks.storage.durable import Committer
+from trolley_tasks.storage.layouts import path_component
 
 log = logging.getLogger("trolley.engine.fetch")
 

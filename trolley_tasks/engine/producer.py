@@ -2,7 +2,7 @@
 
 Everything is checked before the first message goes out: the source profile exists on this machine and its
 secrets are present, the layout is a valid template, and every cohort row is valid (a CSV is read twice, streamed:
-once to validate, once to queue). A bad row refuses the job with a :class:`~trolley_tasks.engine.cohort.CohortError`
+once to validate, once to queue). A bad row refuses the job with a :class:`~trolley_tasks.cohort.CohortError`
 naming the row and the column, unless ``skip_bad_rows`` records it in the job instead.
 
 Re-running an export (same cohort, source, output and layout) gives the same job id, and the job resumes: paused or
@@ -19,8 +19,7 @@ import secrets
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from trolley_tasks.core import InstanceReference, Query, SeriesReference, StudyReference
-from trolley_tasks.engine.cohort import (
+from trolley_tasks.cohort import (
     CohortError,
     CohortRow,
     iter_csv_rows,
@@ -28,6 +27,7 @@ from trolley_tasks.engine.cohort import (
     rows_from_references,
     validate_csv,
 )
+from trolley_tasks.core import InstanceReference, Query, SeriesReference, StudyReference
 from trolley_tasks.engine.context import EngineContext, storage_for_layout
 from trolley_tasks.engine.models import JobState
 from trolley_tasks.engine.report import finalize_job

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 
 from trolley_tasks.config import Settings
-from trolley_tasks.downloaders.storage_scp import StorageReceiver
 from trolley_tasks.engine.context import default_spool
 from trolley_tasks.errors import ConfigurationError
+from trolley_tasks.transports.storage_scp import StorageReceiver
 
 log = logging.getLogger("trolley.engine.receiver")
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.engine.context import storage_for_layout
-from trolley_tasks.engine.ledger import Ledger
+from trolley_tasks.engine.ledger.ledger import Ledger
 from trolley_tasks.engine.models import InstanceRecord, JobStatus
 from trolley_tasks.errors import TrolleyError
 

@@ -2,7 +2,8 @@
 
 The Study Root model is hierarchical (PS3.4 C.4.1.2): a SERIES query names its study, an IMAGE query its study and
 series. A study searched to INSTANCE depth is therefore one STUDY C-FIND, one SERIES C-FIND per study and one IMAGE
-C-FIND per series, and all of them run on **one association** (:class:`~trolley_tasks.dimse.AssociationManager`),
+C-FIND per series, and all of them run on **one association**
+(:class:`~trolley_tasks.transports.dimse.AssociationManager`),
 which stays open for the next call.
 
 Matching follows PS3.4 C.2.2.2: ``*`` and ``?`` wildcards, date ranges ``YYYYMMDD-YYYYMMDD`` and single values; an
@@ -15,10 +16,10 @@ from pydicom import Dataset
 from pynetdicom import build_context
 
 from trolley_tasks.core import ExtendedQuery, Query, QueryLevels, SeriesReference, Study, StudyReference
-from trolley_tasks.dimse import STUDY_ROOT_FIND, AssociationManager, DimseTLS
 from trolley_tasks.fields import InstanceLevel, SeriesLevel, SeriesLevelPromotable, StudyLevel
 from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.tree import TreeBuilder, dataset_uid
+from trolley_tasks.transports.dimse import STUDY_ROOT_FIND, AssociationManager, DimseTLS
 
 STUDY_RETURN_KEYS = (
     "StudyInstanceUID",

@@ -24,10 +24,10 @@ from pydicom.sequence import Sequence
 
 from trolley_tasks.core import ExtendedQuery, Query, QueryLevels, Study
 from trolley_tasks.errors import PayloadInvalidError, UnSupportedParameterError
-from trolley_tasks.http import HTTPEndpoint, iter_body, redact_url, request
 from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.qido_rs_query import query_string
 from trolley_tasks.searchers.tree import TreeBuilder, dataset_uid
+from trolley_tasks.transports.http import HTTPEndpoint, iter_body, redact_url, request
 
 MINT_NAMESPACE = "http://medical.nema.org/mint"
 MAX_ANSWER_BYTES = 512 * 1024 * 1024
@@ -171,13 +171,13 @@ class Mint(HTTPEndpoint, SearcherBase):
     Parameters
     ----------
     session
-        A ``requests.Session``, logged in where the server needs it (Vitrea: see ``trolley_tasks.auth``).
+        A ``requests.Session``, logged in where the server needs it (Vitrea: see ``trolley_tasks.transports.auth``).
     url
         The MINT root, for example ``https://server/mint``; searches go to ``{url}/studies``.
     source
         A name for errors and logs; defaults to the URL without credentials.
     timeout
-        ``(connect, read)`` seconds per call; default :data:`trolley_tasks.http.DEFAULT_TIMEOUT`.
+        ``(connect, read)`` seconds per call; default :data:`trolley_tasks.transports.http.DEFAULT_TIMEOUT`.
     """
 
     def __init__(

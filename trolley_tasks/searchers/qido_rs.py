@@ -22,7 +22,6 @@ from pydicom import Dataset
 
 from trolley_tasks.core import Query, QueryLevels, Study, StudyReference, validate_uid
 from trolley_tasks.errors import StudyNotFoundError
-from trolley_tasks.http import HTTPEndpoint
 from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.qido_rs_paging import IncompleteResultError, paged_search
 from trolley_tasks.searchers.qido_rs_query import (
@@ -33,6 +32,7 @@ from trolley_tasks.searchers.qido_rs_query import (
     to_qido_query,
 )
 from trolley_tasks.searchers.tree import TreeBuilder, build_tree
+from trolley_tasks.transports.http import HTTPEndpoint
 
 __all__ = ["HierarchicalQuery", "IncompleteResultError", "QidoRS", "QidoRSQueryBase", "RelationalQuery"]
 
@@ -66,7 +66,7 @@ class QidoRS(HTTPEndpoint, SearcherBase):
     source
         A name for errors and logs; defaults to the URL without credentials.
     timeout
-        ``(connect, read)`` seconds per call; default :data:`trolley_tasks.http.DEFAULT_TIMEOUT`.
+        ``(connect, read)`` seconds per call; default :data:`trolley_tasks.transports.http.DEFAULT_TIMEOUT`.
     page_size
         Ask for at most this many results per call and page with ``offset``; None lets the server decide.
     relational

@@ -22,10 +22,10 @@ from collections.abc import Mapping
 import requests
 from pydicom import Dataset
 
-from trolley_tasks.dicom_json import datasets_from_json
 from trolley_tasks.errors import PayloadInvalidError
-from trolley_tasks.http import read_body, redact_url, request
+from trolley_tasks.formats.dicom_json import datasets_from_json
 from trolley_tasks.searchers.tree import dataset_uid
+from trolley_tasks.transports.http import read_body, redact_url, request
 
 DICOM_JSON = "application/dicom+json"
 

@@ -1,12 +1,13 @@
 """WADO-RS metadata (PS3.18 10.4.1.1.2) as a Searcher: the instance tree of a study named by its UID.
 
 ``GET {url}/studies/{study}/metadata`` (or ``.../series/{series}/metadata``) answers the full header of every
-instance, as DICOM JSON, bulk data by URI (never fetched here, see :mod:`trolley_tasks.dicom_json`). It is a cheap
+instance, as DICOM JSON, bulk data by URI (never fetched here, see :mod:`trolley_tasks.formats.dicom_json`). It is a
+cheap
 way to expand a study on servers whose QIDO-RS is weak, but it cannot search: only queries that name a
 StudyInstanceUID are answered, the others raise UnSupportedParameterError.
 
 Unlike dicomtrolley, the HTTP status is checked: a 404 (Orthanc's answer for an unknown study) or a 204 is "no such
-study", and every other failure maps to the error tree through :mod:`trolley_tasks.http`.
+study", and every other failure maps to the error tree through :mod:`trolley_tasks.transports.http`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from __future__ import annotations
 import requests
 
 from trolley_tasks.core import Query, QueryLevels, Study, StudyReference, validate_uid
-from trolley_tasks.dicom_json import datasets_from_json
 from trolley_tasks.errors import NotFoundError, StudyNotFoundError, UnSupportedParameterError
-from trolley_tasks.http import HTTPEndpoint, read_body, redact_url, request
+from trolley_tasks.formats.dicom_json import datasets_from_json
 from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.tree import build_tree, prune_to_level
+from trolley_tasks.transports.http import HTTPEndpoint, read_body, redact_url, request
 
 _ANSWERABLE = {"StudyInstanceUID", "SeriesInstanceUID", "query_level", "include_fields"}
 
@@ -35,7 +36,7 @@ class WadoRSMetadata(HTTPEndpoint, SearcherBase):
     source
         A name for errors and logs; defaults to the URL without credentials.
     timeout
-        ``(connect, read)`` seconds per call; default :data:`trolley_tasks.http.DEFAULT_TIMEOUT`.
+        ``(connect, read)`` seconds per call; default :data:`trolley_tasks.transports.http.DEFAULT_TIMEOUT`.
     """
 
     def __init__(

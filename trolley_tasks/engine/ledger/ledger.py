@@ -21,7 +21,7 @@ key                               type       content
 ``trolley:{J}:badrows``           list       JSON of rows left out by ``skip_bad_rows``
 ================================  =========  ========================================================================
 
-Every transition is a Lua script (:mod:`trolley_tasks.engine.ledger_lua`), so duplicates never double-count and
+Every transition is a Lua script (:mod:`trolley_tasks.engine.ledger.lua`), so duplicates never double-count and
 exactly one caller finalizes a job. When a job ends, its keys get an expiry (``instance_ttl`` for the per-instance
 hashes, ``job_ttl`` for the rest); reopening the job (retry-failed, re-run) removes it again.
 """
@@ -34,7 +34,7 @@ from typing import Any
 
 import redis
 
-from trolley_tasks.engine import ledger_lua as lua
+from trolley_tasks.engine.ledger import lua
 from trolley_tasks.engine.models import (
     STATE_CODES,
     Failure,

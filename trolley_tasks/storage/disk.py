@@ -1,6 +1,6 @@
 """Writing DICOM instances to disk: atomically, confined to the output directory, never twice.
 
-Layouts (see :mod:`trolley_tasks.layout` for the path rules):
+Layouts (see :mod:`trolley_tasks.storage.layouts` for the path rules):
 
 - :class:`StorageDir` (the default): ``<out>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``;
 - :class:`FlatStorageDir`: ``<out>/<SOPInstanceUID>.dcm``;
@@ -10,7 +10,7 @@ Layouts (see :mod:`trolley_tasks.layout` for the path rules):
 How a file is written (:meth:`DICOMDiskStorage.save_raw`, the engine's path):
 
 1. the payload is streamed, chunk by chunk, to ``<out>/.trolley/tmp/.trolley-tmp-<random>`` and fsynced;
-2. its header is parsed without pixel data (:func:`trolley_tasks.part10.read_part10_header`): it must be a whole
+2. its header is parsed without pixel data (:func:`trolley_tasks.formats.part10.read_part10_header`): it must be a whole
    Part 10 file whose SOPInstanceUID is the one asked for, else the bytes go to ``<out>/quarantine/<UID>.bad`` and
    :class:`QuarantinedPayloadError` is raised;
 3. the final path is built from the layout and checked to lie inside ``<out>``;
@@ -37,10 +37,10 @@ from pydicom import Dataset
 
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.downloaders.base import RawPayload
-from trolley_tasks.durable import TEMP_PREFIX, Committer, commit_now, fsync_path, replace
 from trolley_tasks.errors import ConfigurationError, PayloadInvalidError, UnsafePathError
-from trolley_tasks.layout import PathTemplate, path_component
-from trolley_tasks.part10 import FileHeader, dataset_value, read_part10_header
+from trolley_tasks.formats.part10 import FileHeader, dataset_value, read_part10_header
+from trolley_tasks.storage.durable import TEMP_PREFIX, Committer, commit_now, fsync_path, replace
+from trolley_tasks.storage.layouts import PathTemplate, path_component
 
 logger = logging.getLogger("trolley.storage")
 
@@ -149,7 +149,7 @@ class DICOMDiskStorage:
         TrolleyError
             Whatever the payload iterator raises (a broken stream); the temp file is removed.
 
-        With a ``committer`` (:class:`trolley_tasks.durable.Committer`), the fsync and the rename run in the
+        With a ``committer`` (:class:`trolley_tasks.storage.durable.Committer`), the fsync and the rename run in the
         background and the file is under its final name only once ``committer.flush()`` returned without naming
         ``reference.instance_uid``; the engine uses it to overlap disk waits with the next instance's download.
         """
@@ -236,7 +236,7 @@ def _directory_inside(root: Path, directory: Path) -> bool:
 
 
 class TemplateStorage(DICOMDiskStorage):
-    """Files laid out by a template over DICOM keywords (see :mod:`trolley_tasks.layout`).
+    """Files laid out by a template over DICOM keywords (see :mod:`trolley_tasks.storage.layouts`).
 
     >>> TemplateStorage("{PatientID}/{StudyDate}_{AccessionNumber}/{Modality}_{SeriesInstanceUID}/{SOPInstanceUID}.dcm")
     """
@@ -299,7 +299,7 @@ class _TempFile:
         self.detached = False
 
     def finish(self) -> None:
-        """All bytes written; the file is fsynced when it is committed (:mod:`trolley_tasks.durable`)."""
+        """All bytes written; the file is fsynced when it is committed (:mod:`trolley_tasks.storage.durable`)."""
         self.handle.close()
 
     def detach(self) -> Path:

@@ -21,9 +21,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
-from trolley_tasks import part10_scan
 from trolley_tasks.core import InstanceReference, is_valid_uid
 from trolley_tasks.errors import PayloadInvalidError
+from trolley_tasks.formats import part10_scan
 
 FIRST_PEEK = 64 * 1024
 """Bytes read before the first attempt: CT/MR headers are 1-10 KB, so one attempt nearly always suffices."""
@@ -58,7 +58,8 @@ class Part10Header:
 def _parse(data: bytes) -> Part10Header | None:
     """The header when ``data`` holds all of it, None when more bytes are needed. Raises on non-DICOM.
 
-    Little endian files (nearly all) are walked by :mod:`trolley_tasks.part10_scan`; big endian and deflated ones
+    Little endian files (nearly all) are walked by :mod:`trolley_tasks.formats.part10_scan`; big endian and deflated
+    ones
     by pydicom.
     """
     try:

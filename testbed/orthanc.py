@@ -20,7 +20,7 @@ from typing import Any
 
 import requests
 
-from trolley_tasks.testbed.cohort import GeneratedCohort
+from testbed.cohort import GeneratedCohort
 
 PLUGIN_PATHS = (
     "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",

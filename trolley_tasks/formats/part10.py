@@ -26,9 +26,9 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
-from trolley_tasks import part10_scan
 from trolley_tasks.core import is_valid_uid
 from trolley_tasks.errors import PayloadInvalidError, UsageError
+from trolley_tasks.formats import part10_scan
 
 PREAMBLE = b"\x00" * 128
 MAGIC = b"DICM"
@@ -86,7 +86,8 @@ def read_part10_header(path: Path | str, keywords: Iterable[str] = ()) -> FileHe
         Top-level attributes the caller needs besides the identifying ones (SOPClassUID, SOPInstanceUID,
         StudyInstanceUID, SeriesInstanceUID, Rows) and the TransferSyntaxUID, for example a path template's.
 
-    Little endian files (nearly all) are walked by :mod:`trolley_tasks.part10_scan` at a fraction of pydicom's cost;
+    Little endian files (nearly all) are walked by :mod:`trolley_tasks.formats.part10_scan` at a fraction of pydicom's
+    cost;
     big endian and deflated files by pydicom (:func:`_read_part10_header_pydicom`).
     """
     wanted = {int(tag): keyword for keyword in (*_IDENTITY_KEYWORDS, *keywords) if (tag := tag_for_keyword(keyword))}

@@ -7,9 +7,9 @@ missing one raises :class:`MissingCredentialError` naming the variable or the fi
 
 All auth classes are ``requests.auth.AuthBase``: put one on a session (``session.auth = ...``, or
 :func:`make_session`) and every searcher and downloader built on that session uses it, through
-:func:`trolley_tasks.http.request`.
+:func:`trolley_tasks.transports.http.request`.
 
-DICOM TLS for DIMSE lives with the DIMSE transport: :class:`trolley_tasks.dimse.DimseTLS`.
+DICOM TLS for DIMSE lives with the DIMSE transport: :class:`trolley_tasks.transports.dimse.DimseTLS`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase, _basic_auth_str
 
 from trolley_tasks.errors import AuthError, ConfigurationError, MissingCredentialError
-from trolley_tasks.http import redact_url, request
+from trolley_tasks.transports.http import redact_url, request
 
 if TYPE_CHECKING:
     from trolley_tasks.config import AuthConfig, SourceProfile

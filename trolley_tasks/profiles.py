@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 
 import requests
 
-from trolley_tasks.auth import session_for_profile
 from trolley_tasks.config import SourceProfile
 from trolley_tasks.downloaders.base import Downloader
 from trolley_tasks.searchers.base import Searcher
+from trolley_tasks.transports.auth import session_for_profile
 
 if TYPE_CHECKING:
-    from trolley_tasks.dimse import DimseTLS
+    from trolley_tasks.transports.dimse import DimseTLS
 
 
 def _need(value: str | int | None, key: str, name: str) -> str:
@@ -34,7 +34,7 @@ def _dimse_tls(profile: SourceProfile) -> DimseTLS | None:
     """DICOM TLS for a DIMSE profile that asks for it: our certificate and key, and the PACS's CA bundle."""
     if not profile.dimse_tls:
         return None
-    from trolley_tasks.dimse import DimseTLS
+    from trolley_tasks.transports.dimse import DimseTLS
 
     return DimseTLS(ca_file=profile.ca_bundle, cert_file=profile.client_cert, key_file=profile.client_key)
 

@@ -28,8 +28,8 @@ from pydicom.errors import InvalidDicomError
 from rich.console import Console
 from rich.table import Table
 
-from trolley_tasks.testbed.cohort import GeneratedCohort, generate_cohort
-from trolley_tasks.testbed.orthanc import INSTALL_HINT, OrthancServer, OrthancUnavailable, find_orthanc
+from testbed.cohort import GeneratedCohort, generate_cohort
+from testbed.orthanc import INSTALL_HINT, OrthancServer, OrthancUnavailable, find_orthanc
 
 APT_PACKAGES = ("orthanc", "orthanc-dicomweb")
 DEMO_DIR = Path("demo-out")

@@ -99,7 +99,7 @@ class MultipartReader:
     Parameters
     ----------
     chunks
-        The body, for example :func:`trolley_tasks.http.iter_body` of a streamed response.
+        The body, for example :func:`trolley_tasks.transports.http.iter_body` of a streamed response.
     boundary
         The boundary parameter of the answer's Content-Type (see :func:`boundary_from_content_type`).
     source, reference

@@ -14,13 +14,13 @@ from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from trolley_tasks.config import load_settings
-from trolley_tasks.downloaders.storage_scp import StorageReceiver
-from trolley_tasks.engine.app import app
+from trolley_tasks.engine.celery_app.app import app
+from trolley_tasks.engine.celery_app.messages import CeleryPublisher
 from trolley_tasks.engine.context import EngineContext, FetchMessage, build_context
 from trolley_tasks.engine.expand import expand_row
 from trolley_tasks.engine.fetch import fetch_batch
-from trolley_tasks.engine.publisher import CeleryPublisher
 from trolley_tasks.engine.receiver import start_host_receivers
+from trolley_tasks.transports.storage_scp import StorageReceiver
 
 log = logging.getLogger("trolley.engine.tasks")
 
