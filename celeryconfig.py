@@ -1,7 +1,11 @@
-"""Celery settings for ``celery -A trolley_tasks.engine.celery_app.app`` run from the repository root.
+"""Celery settings for ``celery --config celeryconfig`` run from the repository root (an edge, like workers/).
 
-The settings live in :mod:`trolley_tasks.engine.celery_app.celeryconfig`, so an installed package works without the repository
-on ``sys.path``; this file only re-exports them (issue 2 asks for a top-level ``celeryconfig.py``).
+The engine builds its apps from settings (``trolley_tasks.engine.celery_app.app.make_app``) and reads nothing at
+import; this file is for tools that want a plain settings module, so it reads ``$TROLLEY_CONFIG`` and the
+``TROLLEY_*`` variables here, once, when imported.
 """
 
-from trolley_tasks.engine.celery_app.celeryconfig import *  # noqa: F403
+from trolley_tasks.engine.celery_app.celeryconfig import celery_settings
+from trolley_tasks.engine.settings import load_settings
+
+globals().update(celery_settings(load_settings()))

@@ -27,8 +27,8 @@ import requests
 
 from testbed.cohort import generate_cohort
 from testbed.orthanc import OrthancServer
-from trolley_tasks.config import load_settings
 from trolley_tasks.engine import api
+from trolley_tasks.engine.settings import load_settings
 from trolley_tasks.formats.multipart import iter_parts
 
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -92,10 +92,12 @@ def main() -> int:
         )  # fmt: skip
         time.sleep(4)
 
+        client = api.EngineClient(settings)
+
         def engine(cohort_refs: object, name: str) -> float:
             start = time.perf_counter()
-            job = api.submit_export(cohort_refs, source="bench", output=root / name, settings=settings)  # type: ignore[arg-type]
-            while not (status := api.job_status(job, settings)).state.ended:
+            job = client.submit(cohort_refs, source="bench", output=root / name)  # type: ignore[arg-type]
+            while not (status := client.status(job)).state.ended:
                 time.sleep(0.05)
             seconds = time.perf_counter() - start
             assert status.done == 1000 and status.failed == 0, status

@@ -17,20 +17,18 @@ import pytest
 import requests
 
 from testbed.cohort import generate_cohort
-from trolley_tasks.config import AuthConfig, SourceProfile
 from trolley_tasks.downloaders.base import payload_bytes
 from trolley_tasks.downloaders.wado_uri import WadoURI
 from trolley_tasks.errors import AuthError, ConfigurationError, MissingCredentialError, TrolleyError
+from trolley_tasks.profiles import AuthConfig, SourceProfile, auth_from_config, session_for_profile
 from trolley_tasks.transports import http
 from trolley_tasks.transports.auth import (
     BasicAuth,
     BearerAuth,
     VitreaAuth,
-    auth_from_config,
     configure_tls,
     make_session,
     read_secret,
-    session_for_profile,
 )
 
 PASSWORD = "s3cret-pass"

@@ -290,7 +290,7 @@ def test_a_closed_window_is_announced(tmp_path: Path, capsys: pytest.CaptureFixt
     from datetime import datetime, timedelta
 
     from trolley_tasks.cli.export import window_notice
-    from trolley_tasks.config import load_settings
+    from trolley_tasks.engine.settings import load_settings
 
     opens = datetime.now() + timedelta(hours=2)
     closes = opens + timedelta(hours=1)

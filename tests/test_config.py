@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from trolley_tasks.config import find_config_file, load_settings, parse_rate, parse_window
+from trolley_tasks.engine.settings import find_config_file, load_settings
 from trolley_tasks.errors import ConfigurationError, ErrorClass, MissingCredentialError
+from trolley_tasks.profiles import parse_rate, parse_window
 
 GOOD = """
 [broker]
@@ -55,7 +56,7 @@ def test_good_file_loads_with_env_overrides(tmp_path: Path, monkeypatch: pytest.
     assert profile.url == "http://127.0.0.1:8042/dicom-web"
     assert profile.requests_per_second == 10
     assert profile.retry[ErrorClass.SERVER_ERROR].max_attempts == 6
-    assert settings.broker.ledger == "redis://127.0.0.1:6379/0"
+    assert settings.broker.ledger() == "redis://127.0.0.1:6379/0"
     assert settings.source("dimse").downloader == "c-move"
     assert "secret" not in repr(settings)
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from trolley_tasks.config import SourceProfile
 from trolley_tasks.downloaders.base import Downloader
 from trolley_tasks.errors import ConfigurationError
-from trolley_tasks.profiles import build_downloader, build_searcher
+from trolley_tasks.profiles import SourceProfile, build_downloader, build_searcher
 from trolley_tasks.searchers.base import Searcher
 
 COMMON = {

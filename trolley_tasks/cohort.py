@@ -12,7 +12,7 @@ writes at deeper levels). Columns, by name, case-sensitive as DICOM keywords:
   ``StudyDateTo``: restrict an AccessionNumber/PatientID search to those dates (inclusive).
 - Any other column (PatientName, Modality, ...) is informational and ignored.
 
-Everything is validated before anything is queued (:func:`validate_csv`): a bad row is a :class:`CohortError`
+Every row is validated as it is read (:func:`iter_csv_rows`): a bad row is a :class:`CohortError`
 naming the file, the row (the line number, header = 1) and the column. Consecutive rows of the same study (a
 series- or instance-level CSV) become one row with the union of their filters, so a study is expanded once.
 """
@@ -20,7 +20,6 @@ series- or instance-level CSV) become one row with the union of their filters, s
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -41,7 +40,6 @@ from trolley_tasks.errors import UsageError
 
 UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 SEARCH_COLUMNS = ("AccessionNumber", "PatientID")
-DATE_COLUMNS = ("StudyDate", "StudyDateFrom", "StudyDateTo")
 _DATE_RE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
 _MAX_LENGTH = {"AccessionNumber": 16, "PatientID": 64}  # PS3.5 6.2: SH and LO value lengths
 
@@ -244,18 +242,6 @@ def iter_csv_rows(path: str | Path, *, skip_bad_rows: bool = False) -> Iterator[
         yield pending
 
 
-def validate_csv(path: str | Path, *, skip_bad_rows: bool = False) -> tuple[int, list[CohortError]]:
-    """Read the whole file once, before anything is queued. Returns (good rows, bad rows); raises the first
-    :class:`CohortError` unless ``skip_bad_rows``."""
-    good, bad = 0, []
-    for item in iter_csv_rows(path, skip_bad_rows=skip_bad_rows):
-        if isinstance(item, CohortError):
-            bad.append(item)
-        else:
-            good += 1
-    return good, bad
-
-
 def rows_from_references(references: Iterable[StudyReference | SeriesReference | InstanceReference]) -> list[CohortRow]:
     """Rows for a list of references: per study, one row of its named series and one of its named instances (or
     one whole-study row when the study itself is named), in order of first appearance."""
@@ -290,12 +276,3 @@ def row_from_query(query: Query) -> CohortRow:
     if "StudyInstanceUID" in values and len(values) == 1 and is_valid_uid(values["StudyInstanceUID"]):
         return CohortRow(study_uid=values["StudyInstanceUID"])
     return CohortRow(query=values)
-
-
-def cohort_fingerprint(parts: Iterable[str]) -> str:
-    """A short stable digest of the cohort's rows, for the default job id."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part.encode())
-        digest.update(b"\n")
-    return digest.hexdigest()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import socket
 import sys
 
-from trolley_tasks.engine.celery_app.app import get_app
+from trolley_tasks.engine.celery_app.app import make_app
+from trolley_tasks.engine.settings import load_settings
 
 
 def main() -> int:
-    replies = get_app().control.ping(destination=[f"celery@{socket.gethostname()}"], timeout=5.0)
+    replies = make_app(load_settings()).control.ping(destination=[f"celery@{socket.gethostname()}"], timeout=5.0)
     return 0 if replies else 1
 
 

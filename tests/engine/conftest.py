@@ -3,6 +3,7 @@ the test Orthanc under several profiles (one per protocol, plus profiles behind 
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -20,9 +21,9 @@ import psutil
 import pytest
 
 from tests.engine.proxy import PacsProxy
-from trolley_tasks.config import Settings, load_settings
 from trolley_tasks.engine import api
 from trolley_tasks.engine.models import JobStatus
+from trolley_tasks.engine.settings import Settings, load_settings
 
 FAST_RETRY = """
 [sources.{name}.retry.server-error]
@@ -143,11 +144,16 @@ class EngineEnv:
     proxy: PacsProxy
     tmp: Path
 
+    @functools.cached_property
+    def engine(self) -> api.EngineClient:
+        """The one engine client of this environment (closed by the fixture)."""
+        return api.EngineClient(self.settings)
+
     def wait(self, job: str, until: Callable[[JobStatus], bool] | None = None, timeout: float = 120) -> JobStatus:
         """Poll the job until it ended (or ``until`` holds)."""
         deadline = time.monotonic() + timeout
         while True:
-            status = api.job_status(job, self.settings)
+            status = self.engine.status(job)
             if (until or (lambda s: s.state.ended))(status):
                 return status
             if time.monotonic() > deadline:
@@ -161,7 +167,9 @@ def engine_env(orthanc, redis_service, tmp_path_factory) -> Iterator[EngineEnv]:
     proxy = PacsProxy(orthanc.url).start()
     config = write_config(tmp / "trolley.toml", redis_service.broker_url, orthanc, proxy, tmp / "state")
     settings = load_settings(config)
-    yield EngineEnv(settings, config, proxy, tmp)
+    env = EngineEnv(settings, config, proxy, tmp)
+    yield env
+    env.engine.close()
     proxy.stop()
 
 

@@ -10,12 +10,13 @@ from typing import Any
 import redis
 
 from testbed.cohort import GeneratedCohort
-from trolley_tasks.config import Settings, SourceProfile
 from trolley_tasks.core import Instance, InstanceReference, Query, QueryLevels, Series, Study, to_instance_refs
 from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
 from trolley_tasks.engine.context import EngineContext, FetchMessage
-from trolley_tasks.engine.ledger.ledger import Ledger
+from trolley_tasks.engine.ledger import Ledger
+from trolley_tasks.engine.settings import Settings
 from trolley_tasks.errors import NotFoundError, StudyNotFoundError
+from trolley_tasks.profiles import SourceProfile
 from trolley_tasks.searchers.base import SearcherBase
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from testbed.cohort import generate_cohort
 from tests.engine.fakes import FakeDownloader, FakeSearcher, RecordingPublisher, drain, make_context
 from trolley_tasks.core import InstanceReference
-from trolley_tasks.engine import control
+from trolley_tasks.engine.api import EngineClient
 from trolley_tasks.engine.expand import expand_row
 from trolley_tasks.engine.fetch import fetch_batch
 from trolley_tasks.engine.models import JobState
@@ -113,13 +113,13 @@ def test_retry_table_per_error_class(redis_db, tmp_path: Path) -> None:  # type:
     assert (series.expected, series.done, series.failed) == (3, 2, 1)
     # transient errors: quick retries inside the fetch, then countdown re-queues, 8 tries in all, then failed
     mode["now"] = "reset"
-    assert control.retry_failed(ctx, job) == 1
+    assert EngineClient.over(ctx).retry_failed(job) == 1
     drain(ctx, lambda m: fetch_batch(ctx, m))
     [failure] = list(ctx.ledger.failures(job))
     assert failure.error_class == "transient" and failure.attempts == 8
     # fixed on the server: retry-failed completes the job
     downloader.fail = None
-    assert control.retry_failed(ctx, job) == 1
+    assert EngineClient.over(ctx).retry_failed(job) == 1
     drain(ctx, lambda m: fetch_batch(ctx, m))
     assert ctx.ledger.status(job).state is JobState.DONE  # type: ignore[union-attr]
 
@@ -136,7 +136,7 @@ def test_auth_error_pauses_the_job_and_resume_finishes(redis_db, tmp_path: Path)
     assert status is not None and status.state is JobState.PAUSED and "auth" in status.pause_reason
     assert status.failed == 0 and status.done == 0
     state["auth"] = False
-    assert control.resume(ctx, job)
+    assert EngineClient.over(ctx).resume(job)
     drain(ctx, lambda m: fetch_batch(ctx, m))
     assert ctx.ledger.status(job).state is JobState.DONE  # type: ignore[union-attr]
     assert len(files(tmp_path)) == 12

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trolley_tasks.engine.ledger.ledger import Ledger, Settled
+from trolley_tasks.engine.ledger import ClaimCode, Ledger, Outcome, Settled
 from trolley_tasks.engine.models import Failure, InstanceState, JobState
 
 JOB = "j-test"
@@ -33,15 +33,15 @@ def test_duplicate_delivery_never_double_counts_and_one_finalizer(redis_db) -> N
     assert not ledger.producer_done(JOB)
     assert ledger.status(JOB).state is JobState.RUNNING  # type: ignore[union-attr]
     claim = ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3)
-    assert claim.with_code("c") == UIDS
+    assert claim.with_code(ClaimCode.CLAIMED) == UIDS
     again = ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3)
-    assert again.with_code("h") == UIDS  # a duplicate message while the first holder runs: skipped
-    results = [Settled(uid, "d", 1, size=10, path=f"a/{uid}.dcm") for uid in UIDS[:2]]
+    assert again.with_code(ClaimCode.HELD) == UIDS  # a duplicate message while the first holder runs: skipped
+    results = [Settled(uid, Outcome.DONE, 1, size=10, path=f"a/{uid}.dcm") for uid in UIDS[:2]]
     assert not ledger.settle(JOB, SE, results)
     assert not ledger.settle(JOB, SE, results)  # duplicate: no change
     failure = Failure(instance_uid=UIDS[2], error_class="not-found", error="NotFoundError", message="gone", attempts=1)
-    assert ledger.settle(JOB, SE, [Settled(UIDS[2], "f", 1, failure=failure)])  # the one finalizer
-    assert not ledger.settle(JOB, SE, [Settled(UIDS[2], "f", 1, failure=failure)])
+    assert ledger.settle(JOB, SE, [Settled(UIDS[2], Outcome.FAILED, 1, failure=failure)])  # the one finalizer
+    assert not ledger.settle(JOB, SE, [Settled(UIDS[2], Outcome.FAILED, 1, failure=failure)])
     status = ledger.status(JOB)
     assert status is not None
     assert (status.expected, status.done, status.failed, status.bytes) == (3, 2, 1, 20)
@@ -81,7 +81,7 @@ def test_pause_blocks_claims_and_resume_finalizes(redis_db) -> None:  # type: ig
         ledger.claim(JOB, SE, UIDS[:1], redelivered=False, lease_seconds=60, max_redeliveries=3).job_state == "paused"
     )
     # the fetch that was running when the pause came still settles; the job cannot end while paused
-    assert not ledger.settle(JOB, SE, [Settled(UIDS[0], "d", claim.codes[UIDS[0]][1] + 1, size=5)])
+    assert not ledger.settle(JOB, SE, [Settled(UIDS[0], Outcome.DONE, claim.codes[UIDS[0]][1] + 1, size=5)])
     assert ledger.state(JOB) == "paused"
     assert ledger.resume(JOB) == (True, True)
     assert ledger.state(JOB) == "done"
@@ -94,7 +94,11 @@ def test_retry_failed_reopens_and_cancel_keeps_done(redis_db) -> None:  # type: 
     ledger.producer_done(JOB)
     ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3)
     failure = Failure(error_class="not-found", error="NotFoundError", message="gone")
-    ledger.settle(JOB, SE, [Settled(u, "f", 1, failure=failure) for u in UIDS[1:]] + [Settled(UIDS[0], "d", 1)])
+    ledger.settle(
+        JOB,
+        SE,
+        [Settled(u, Outcome.FAILED, 1, failure=failure) for u in UIDS[1:]] + [Settled(UIDS[0], Outcome.DONE, 1)],
+    )
     ledger.expire_job(JOB)
     assert redis_db.client().ttl(ledger.series_key(JOB, SE)) > 0
     assert ledger.reopen(JOB, JobState.RUNNING) == "running"

@@ -14,12 +14,13 @@ pytestmark = pytest.mark.slow
 
 PROBE = r"""
 import json, resource, sys
-from trolley_tasks.config import Settings, SourceProfile
+from trolley_tasks.profiles import SourceProfile
+from trolley_tasks.engine.settings import BrokerConfig, Settings
 from trolley_tasks.core import Instance, QueryLevels, Series, Study, StudyReference
-from trolley_tasks.engine.api import _publisher_app
+from trolley_tasks.engine.celery_app.app import make_app
 from trolley_tasks.engine.context import EngineContext, redis_client
 from trolley_tasks.engine.expand import expand_row
-from trolley_tasks.engine.ledger.ledger import Ledger
+from trolley_tasks.engine.ledger import Ledger
 from trolley_tasks.engine.producer import submit
 from trolley_tasks.engine.celery_app.messages import CeleryPublisher
 from trolley_tasks.searchers.base import SearcherBase
@@ -39,9 +40,10 @@ class Synthetic(SearcherBase):
 
 client = redis_client(ledger_url)
 before = client.info("memory")["used_memory"]
-settings = Settings(sources={"pacs": SourceProfile(downloader="wado-uri", url="http://127.0.0.1:9/d",
+settings = Settings(broker=BrokerConfig(url=broker),
+                    sources={"pacs": SourceProfile(downloader="wado-uri", url="http://127.0.0.1:9/d",
                                                    wado_uri_url="http://127.0.0.1:9/wado")})
-ctx = EngineContext(settings=settings, ledger=Ledger(client), publisher=CeleryPublisher(_publisher_app(broker)),
+ctx = EngineContext(settings=settings, ledger=Ledger(client), publisher=CeleryPublisher(make_app(settings)),
                     build_clients=lambda p, n: (Synthetic, lambda: None))
 studies = [StudyReference(f"{ROOT}.{st + 1}") for st in range(STUDIES)]
 job = submit(ctx, studies, source="pacs", output=out)

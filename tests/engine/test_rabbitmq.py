@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.engine.conftest import EngineEnv, celery_workers
-from trolley_tasks.config import load_settings
-from trolley_tasks.engine import api
 from trolley_tasks.engine.models import JobState
+from trolley_tasks.engine.settings import load_settings
 
 AMQP_URL = os.environ.get("TROLLEY_TEST_AMQP_URL", "")
 
@@ -36,7 +35,8 @@ url = "{orthanc.dicomweb_url}"
     settings = load_settings(config)
     with celery_workers(config, 2, tmp_path):
         env = EngineEnv(settings, config, None, tmp_path)  # type: ignore[arg-type]
-        job = api.submit_export(orthanc.cohort.study_refs(), source="pacs", output=tmp_path / "out", settings=settings)
+        job = env.engine.submit(orthanc.cohort.study_refs(), source="pacs", output=tmp_path / "out")
         status = env.wait(job)
+        env.engine.close()
     assert status.state is JobState.DONE and (status.expected, status.done) == (18, 18)
     assert len([p for p in (tmp_path / "out").rglob("*.dcm") if ".trolley" not in p.parts]) == 18

@@ -7,9 +7,9 @@ from datetime import datetime
 
 import pytest
 
-from trolley_tasks.config import parse_rate
 from trolley_tasks.engine.throttle import Throttle, ThrottleBusy, Window
 from trolley_tasks.errors import ConfigurationError
+from trolley_tasks.profiles import parse_rate
 
 
 def test_semaphore_caps_slots_across_clients(redis_db) -> None:  # type: ignore[no-untyped-def]

@@ -15,7 +15,6 @@ import pytest
 from pydicom import dcmread
 
 from tests.engine.conftest import EngineEnv, Workers
-from trolley_tasks.engine import api
 from trolley_tasks.engine.models import JobState
 
 pytestmark = pytest.mark.slow
@@ -44,13 +43,13 @@ def check_complete(out: Path, cohort, identical: bool = True) -> None:  # type: 
 def test_export_with_each_protocol(source: str, workers: Workers, fresh: EngineEnv, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / source
     started = time.monotonic()
-    job = api.submit_export(orthanc.cohort.study_refs(), source=source, output=out, settings=fresh.settings)
+    job = fresh.engine.submit(orthanc.cohort.study_refs(), source=source, output=out)
     status = fresh.wait(job)
     elapsed = time.monotonic() - started
     assert status.state is JobState.DONE, status
     assert (status.expected, status.done, status.failed) == (18, 18, 0)
     check_complete(out, orthanc.cohort, identical=source.startswith("wado"))
-    assert all(s.complete and s.expected == 3 for s in api.series_progress(job, fresh.settings))
+    assert all(s.complete and s.expected == 3 for s in fresh.engine.series(job))
     report = (out / "trolley-report.csv").read_text().splitlines()
     assert len(report) == 19 and all(",done," in line for line in report[1:])
     print(f"\n{source}: {status.done} instances in {elapsed:.2f}s ({status.done / elapsed:.1f} inst/s end to end)")
@@ -59,12 +58,10 @@ def test_export_with_each_protocol(source: str, workers: Workers, fresh: EngineE
 def test_killed_worker_process_loses_nothing(workers: Workers, fresh: EngineEnv, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     fresh.proxy.delay = 0.3  # slow the PACS down so that batches are in flight when the worker dies
     out = tmp_path / "killed"
-    job = api.submit_export(
-        orthanc.cohort.study_refs(), source="proxied", output=out, settings=fresh.settings, batch_size=3
-    )
+    job = fresh.engine.submit(orthanc.cohort.study_refs(), source="proxied", output=out, batch_size=3)
     fresh.wait(job, until=lambda s: s.done >= 2)
     deadline = time.monotonic() + 30
-    while not any(r.state.value == "running" for r in api.job_instances(job, fresh.settings)):
+    while not any(r.state.value == "running" for r in fresh.engine.instances(job)):
         assert time.monotonic() < deadline, "no batch in flight"
         time.sleep(0.01)
     victims = workers.pool()
@@ -74,7 +71,7 @@ def test_killed_worker_process_loses_nothing(workers: Workers, fresh: EngineEnv,
     assert status.state is JobState.DONE, status
     assert (status.expected, status.done, status.failed) == (18, 18, 0)
     check_complete(out, orthanc.cohort)
-    redelivered = [r for r in api.job_instances(job, fresh.settings) if r.redeliveries]
+    redelivered = [r for r in fresh.engine.instances(job) if r.redeliveries]
     assert redelivered, "the killed process held a batch; its instances must have come back redelivered"
     print(f"\nkilled {[v.pid for v in victims]}; {len(redelivered)} instances redelivered; all 18 on disk, none twice")
 
@@ -82,17 +79,15 @@ def test_killed_worker_process_loses_nothing(workers: Workers, fresh: EngineEnv,
 def test_pause_then_resume(workers: Workers, fresh: EngineEnv, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     fresh.proxy.delay = 0.1
     out = tmp_path / "paused"
-    job = api.submit_export(
-        orthanc.cohort.study_refs(), source="proxied", output=out, settings=fresh.settings, batch_size=2
-    )
+    job = fresh.engine.submit(orthanc.cohort.study_refs(), source="proxied", output=out, batch_size=2)
     fresh.wait(job, until=lambda s: s.done >= 1)
-    assert api.pause(job, fresh.settings)
+    assert fresh.engine.pause(job)
     time.sleep(1.5)  # batches that were running finish; nothing new starts
-    held = api.job_status(job, fresh.settings)
+    held = fresh.engine.status(job)
     time.sleep(1.0)
-    assert api.job_status(job, fresh.settings).done == held.done < 18
+    assert fresh.engine.status(job).done == held.done < 18
     assert held.state is JobState.PAUSED
-    assert api.resume(job, fresh.settings)
+    assert fresh.engine.resume(job)
     status = fresh.wait(job)
     assert status.state is JobState.DONE and status.done == 18
     check_complete(out, orthanc.cohort)
@@ -101,36 +96,34 @@ def test_pause_then_resume(workers: Workers, fresh: EngineEnv, orthanc, tmp_path
 def test_cancel_keeps_what_is_done(workers: Workers, fresh: EngineEnv, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     fresh.proxy.delay = 0.1
     out = tmp_path / "cancelled"
-    job = api.submit_export(
-        orthanc.cohort.study_refs(), source="proxied", output=out, settings=fresh.settings, batch_size=2
-    )
+    job = fresh.engine.submit(orthanc.cohort.study_refs(), source="proxied", output=out, batch_size=2)
     fresh.wait(job, until=lambda s: s.done >= 1)
-    assert api.cancel(job, fresh.settings)
+    assert fresh.engine.cancel(job)
     time.sleep(1.5)
-    status = api.job_status(job, fresh.settings)
+    status = fresh.engine.status(job)
     assert status.state is JobState.CANCELLED and status.done < 18
     assert len(stored(out)) == status.done  # every counted instance is a file; nothing else was written
     assert (out / "trolley-report.json").is_file()
-    assert not api.cancel(job, fresh.settings)
+    assert not fresh.engine.cancel(job)
 
 
 def test_window_excluding_now_holds_every_fetch(workers: Workers, fresh: EngineEnv, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    job = api.submit_export(orthanc.cohort.study_refs(), source="closed", output=tmp_path, settings=fresh.settings)
+    job = fresh.engine.submit(orthanc.cohort.study_refs(), source="closed", output=tmp_path)
     time.sleep(3)
-    status = api.job_status(job, fresh.settings)
+    status = fresh.engine.status(job)
     assert status.state is JobState.EXPANDING and status.expected == 0 and status.done == 0
     assert fresh.proxy.requests == []  # the PACS saw nothing
     assert not stored(tmp_path)
-    api.cancel(job, fresh.settings)
+    fresh.engine.cancel(job)
 
 
 def test_rerun_same_export_is_same_job_and_fetches_nothing(
     workers: Workers, fresh: EngineEnv, orthanc, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    job = api.submit_export(orthanc.cohort.study_refs(), source="proxied", output=tmp_path, settings=fresh.settings)
+    job = fresh.engine.submit(orthanc.cohort.study_refs(), source="proxied", output=tmp_path)
     fresh.wait(job)
     fetched = [p for p in fresh.proxy.requests if p.startswith("/wado")]
-    again = api.submit_export(orthanc.cohort.study_refs(), source="proxied", output=tmp_path, settings=fresh.settings)
+    again = fresh.engine.submit(orthanc.cohort.study_refs(), source="proxied", output=tmp_path)
     assert again == job
     status = fresh.wait(job)
     assert status.state is JobState.DONE and status.done == 18

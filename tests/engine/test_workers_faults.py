@@ -12,9 +12,8 @@ import pytest
 from testbed.cohort import generate_cohort
 from tests.engine.conftest import FAST_RETRY, EngineEnv, Workers, celery_workers
 from tests.engine.proxy import Fault, PacsProxy
-from trolley_tasks.config import load_settings
-from trolley_tasks.engine import api
 from trolley_tasks.engine.models import JobState
+from trolley_tasks.engine.settings import load_settings
 
 pytestmark = pytest.mark.slow
 
@@ -71,11 +70,11 @@ def env(private, redis_service, four_workers: Workers) -> EngineEnv:  # type: ig
 
 def export(env: EngineEnv, out: Path, source: str = "faulty", cohort: object = None, **kwargs: object) -> str:
     refs = cohort if cohort is not None else COHORT.study_refs()
-    return api.submit_export(refs, source=source, output=out, settings=env.settings, **kwargs)  # type: ignore[arg-type]
+    return env.engine.submit(refs, source=source, output=out, **kwargs)  # type: ignore[arg-type]
 
 
 def records(env: EngineEnv, job: str, series_uid: str) -> list:  # type: ignore[type-arg]
-    return [r for r in api.job_instances(job, env.settings) if r.series_uid == series_uid]
+    return [r for r in env.engine.instances(job) if r.series_uid == series_uid]
 
 
 def test_503_with_retry_after_and_500_are_retried_then_succeed(env: EngineEnv, tmp_path: Path) -> None:
@@ -107,7 +106,7 @@ def test_401_pauses_the_job_until_resumed(env: EngineEnv, tmp_path: Path) -> Non
     status = env.wait(job, until=lambda s: s.state is JobState.PAUSED, timeout=60)
     assert status.pause_reason.startswith("auth") and status.failed == 0
     env.proxy.faults.clear()  # the credentials were fixed
-    assert api.resume(job, env.settings)
+    assert env.engine.resume(job)
     status = env.wait(job)
     assert status.state is JobState.DONE and status.done == 12
 
@@ -139,11 +138,11 @@ def test_retry_failed_after_the_server_is_fixed(private, env: EngineEnv, tmp_pat
         # silently shorter export
         status = env.wait(export(env, tmp_path, source="direct", cohort=COHORT.instance_refs()))
         assert status.state is JobState.DONE_WITH_FAILURES and status.failed == 1
-        [failure] = list(api.job_failures(status.job_id, env.settings))
+        [failure] = list(env.engine.failures(status.job_id))
         assert failure.instance_uid == gone.sop_instance_uid and failure.error_class == "not-found"
     finally:
         pacs.server.upload([COHORT.encode(gone)])
-    assert api.retry_failed(status.job_id, env.settings) == 1
+    assert env.engine.retry_failed(status.job_id) == 1
     status = env.wait(status.job_id)
     assert status.state is JobState.DONE and (status.done, status.failed) == (12, 0)
     assert (tmp_path / gone.study_uid / gone.series_uid / f"{gone.sop_instance_uid}.dcm").is_file()

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from trolley_tasks.cli.logs import LEVELS, LOGGER_NAME, scrub, setup_logging
-from trolley_tasks.config import Settings, load_settings
+from trolley_tasks.engine.settings import Settings, load_settings
 from trolley_tasks.errors import ConfigurationError, RetrievalError, TrolleyError, UsageError
 
 EXIT_OK = 0

@@ -15,7 +15,6 @@ from typing import Annotated, Any
 
 import typer
 
-from trolley_tasks.cli.client import BoundJob, Engine, connect
 from trolley_tasks.cli.common import (
     EXIT_FAILURES,
     EXIT_INTERRUPTED,
@@ -32,7 +31,7 @@ from trolley_tasks.cli.common import (
     notice,
     start,
 )
-from trolley_tasks.cli.progress import failure_table, format_eta, watch
+from trolley_tasks.cli.progress import EngineJob, failure_table, format_eta, watch
 from trolley_tasks.cli.search import (
     AccessionOption,
     DateFromOption,
@@ -44,29 +43,25 @@ from trolley_tasks.cli.search import (
     SourceOption,
     StudyUidOption,
 )
-from trolley_tasks.cohort import validate_csv
-from trolley_tasks.config import Settings
 from trolley_tasks.core import QueryLevels
+from trolley_tasks.engine.api import EngineClient, open_engine
 from trolley_tasks.engine.embedded import EmbeddedWorkers, default_worker_count, embedded_workers
 from trolley_tasks.engine.models import JobState, JobStatus
+from trolley_tasks.engine.settings import Settings
 from trolley_tasks.engine.throttle import Window
 
 
-def cohort_input(cohort: Path | None, filters: Filters, skip_bad_rows: bool = False) -> Any:
-    """The one cohort the user gave, as the engine's ``submit_export`` takes it: a CSV path, references, a Query.
+def cohort_input(cohort: Path | None, filters: Filters) -> Any:
+    """The one cohort the user gave, as the engine client's ``submit`` takes it: a CSV path, references, a Query.
 
-    A cohort file is read once here, before any server starts, so a bad row is one clear line at once.
+    A cohort file is read by the engine, once, as it is submitted: a bad row is one clear line naming the file, row
+    and column, and nothing is queued.
     """
     if cohort is not None and filters.given:
         raise CliUsageError("give a cohort file, or --study-uid / search filters, not both")
     if cohort is not None:
         if not cohort.is_file():
             raise CliUsageError(f"{cohort}: no such cohort file")
-        good, bad = validate_csv(cohort, skip_bad_rows=skip_bad_rows)
-        for error in bad:
-            log.warning("skipped: %s", error)
-        if not good:
-            raise CliUsageError(f"{cohort}: no cohort rows to export")
         return cohort
     if not filters.given:
         raise CliUsageError("nothing to export: give a cohort CSV, --study-uid UID, or search filters (see --help)")
@@ -88,7 +83,7 @@ def cohort_input(cohort: Path | None, filters: Filters, skip_bad_rows: bool = Fa
     return queries[0]
 
 
-def conclude(engine: Engine, status: JobStatus, interrupted: bool = False) -> int:
+def conclude(engine: EngineClient, status: JobStatus, interrupted: bool = False) -> int:
     """Say how the job ended, and return the exit code (see :mod:`trolley_tasks.cli.common`)."""
     if status.complete:
         err_console.print(
@@ -123,9 +118,9 @@ def conclude(engine: Engine, status: JobStatus, interrupted: bool = False) -> in
     return EXIT_FAILURES
 
 
-def wait_for(engine: Engine, job_id: str, workers: EmbeddedWorkers | None = None) -> int:
+def wait_for(engine: EngineClient, job_id: str, workers: EmbeddedWorkers | None = None) -> int:
     """Show progress until the job ends or pauses; on Ctrl-C pause it first. Returns the exit code."""
-    view = BoundJob(engine, job_id)
+    view = EngineJob(engine, job_id)
     try:
         status = watch(view, err_console, workers.check if workers else lambda: None)
     except KeyboardInterrupt:
@@ -142,7 +137,7 @@ def window_notice(settings: Settings, source: str) -> None:
         notice(f"source {source} fetches only in the window {window}: the job waits {format_eta(wait)} for it")
 
 
-def ensure_running(engine: Engine, job_id: str) -> JobStatus:
+def ensure_running(engine: EngineClient, job_id: str) -> JobStatus:
     """A re-run of a paused job resumes it (Ctrl-C, or an auth pause fixed since)."""
     status = engine.status(job_id)
     if status.state is JobState.PAUSED:
@@ -152,7 +147,7 @@ def ensure_running(engine: Engine, job_id: str) -> JobStatus:
     return status
 
 
-def run_with_workers(engine: Engine, job_id: str, workers: int, loglevel: str) -> int:
+def run_with_workers(engine: EngineClient, job_id: str, workers: int, loglevel: str) -> int:
     """Embedded mode: local workers for as long as the job runs."""
     assert engine.embedded is not None
     count = workers or default_worker_count()
@@ -220,7 +215,7 @@ def export(
     filters = Filters(tuple(study_uid or ()), accession, patient_id, patient_name, modality, date_from, date_to)
     settings.source(source)  # unknown source or missing secret: refused before anything starts
     window_notice(settings, source)
-    given = cohort_input(cohort, filters, skip_bad_rows)
+    given = cohort_input(cohort, filters)
     embedded = not settings.broker.url
     if wait is None:
         wait = embedded
@@ -230,7 +225,7 @@ def export(
         )
     if workers and not embedded:
         raise CliUsageError("--workers is for embedded mode; with a broker, start workers with 'trolley-tasks worker'")
-    with connect(settings, exclusive=embedded) as engine:
+    with open_engine(settings, exclusive=embedded) as engine:
         job = engine.submit(
             given,
             source=source,
@@ -240,6 +235,8 @@ def export(
             job_id=job_id or None,
             skip_bad_rows=skip_bad_rows,
         )
+        for line in engine.bad_rows(job):
+            log.warning("skipped: %s", line)
         status = ensure_running(engine, job)
         log.info("job %s submitted (%s)", job, status.state.value)
         if not wait:

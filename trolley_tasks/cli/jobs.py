@@ -13,7 +13,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from trolley_tasks.cli.client import Engine, connect
 from trolley_tasks.cli.common import (
     EXIT_OK,
     ConfigOption,
@@ -27,6 +26,7 @@ from trolley_tasks.cli.common import (
 )
 from trolley_tasks.cli.export import run_with_workers, wait_for
 from trolley_tasks.cli.progress import failure_table, format_eta, progress_line
+from trolley_tasks.engine.api import EngineClient, open_engine
 from trolley_tasks.engine.models import JobStatus
 
 JobArgument = Annotated[str, typer.Argument(metavar="JOB", help="The job id (see 'trolley-tasks jobs').")]
@@ -57,7 +57,7 @@ def status(
         trolley-tasks status 3f2a9c1e --watch
     """
     settings = start(config, log_level, log_json)
-    with connect(settings, exclusive=False) as engine:
+    with open_engine(settings, exclusive=False) as engine:
         if watch_it:
             code = wait_for(engine, job)
             if as_json:
@@ -107,7 +107,7 @@ def jobs(
         trolley-tasks jobs --json
     """
     settings = start(config, log_level, log_json)
-    with connect(settings, exclusive=False) as engine:
+    with open_engine(settings, exclusive=False) as engine:
         found = engine.jobs()
     if as_json:
         console.print_json(json.dumps([json.loads(status_json(item)) for item in found]))
@@ -144,7 +144,7 @@ def cancel(
         trolley-tasks cancel 3f2a9c1e
     """
     settings = start(config, log_level, log_json)
-    with connect(settings, exclusive=False) as engine:
+    with open_engine(settings, exclusive=False) as engine:
         engine.cancel(job)
         notice(progress_line(engine.status(job)))
 
@@ -161,12 +161,12 @@ def pause(
         trolley-tasks pause 3f2a9c1e
     """
     settings = start(config, log_level, log_json)
-    with connect(settings, exclusive=False) as engine:
+    with open_engine(settings, exclusive=False) as engine:
         engine.pause(job, reason="paused by the user")
         notice(progress_line(engine.status(job)))
 
 
-def _restart(engine: Engine, job: str, workers: int, log_level: str) -> int:
+def _restart(engine: EngineClient, job: str, workers: int, log_level: str) -> int:
     """After resume or retry-failed: in embedded mode with nobody else's workers, run ours until the job ends."""
     if engine.owns_embedded:
         return run_with_workers(engine, job, workers, log_level)
@@ -195,7 +195,7 @@ def resume(
         trolley-tasks resume 3f2a9c1e
     """
     settings = start(config, log_level, log_json)
-    with connect(settings, exclusive=False) as engine:
+    with open_engine(settings, exclusive=False) as engine:
         engine.resume(job)
         raise typer.Exit(_restart(engine, job, workers, log_level))
 
@@ -216,7 +216,7 @@ def retry_failed(
         trolley-tasks retry-failed 3f2a9c1e
     """
     settings = start(config, log_level, log_json)
-    with connect(settings, exclusive=False) as engine:
+    with open_engine(settings, exclusive=False) as engine:
         count = engine.retry_failed(job)
         notice(f"re-queued {count} failed instances of job {job}")
         raise typer.Exit(_restart(engine, job, workers, log_level))

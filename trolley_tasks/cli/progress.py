@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rich.console import Console, Group
@@ -23,6 +24,7 @@ from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextC
 from rich.table import Table
 
 from trolley_tasks.cli.common import human_bytes
+from trolley_tasks.engine.api import EngineClient
 from trolley_tasks.engine.models import Failure, JobState, JobStatus, SeriesProgress
 
 log = logging.getLogger("trolley.progress")
@@ -121,6 +123,23 @@ def _overall_fields(status: JobStatus) -> dict[str, Any]:
         "rate": f"{status.rate:.1f} inst/s {human_bytes(status.byte_rate)}/s",
         "eta": format_eta(status.eta_seconds),
     }
+
+
+@dataclass
+class EngineJob:
+    """One job of an :class:`~trolley_tasks.engine.api.EngineClient`, as the :class:`JobView` the display reads."""
+
+    engine: EngineClient
+    job_id: str
+
+    def status(self) -> JobStatus:
+        return self.engine.status(self.job_id)
+
+    def failures(self) -> Iterable[Failure]:
+        return self.engine.failures(self.job_id)
+
+    def series(self) -> Iterable[SeriesProgress]:
+        return self.engine.series(self.job_id)
 
 
 def watch_terminal(view: JobView, console: Console, check: Callable[[], None] = lambda: None) -> JobStatus:

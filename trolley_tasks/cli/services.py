@@ -1,7 +1,7 @@
 """``trolley-tasks worker`` and ``trolley-tasks flower``: long-running services on the engine's Celery app.
 
-Both run Celery in this process (``app.worker_main``, ``app.start``), with the configuration this command read:
-``TROLLEY_CONFIG`` is set to its file, so the engine, which reads its settings from the environment, sees the same
+Both run Celery in this process (``app.worker_main``, ``app.start``) on an app made from the configuration this
+command read (:func:`~trolley_tasks.engine.celery_app.app.make_app`), so the worker's processes see the same
 profiles. Nothing secret is ever put on a command line: Flower's password travels in ``FLOWER_BASIC_AUTH``, an
 environment variable Flower reads itself, so ``ps`` shows no password.
 """
@@ -17,7 +17,8 @@ import typer
 
 from trolley_tasks.cli.common import CliUsageError, ConfigOption, LogJsonOption, LogLevelOption, handles_errors, log
 from trolley_tasks.cli.common import start as start_command
-from trolley_tasks.config import FlowerConfig, Settings
+from trolley_tasks.engine.celery_app.app import make_app
+from trolley_tasks.engine.settings import FlowerConfig, Settings
 from trolley_tasks.errors import MissingCredentialError
 
 
@@ -33,14 +34,9 @@ def require_broker(settings: Settings, command: str) -> str:
 
 
 def _engine_app(settings: Settings, command: str) -> Any:
-    """The engine's Celery app, configured for ``settings``' broker (the engine reads it from the environment)."""
-    broker = require_broker(settings, command)
-    if settings.config_path is not None:
-        os.environ["TROLLEY_CONFIG"] = str(Path(settings.config_path).resolve())
-    os.environ["TROLLEY_BROKER__URL"] = broker
-    from trolley_tasks.engine.celery_app.app import get_app
-
-    return get_app()
+    """The engine's Celery app on ``settings``' broker (CliUsageError when there is none)."""
+    require_broker(settings, command)
+    return make_app(settings)
 
 
 @handles_errors

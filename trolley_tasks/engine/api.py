@@ -1,216 +1,271 @@
-"""The engine's public API: what the CLI (and a notebook) calls. Every function takes the :class:`Settings`.
+"""The one door into the engine: :class:`EngineClient`, for the CLI, a notebook, or any other caller.
 
-How the engine finds its broker and ledger: ``settings.broker.url`` (``[broker] url`` or ``TROLLEY_BROKER__URL``) is
-the Celery broker, Redis or RabbitMQ; the ledger is ``settings.broker.ledger_url`` (``TROLLEY_BROKER__LEDGER_URL``),
-defaulting to the broker's URL when that is a Redis. Workers read the same two settings from their environment
-(:mod:`trolley_tasks.engine.celery_app.celeryconfig`).
+>>> with open_engine(load_settings(), exclusive=False) as engine:
+...     job = engine.submit("cohort.csv", source="orthanc", output="/data/out")
+...     engine.status(job).state        # expanding, running, paused, done, done-with-failures, cancelled
+...     engine.pause(job); engine.resume(job); engine.retry_failed(job); engine.cancel(job)
 
->>> job = submit_export("cohort.csv", source="orthanc", output="/data/out", settings=settings)
->>> job_status(job, settings).state        # expanding, running, paused, done, done-with-failures, cancelled
->>> pause(job, settings); resume(job, settings); retry_failed(job, settings); cancel(job, settings)
+Where the engine finds its broker and ledger: ``[broker] url`` (``TROLLEY_BROKER__URL``) is the Celery broker, Redis
+or RabbitMQ; the ledger is ``[broker] ledger_url``, defaulting to the broker's URL when that is a Redis
+(:meth:`~trolley_tasks.engine.settings.BrokerConfig.ledger`). Without a broker, :func:`open_engine` starts the
+embedded Redis (:mod:`trolley_tasks.engine.embedded`) and points the client at it. Workers are built from the same
+settings (:func:`~trolley_tasks.engine.celery_app.app.make_app`).
 
-When a job ends, the engine writes ``<output>/trolley-report.json`` and ``.csv`` (:func:`write_report` rewrites
-them on demand).
+Each method is one ledger transition, plus re-queueing where needed:
+
+- **pause**: the job's state says ``paused``; running fetches finish their batch, every message that arrives
+  afterwards is dropped without touching the PACS. Nothing is lost: the ledger knows what is pending.
+- **resume**: the state goes back to what it was, and everything still pending (and every row not yet expanded) is
+  published again. A message that survived the pause finds its instances already claimed and is skipped.
+- **cancel**: stop queueing and drop pending work; what is done stays done, and the report is written.
+- **retry-failed**: failed instances (and rows whose expansion failed) go back to pending with a fresh budget and
+  are queued again; everything else is left alone.
+
+When a job ends, the engine writes ``<output>/trolley-report.json`` and ``.csv`` (:meth:`EngineClient.write_report`
+rewrites them on demand).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import cache
+from contextlib import contextmanager
 from pathlib import Path
 
 from celery import Celery
 
-from trolley_tasks.config import Settings
-from trolley_tasks.engine import control, producer, report
-from trolley_tasks.engine.celery_app.celeryconfig import DEFAULT_BROKER, celery_settings
+from trolley_tasks.engine import producer, report
+from trolley_tasks.engine.celery_app.app import make_app
 from trolley_tasks.engine.celery_app.messages import CeleryPublisher
 from trolley_tasks.engine.context import EngineContext, build_context
+from trolley_tasks.engine.dispatch import publish_series, republish
+from trolley_tasks.engine.embedded import EmbeddedRedis, embedded_redis
 from trolley_tasks.engine.models import Failure, InstanceRecord, JobState, JobStatus, SeriesProgress
 from trolley_tasks.engine.producer import DEFAULT_BATCH_SIZE, Cohort
+from trolley_tasks.engine.settings import BrokerConfig, Settings
 from trolley_tasks.errors import UsageError
 
-__all__ = [
-    "DEFAULT_BATCH_SIZE",
-    "Cohort",
-    "Failure",
-    "InstanceRecord",
-    "JobNotFoundError",
-    "JobState",
-    "JobStatus",
-    "SeriesProgress",
-    "bad_rows",
-    "cancel",
-    "job_failures",
-    "job_instances",
-    "job_status",
-    "list_jobs",
-    "pause",
-    "resume",
-    "retry_failed",
-    "series_progress",
-    "submit_export",
-    "write_report",
-]
+__all__ = ["DEFAULT_BATCH_SIZE", "Cohort", "EngineClient", "JobNotFoundError", "open_engine"]
 
 
 class JobNotFoundError(UsageError):
     """No job with this id in the ledger (never submitted, or its record expired)."""
 
 
-@cache
-def _publisher_app(broker_url: str) -> Celery:
-    app = Celery("trolley_tasks", set_as_current=False)
-    app.conf.update(celery_settings(broker_url))
-    return app
-
-
-_contexts: dict[str, EngineContext] = {}
-
-
-def engine_context(settings: Settings) -> EngineContext:
-    """A producer-side context for ``settings`` (cached per configuration): the ledger, and a publisher on the
-    configured broker."""
-    key = settings.model_dump_json()
-    if key not in _contexts:
-        broker = settings.broker.url or DEFAULT_BROKER
-        _contexts[key] = build_context(settings, CeleryPublisher(_publisher_app(broker)), broker)
-    return _contexts[key]
-
-
-def _known(ctx: EngineContext, job_id: str) -> None:
-    if not ctx.ledger.exists(job_id):
-        raise JobNotFoundError(f"no job {job_id!r} (never submitted, or expired)")
-
-
-def submit_export(
-    cohort: Cohort,
-    *,
-    source: str,
-    output: str | Path,
-    settings: Settings,
-    layout: str = "study-series",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    job_id: str | None = None,
-    new_job: bool = False,
-    skip_bad_rows: bool = False,
-) -> str:
-    """Validate the cohort and queue the export; return the job id (workers do the rest).
+class EngineClient:
+    """The engine on one broker and ledger: submit an export, read a job's state, control it.
 
     Parameters
     ----------
-    cohort
-        A CSV path (see :mod:`trolley_tasks.cohort` for the columns), a :class:`~trolley_tasks.core.Query`,
-        or an iterable of Study/Series/InstanceReference.
-    source
-        The profile name in ``[sources.NAME]``; workers resolve it in their own configuration.
-    output
-        The output directory, which every worker must see at the same path.
-    layout
-        ``study-series`` (default), ``flat``, or a template like ``{PatientID}/{SOPInstanceUID}.dcm``.
-    batch_size
-        Instances of one series per fetch message.
-    job_id
-        Default: derived from cohort, source, output and layout, so re-running the same export resumes its job.
-    new_job
-        Start a separate job even if the same export ran before; valid files already on disk count as done
-        without a fetch.
-    skip_bad_rows
-        Record bad cohort rows in the job (:func:`bad_rows`, the report) instead of refusing the job.
-
-    Raises
-    ------
-    CohortError
-        A bad row (names the file, row and column); nothing was queued.
-    ConfigurationError
-        Unknown source, missing secret, bad layout, or a job id taken by another export.
+    settings
+        The configuration (profiles, broker). Workers must see the same profiles under the same names.
+    embedded
+        The embedded Redis this client runs on, when there is no broker; the client's broker and ledger are then
+        that server's.
     """
-    ctx = engine_context(settings)
-    return producer.submit(
-        ctx,
-        cohort,
-        source=source,
-        output=output,
-        layout=layout,
-        batch_size=batch_size,
-        job_id=job_id,
-        new_job=new_job,
-        skip_bad_rows=skip_bad_rows,
-    )
+
+    def __init__(self, settings: Settings, embedded: EmbeddedRedis | None = None) -> None:
+        if embedded is not None:
+            broker = BrokerConfig(url=embedded.broker_url, ledger_url=embedded.redis_url)
+            settings = settings.model_copy(update={"broker": broker})
+        self.settings = settings
+        self.embedded = embedded
+        self.app: Celery | None = make_app(settings)
+        self._ctx = build_context(settings, CeleryPublisher(self.app))
+        self.ledger = self._ctx.ledger
+
+    @classmethod
+    def over(cls, ctx: EngineContext) -> EngineClient:
+        """A client over an existing engine context (its ledger, its publisher): how tests drive the control
+        operations without a broker, and how a tool embeds the engine in a process that already has a context."""
+        client = cls.__new__(cls)
+        client.settings, client.embedded, client.app = ctx.settings, None, None
+        client._ctx, client.ledger = ctx, ctx.ledger
+        return client
+
+    @property
+    def owns_embedded(self) -> bool:
+        """True when this client's process started (and will stop) the embedded Redis: it may run workers on it."""
+        return self.embedded is not None and self.embedded.owner
+
+    def close(self) -> None:
+        """Close the ledger's connections and the app's broker pool."""
+        self._ctx.close()
+        self.ledger.r.close()
+        if self.app is not None:
+            self.app.close()
+
+    def _known(self, job_id: str) -> None:
+        if not self.ledger.exists(job_id):
+            raise JobNotFoundError(f"no job {job_id!r} (never submitted, or expired)")
+
+    # -- submitting ------------------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        cohort: Cohort,
+        *,
+        source: str,
+        output: str | Path,
+        layout: str = "study-series",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        job_id: str | None = None,
+        new_job: bool = False,
+        skip_bad_rows: bool = False,
+    ) -> str:
+        """Validate the cohort and queue the export; return the job id (workers do the rest).
+
+        Parameters
+        ----------
+        cohort
+            A CSV path (see :mod:`trolley_tasks.cohort` for the columns), a :class:`~trolley_tasks.core.Query`, or
+            an iterable of Study/Series/InstanceReference.
+        source
+            The profile name in ``[sources.NAME]``; workers resolve it in their own configuration.
+        output
+            The output directory, which every worker must see at the same path.
+        layout
+            ``study-series`` (default), ``flat``, or a template like ``{PatientID}/{SOPInstanceUID}.dcm``.
+        batch_size
+            Instances of one series per fetch message.
+        job_id
+            Default: derived from cohort, source, output and layout, so re-running the same export resumes its job.
+        new_job
+            Start a separate job even if the same export ran before; valid files already on disk count as done
+            without a fetch.
+        skip_bad_rows
+            Record bad cohort rows in the job (:meth:`bad_rows`, the report) instead of refusing the job.
+
+        Raises
+        ------
+        CohortError
+            A bad row (names the file, row and column); nothing was queued.
+        ConfigurationError
+            Unknown source, missing secret, bad layout, or a job id taken by another export.
+        """
+        return producer.submit(
+            self._ctx,
+            cohort,
+            source=source,
+            output=output,
+            layout=layout,
+            batch_size=batch_size,
+            job_id=job_id,
+            new_job=new_job,
+            skip_bad_rows=skip_bad_rows,
+        )
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+
+    def status(self, job_id: str) -> JobStatus:
+        """Counts, state, timestamps, rate, ETA and failures by class. JobNotFoundError for an unknown id."""
+        status = self.ledger.status(job_id)
+        if status is None:
+            raise JobNotFoundError(f"no job {job_id!r} (never submitted, or expired)")
+        return status
+
+    def jobs(self) -> list[JobStatus]:
+        """Every job the ledger knows, newest first."""
+        ids = reversed(self.ledger.job_ids())
+        return [status for job_id in ids if (status := self.ledger.status(job_id)) is not None]
+
+    def failures(self, job_id: str) -> Iterator[Failure]:
+        """Why each failed row and instance failed (rows first). Streams."""
+        self._known(job_id)
+        return self.ledger.failures(job_id)
+
+    def series(self, job_id: str) -> Iterator[SeriesProgress]:
+        """Expected, done and failed per series: the completeness check. Streams."""
+        self._known(job_id)
+        return self.ledger.series_progress(job_id)
+
+    def instances(self, job_id: str) -> Iterator[InstanceRecord]:
+        """Every instance of the job with its state, attempts, size and error. Streams."""
+        self._known(job_id)
+        return self.ledger.instances(job_id)
+
+    def bad_rows(self, job_id: str) -> list[str]:
+        """The cohort rows left out by ``skip_bad_rows``, each as its error line (file, row, column, reason)."""
+        self._known(job_id)
+        return self.ledger.bad_rows(job_id)
+
+    def write_report(self, job_id: str) -> tuple[Path, Path]:
+        """(Re)write ``<output>/trolley-report.json`` and ``.csv``; return their paths."""
+        self._known(job_id)
+        return report.write_report(self.ledger, job_id)
+
+    # -- control ---------------------------------------------------------------------------------------------------
+
+    def pause(self, job_id: str, reason: str = "paused by the user") -> bool:
+        """Pause an active job (running batches finish; nothing new starts). False if it was not active."""
+        self._known(job_id)
+        return self.ledger.pause(job_id, reason)
+
+    def resume(self, job_id: str) -> bool:
+        """Resume a paused job and queue what is pending. False if it was not paused."""
+        self._known(job_id)
+        resumed, finalized = self.ledger.resume(job_id)
+        if finalized:
+            report.finalize_job(self.ledger, job_id)
+        elif resumed:
+            republish(self._ctx, job_id)
+        return resumed
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel: stop queueing, drop pending work, keep what is done, write the report. False if it had ended."""
+        self._known(job_id)
+        if self.ledger.cancel(job_id):
+            report.finalize_job(self.ledger, job_id)
+            return True
+        return False
+
+    def retry_failed(self, job_id: str) -> int:
+        """Queue failed instances and failed rows again with a fresh budget; return how many.
+
+        An ended job becomes ``running`` again; a paused one stays paused (its failed instances become pending and
+        go out on resume).
+        """
+        self._known(job_id)
+        ctx, ledger = self._ctx, self.ledger
+        meta = ctx.job(job_id)
+        status = ledger.status(job_id)
+        if meta is None or status is None or (status.failed == 0 and status.rows_failed == 0):
+            return 0
+        ledger.reopen(job_id, JobState.RUNNING)
+        paused = ledger.state(job_id) == JobState.PAUSED.value
+        moved = 0
+        for row, _ in list(ledger.row_failures(job_id)):
+            if ledger.unfail_row(job_id, row):
+                moved += 1
+                if not paused:
+                    ctx.publisher.expand(job_id, meta.source, row)
+        for study, series, uids in list(ledger.failed(job_id)):
+            again = ledger.unfail(job_id, series, uids)
+            moved += len(again)
+            if not paused:
+                publish_series(ctx, job_id, meta.source, study, series, again, meta.batch_size)
+        if moved == 0 and ledger.check(job_id):
+            report.finalize_job(ledger, job_id)
+        return moved
 
 
-def job_status(job_id: str, settings: Settings) -> JobStatus:
-    """Counts, state, timestamps, rate, ETA and failures by class. JobNotFoundError for an unknown id."""
-    status = engine_context(settings).ledger.status(job_id)
-    if status is None:
-        raise JobNotFoundError(f"no job {job_id!r} (never submitted, or expired)")
-    return status
+@contextmanager
+def open_engine(settings: Settings, *, exclusive: bool) -> Iterator[EngineClient]:
+    """An :class:`EngineClient` on the configured broker, or on the embedded Redis (started for the block when the
+    configuration names no broker).
 
-
-def list_jobs(settings: Settings) -> list[JobStatus]:
-    """Every job the ledger knows, oldest first."""
-    ledger = engine_context(settings).ledger
-    return [status for job_id in ledger.job_ids() if (status := ledger.status(job_id)) is not None]
-
-
-def pause(job_id: str, settings: Settings, reason: str = "paused by the user") -> bool:
-    """Pause an active job (running batches finish; nothing new starts). False if it was not active."""
-    ctx = engine_context(settings)
-    _known(ctx, job_id)
-    return control.pause(ctx, job_id, reason)
-
-
-def resume(job_id: str, settings: Settings) -> bool:
-    """Resume a paused job and queue what is pending. False if it was not paused."""
-    ctx = engine_context(settings)
-    _known(ctx, job_id)
-    return control.resume(ctx, job_id)
-
-
-def cancel(job_id: str, settings: Settings) -> bool:
-    """Cancel: stop queueing, drop pending work, keep what is done, write the report. False if it had ended."""
-    ctx = engine_context(settings)
-    _known(ctx, job_id)
-    return control.cancel(ctx, job_id)
-
-
-def retry_failed(job_id: str, settings: Settings) -> int:
-    """Queue failed instances and failed rows again with a fresh budget; return how many."""
-    ctx = engine_context(settings)
-    _known(ctx, job_id)
-    return control.retry_failed(ctx, job_id)
-
-
-def job_failures(job_id: str, settings: Settings) -> Iterator[Failure]:
-    """Why each failed row and instance failed (rows first). Streams."""
-    ctx = engine_context(settings)
-    _known(ctx, job_id)
-    return ctx.ledger.failures(job_id)
-
-
-def series_progress(job_id: str, settings: Settings) -> Iterator[SeriesProgress]:
-    """Expected, done and failed per series: the completeness check. Streams."""
-    ctx = engine_context(settings)
-    _known(ctx, job_id)
-    return ctx.ledger.series_progress(job_id)
-
-
-def job_instances(job_id: str, settings: Settings) -> Iterator[InstanceRecord]:
-    """Every instance of the job with its state, attempts, size and error. Streams."""
-    ctx = engine_context(settings)
-    _known(ctx, job_id)
-    return ctx.ledger.instances(job_id)
-
-
-def bad_rows(job_id: str, settings: Settings) -> list[str]:
-    """The cohort rows left out by ``skip_bad_rows``, each as its error line (file, row, column, reason)."""
-    ctx = engine_context(settings)
-    _known(ctx, job_id)
-    return ctx.ledger.bad_rows(job_id)
-
-
-def write_report(job_id: str, settings: Settings) -> tuple[Path, Path]:
-    """(Re)write ``<output>/trolley-report.json`` and ``.csv``; return their paths."""
-    ctx = engine_context(settings)
-    _known(ctx, job_id)
-    return report.write_report(ctx.ledger, job_id)
+    ``exclusive`` is for commands that run workers (export, and resume/retry-failed in embedded mode): they must own
+    the embedded state. Read-only commands share the Redis of a running export.
+    """
+    if settings.broker.url:
+        client = EngineClient(settings)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    with embedded_redis(settings.state_dir, exclusive=exclusive) as server:
+        client = EngineClient(settings, server)
+        try:
+            yield client
+        finally:
+            client.close()

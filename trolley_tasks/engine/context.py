@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import redis
 
-from trolley_tasks.config import Settings, SourceProfile
 from trolley_tasks.downloaders.base import Downloader
-from trolley_tasks.engine.ledger.ledger import Ledger
+from trolley_tasks.engine.ledger import Ledger
 from trolley_tasks.engine.policy import Policy, policy_with_overrides
+from trolley_tasks.engine.settings import Settings
 from trolley_tasks.engine.throttle import Throttle
-from trolley_tasks.errors import ConfigurationError
+from trolley_tasks.profiles import SourceProfile
 from trolley_tasks.searchers.base import Searcher
 from trolley_tasks.storage.disk import DICOMDiskStorage, FlatStorageDir, StorageDir, TemplateStorage
 
@@ -73,11 +73,6 @@ class Publisher(Protocol):
     def expand(self, job: str, source: str, row: str, attempt: int = 1, countdown: float = 0.0) -> None: ...
 
 
-def batches(uids: list[str], size: int) -> Iterator[list[str]]:
-    for start in range(0, len(uids), size):
-        yield uids[start : start + size]
-
-
 @dataclass
 class SourceRuntime:
     """One profile's clients in this process."""
@@ -103,6 +98,11 @@ class SourceRuntime:
             self._downloader = self.build_downloader()
         return self._downloader
 
+    @property
+    def whole_series(self) -> bool:
+        """The downloader fetches a whole series per request (WADO-RS): publish a series as one message."""
+        return self.profile.downloader == "wado-rs"
+
     def reset_downloader(self) -> None:
         """Drop the downloader after a transport failure, so the next fetch opens fresh connections."""
         if self._downloader is not None:
@@ -121,6 +121,7 @@ class SourceRuntime:
 class JobMeta:
     """A job's fixed facts, cached per process (they never change during a job)."""
 
+    source: str
     output: str
     layout: str
     batch_size: int
@@ -192,7 +193,7 @@ class EngineContext:
             fields = self.ledger.job_fields(job_id)
             if not fields:
                 return None
-            meta = JobMeta(fields["output"], fields["layout"], int(fields.get("batch_size") or 50))
+            meta = JobMeta(fields["source"], fields["output"], fields["layout"], int(fields["batch_size"]))
             self.jobs[job_id] = meta
         return meta
 
@@ -223,20 +224,6 @@ def default_spool(settings: Settings, name: str) -> Path:
     return Path(settings.state_dir) / "spool" / name
 
 
-REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "unix")
-
-
-def ledger_url(settings: Settings, broker_url: str) -> str:
-    """The ledger's Redis URL: ``[broker] ledger_url``, else the broker's own when it is a Redis."""
-    url = settings.broker.ledger_url or (broker_url if broker_url.split("://", 1)[0] in REDIS_SCHEMES else None)
-    if not url:
-        raise ConfigurationError(
-            "the ledger needs a Redis: set [broker] ledger_url (TROLLEY_BROKER__LEDGER_URL) when the broker is "
-            "not a Redis (RabbitMQ)"
-        )
-    return url
-
-
 def redis_client(url: str) -> redis.Redis:
     """A redis-py client for a ``redis://``, ``rediss://``, ``unix://`` or kombu-style ``redis+socket://`` URL."""
     if url.startswith("redis+socket://"):
@@ -245,8 +232,6 @@ def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, health_check_interval=30)
 
 
-def build_context(settings: Settings, publisher: Publisher, broker_url: str) -> EngineContext:
+def build_context(settings: Settings, publisher: Publisher) -> EngineContext:
     """An :class:`EngineContext` over the ledger this configuration names."""
-    return EngineContext(
-        settings=settings, ledger=Ledger(redis_client(ledger_url(settings, broker_url))), publisher=publisher
-    )
+    return EngineContext(settings=settings, ledger=Ledger(redis_client(settings.broker.ledger())), publisher=publisher)

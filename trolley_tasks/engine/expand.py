@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 from trolley_tasks.cohort import CohortRow
 from trolley_tasks.core import QueryLevels, Study
-from trolley_tasks.engine.context import EngineContext, FetchMessage, SourceRuntime, batches
+from trolley_tasks.engine.context import EngineContext, SourceRuntime
+from trolley_tasks.engine.dispatch import publish_series
 from trolley_tasks.engine.fetch import MAX_HOLD
 from trolley_tasks.engine.models import Failure
 from trolley_tasks.engine.policy import Action
 from trolley_tasks.engine.report import finalize_job
 from trolley_tasks.engine.throttle import ThrottleBusy
-from trolley_tasks.errors import NotFoundError, StudyNotFoundError, TrolleyError, error_class_of
+from trolley_tasks.errors import NotFoundError, StudyNotFoundError, TrolleyError
 
 log = logging.getLogger("trolley.engine.expand")
 
@@ -38,18 +39,6 @@ class ExpandResult:
     retry_in: float | None = None
     failed: str = ""
     finalized: bool = False
-
-
-def _row_failure(row: CohortRow, error: BaseException, attempts: int) -> Failure:
-    error_class = error_class_of(error)
-    return Failure(
-        study_uid=row.study_uid,
-        row=row.describe(),
-        error_class=error_class.value if error_class else "request-rejected",
-        error=type(error).__name__,
-        message=error.message if isinstance(error, TrolleyError) else f"{type(error).__name__}: {error}",
-        attempts=attempts,
-    )
 
 
 def expand_row(ctx: EngineContext, job: str, source: str, row_key: str, attempt: int = 1) -> ExpandResult:
@@ -74,7 +63,8 @@ def expand_row(ctx: EngineContext, job: str, source: str, row_key: str, attempt:
         # instance it lacks fails at fetch time as not-found
         _record_instances(ctx, job, source, meta.batch_size, row, result)
         if ctx.ledger.row_done(job, row_key):
-            result.finalized = finalize_job(ctx.ledger, job)
+            result.finalized = True
+            finalize_job(ctx.ledger, job)
         return result
     try:
         with runtime.throttle.slot(max_wait=SEARCH_SLOT_WAIT):
@@ -102,12 +92,15 @@ def expand_row(ctx: EngineContext, job: str, source: str, row_key: str, attempt:
         if missing:
             error = NotFoundError(f"not in the study on the server: {', '.join(missing[:5])}", source=source)
             result.failed = error.message
-            result.finalized = ctx.ledger.row_done(job, row_key, _row_failure(row, error, attempt))
+            result.finalized = ctx.ledger.row_done(
+                job, row_key, Failure.of(error, attempt, study_uid=row.study_uid, row=row.describe())
+            )
             if result.finalized:
                 finalize_job(ctx.ledger, job)
             return result
     if ctx.ledger.row_done(job, row_key):
-        result.finalized = finalize_job(ctx.ledger, job)
+        result.finalized = True
+        finalize_job(ctx.ledger, job)
     return result
 
 
@@ -117,14 +110,10 @@ def _record_instances(
     by_series: dict[str, list[str]] = {}
     for series_uid, uid in zip(row.series_uids, row.instance_uids, strict=True):
         by_series.setdefault(series_uid, []).append(uid)
-    if ctx.source(source).profile.downloader == "wado-rs":
-        batch_size = max(batch_size, max(len(uids) for uids in by_series.values()))
     for series_uid, uids in by_series.items():
         publish = ctx.ledger.expand(job, row.study_uid, series_uid, uids)
         result.instances += len(uids)
-        for batch in batches(publish, batch_size):
-            ctx.publisher.fetch(FetchMessage(job, source, row.study_uid, series_uid, tuple(batch)))
-            result.messages += 1
+        result.messages += publish_series(ctx, job, source, row.study_uid, series_uid, publish, batch_size)
 
 
 def _record_study(
@@ -132,10 +121,6 @@ def _record_study(
 ) -> list[str]:
     """Record and publish the study's instances (restricted to the row's series/instances). Returns the series
     the row names that the server does not have."""
-    if ctx.source(source).profile.downloader == "wado-rs":
-        # WADO-RS asks for a whole series whenever a batch holds more than one of its instances, so a batch smaller
-        # than the series would download the series once per batch: one message per series instead
-        batch_size = max(batch_size, max((len(s.instances) for s in study.series), default=1))
     wanted_series = set(row.series_uids)
     present = {series.uid for series in study.series}
     for series in study.series:
@@ -144,9 +129,7 @@ def _record_study(
         uids = [i.uid for i in series.instances]
         publish = ctx.ledger.expand(job, study.uid, series.uid, uids)
         result.instances += len(uids)
-        for batch in batches(publish, batch_size):
-            ctx.publisher.fetch(FetchMessage(job, source, study.uid, series.uid, tuple(batch)))
-            result.messages += 1
+        result.messages += publish_series(ctx, job, source, study.uid, series.uid, publish, batch_size)
     return sorted(wanted_series - present)
 
 
@@ -174,6 +157,7 @@ def _expansion_failed(
         return result
     result.failed = f"{error_class.value}: {error.message}"
     log.warning("job %s: row %s failed: %s", job, row.describe(), result.failed)
-    if ctx.ledger.row_done(job, row_key, _row_failure(row, error, attempt)):
-        result.finalized = finalize_job(ctx.ledger, job)
+    if ctx.ledger.row_done(job, row_key, Failure.of(error, attempt, study_uid=row.study_uid, row=row.describe())):
+        result.finalized = True
+        finalize_job(ctx.ledger, job)
     return result

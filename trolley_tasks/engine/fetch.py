@@ -28,12 +28,12 @@ from tenacity import RetryCallState, Retrying, stop_after_attempt, wait_random_e
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.downloaders.base import RawPayload
 from trolley_tasks.engine.context import EngineContext, FetchMessage, SourceRuntime
-from trolley_tasks.engine.ledger.ledger import Settled
+from trolley_tasks.engine.ledger import ClaimCode, Outcome, Settled
 from trolley_tasks.engine.models import Failure
 from trolley_tasks.engine.policy import Action
 from trolley_tasks.engine.report import finalize_job
 from trolley_tasks.engine.throttle import ThrottleBusy
-from trolley_tasks.errors import ErrorClass, NotFoundError, TrolleyError, UnsafePathError, error_class_of
+from trolley_tasks.errors import ErrorClass, NotFoundError, TrolleyError, UnsafePathError
 from trolley_tasks.storage.disk import QUARANTINE_DIR, DICOMDiskStorage, QuarantinedPayloadError, SaveResult
 from trolley_tasks.storage.durable import Committer
 from trolley_tasks.storage.layouts import path_component
@@ -63,18 +63,9 @@ class FetchResult:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def failure_for(ref: InstanceReference, error: BaseException, attempts: int) -> Failure:
-    """The failure record of one instance. Messages of our errors carry no secrets (http.redact_url)."""
-    error_class = error_class_of(error)
-    message = error.message if isinstance(error, TrolleyError) else f"{type(error).__name__}: {error}"
-    return Failure(
-        study_uid=ref.study_uid,
-        series_uid=ref.series_uid,
-        instance_uid=ref.instance_uid,
-        error_class=(error_class.value if error_class else "request-rejected"),
-        error=type(error).__name__,
-        message=message,
-        attempts=attempts,
+def _failure(ref: InstanceReference, error: BaseException, attempts: int) -> Failure:
+    return Failure.of(
+        error, attempts, study_uid=ref.study_uid, series_uid=ref.series_uid, instance_uid=ref.instance_uid
     )
 
 
@@ -85,7 +76,7 @@ def relative_path(storage: DICOMDiskStorage, result: SaveResult, output: str) ->
     return os.path.relpath(result.path, output)
 
 
-class _Kept:
+class _KeptChunks:
     """Passes a chunked payload through, holding references to its chunks (no copy) until the instance is stored,
     so that the part of an instance whose stream broke can still be kept in quarantine."""
 
@@ -165,7 +156,7 @@ class _Download:
             if uid not in wanted or uid in self.saved:
                 _drain(payload)
                 continue
-            kept = _Kept(payload)
+            kept = _KeptChunks(payload)
             try:
                 self.saved[uid] = self.storage.save_raw(
                     wanted[uid], kept.stream(), self.output, committer=self.committer
@@ -226,13 +217,14 @@ def fetch_batch(ctx: EngineContext, message: FetchMessage, *, redelivered: bool 
         max_redeliveries=ctx.max_redeliveries,
     )
     if claim.finalized:
-        result.finalized = finalize_job(ctx.ledger, message.job)
+        result.finalized = True
+        finalize_job(ctx.ledger, message.job)
     if claim.job_state not in ("expanding", "running"):
         result.dropped = f"job is {claim.job_state or 'gone'}"
         return result
-    claimed = claim.with_code("c")
+    claimed = claim.with_code(ClaimCode.CLAIMED)
     result.claimed = len(claimed)
-    result.failed += len(claim.with_code("x"))
+    result.failed += len(claim.with_code(ClaimCode.POISON))
     if not claimed:
         return result
     storage = ctx.storage(meta.layout)
@@ -244,14 +236,15 @@ def fetch_batch(ctx: EngineContext, message: FetchMessage, *, redelivered: bool 
         if existing is not None:
             attempts = claim.codes[ref.instance_uid][1]
             path = relative_path(storage, existing, meta.output)
-            settled.append(Settled(ref.instance_uid, "s", attempts, size=existing.size, path=path))
+            settled.append(Settled(ref.instance_uid, Outcome.SKIPPED, attempts, size=existing.size, path=path))
             result.skipped += 1
         else:
             to_fetch.append(ref)
     if to_fetch:
         _fetch(ctx, message, runtime, storage, meta.output, to_fetch, claim.codes, settled, result)
     if ctx.ledger.settle(message.job, message.series, settled):
-        result.finalized = finalize_job(ctx.ledger, message.job)
+        result.finalized = True
+        finalize_job(ctx.ledger, message.job)
     return result
 
 
@@ -262,7 +255,7 @@ def _fetch(
     storage: DICOMDiskStorage,
     output: str,
     refs: list[InstanceReference],
-    codes: dict[str, tuple[str, int, float]],
+    codes: dict[str, tuple[ClaimCode, int, float]],
     settled: list[Settled],
     result: FetchResult,
 ) -> None:
@@ -295,13 +288,15 @@ def _fetch(
         # nothing was asked of the PACS: back to pending without spending an attempt, and try again shortly
         for ref in download.remaining(refs):
             uid = ref.instance_uid
-            settled.append(Settled(uid, "p", codes[uid][1], codes[uid][2]))
+            settled.append(Settled(uid, Outcome.PENDING, codes[uid][1], codes[uid][2]))
         ctx.publisher.fetch(message.with_instances(r.instance_uid for r in refs), countdown=BUSY_REQUEUE)
         result.requeued += len(refs)
         return
     for uid, saved in download.saved.items():
         attempts = codes[uid][1] + download.tries.get(uid, 1)
-        settled.append(Settled(uid, "d", attempts, size=saved.size, path=relative_path(storage, saved, output)))
+        settled.append(
+            Settled(uid, Outcome.DONE, attempts, size=saved.size, path=relative_path(storage, saved, output))
+        )
         result.fetched += 1
     if download.saved and not download.bad and stream_error is None:
         runtime.throttle.success()
@@ -327,7 +322,7 @@ def _apply_policy(
     runtime: SourceRuntime,
     errors: dict[str, BaseException],
     tries: dict[str, int],
-    codes: dict[str, tuple[str, int, float]],
+    codes: dict[str, tuple[ClaimCode, int, float]],
     settled: list[Settled],
     result: FetchResult,
 ) -> None:
@@ -342,11 +337,11 @@ def _apply_policy(
         error_class, decision = runtime.policy.decide(error)
         result.errors[uid] = f"{error_class.value}: {error}"
         if decision.action is Action.PAUSE_JOB:
-            reason = f"{error_class.value}: {failure_for(ref, error, prior).message}"
+            reason = f"{error_class.value}: {_failure(ref, error, prior).message}"
             if ctx.ledger.pause(message.job, reason):
                 log.warning("job %s paused: %s", message.job, reason)
             result.paused = True
-            settled.append(Settled(uid, "p", prior, busy_at))
+            settled.append(Settled(uid, Outcome.PENDING, prior, busy_at))
             continue
         attempts = prior + tries.get(uid, 1)
         if decision.budget_interval is not None:
@@ -357,12 +352,12 @@ def _apply_policy(
             runtime.throttle.busy()
             shrunk = True
         if decision.action is Action.RETRY and not decision.exhausted(attempts):
-            settled.append(Settled(uid, "p", attempts, busy_at))
+            settled.append(Settled(uid, Outcome.PENDING, attempts, busy_at))
             requeue.append(uid)
             retry_after = error.retry_after if isinstance(error, TrolleyError) else None
             delay = max(delay, decision.delay(attempts, retry_after))
             continue
-        settled.append(Settled(uid, "f", attempts, busy_at, failure=failure_for(ref, error, attempts)))
+        settled.append(Settled(uid, Outcome.FAILED, attempts, busy_at, failure=_failure(ref, error, attempts)))
         result.failed += 1
     if requeue:
         ctx.publisher.fetch(message.with_instances(requeue), countdown=delay)

@@ -7,6 +7,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 
+from trolley_tasks.errors import ErrorClass, TrolleyError, error_class_of
+
 
 class JobState(StrEnum):
     """The life of a job (DESIGN.md, "The engine").
@@ -69,9 +71,23 @@ class Failure(BaseModel):
     message: str
     attempts: int = 0
 
+    @classmethod
+    def of(cls, error: BaseException, attempts: int, **where: str) -> Failure:
+        """The record of ``error`` after ``attempts`` tries; ``where`` names the study/series/instance UIDs or the
+        row. Messages of our errors carry no secrets (``transports.http.redact_url``); an exception outside the
+        error tree is a bug, recorded as request-rejected with its type so that a person can find it."""
+        error_class = error_class_of(error)
+        return cls(
+            error_class=error_class.value if error_class else ErrorClass.REQUEST_REJECTED.value,
+            error=type(error).__name__,
+            message=error.message if isinstance(error, TrolleyError) else f"{type(error).__name__}: {error}",
+            attempts=attempts,
+            **where,
+        )
+
 
 class JobStatus(BaseModel):
-    """A job's counters and state, as :func:`trolley_tasks.engine.api.job_status` returns them.
+    """A job's counters and state, as :meth:`trolley_tasks.engine.api.EngineClient.status` returns them.
 
     ``done`` counts every instance verified on disk; ``skipped`` is the part of ``done`` that was already on disk
     and valid, so it was not fetched. The job is complete when ``done + failed == expected`` and every row is
@@ -92,9 +108,10 @@ class JobStatus(BaseModel):
     rows_expanded: int = 0
     rows_failed: int = 0
     rows_skipped: int = 0
-    """Bad cohort rows left out with ``skip_bad_rows``; listed in :func:`~trolley_tasks.engine.api.bad_rows`."""
+    """Bad cohort rows left out with ``skip_bad_rows``; listed by ``EngineClient.bad_rows``."""
     created_at: datetime | None = None
     started_at: datetime | None = None
+    """When a fetch first claimed an instance of the job (None until then)."""
     finished_at: datetime | None = None
     pause_reason: str = ""
     rate: float = 0.0
@@ -178,7 +195,7 @@ def status_from_fields(job_id: str, f: dict[str, str], by_class: dict[str, int],
         rows_failed=n("failed_rows"),
         rows_skipped=n("bad_rows"),
         created_at=from_epoch(f.get("created_at")),
-        started_at=from_epoch(f.get("created_at")),
+        started_at=from_epoch(f.get("started_at")),
         finished_at=from_epoch(f.get("finished_at")),
         pause_reason=f.get("pause_reason", ""),
         rate=rate,

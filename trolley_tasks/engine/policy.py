@@ -47,8 +47,6 @@ class Action(StrEnum):
     """Fail the instance now; the failure record keeps the error class and message."""
     PAUSE_JOB = "pause"
     """Pause the whole job: every other instance would hit the same wall (credentials, configuration)."""
-    QUARANTINE = "quarantine"
-    """Fail the instance now and keep what the server sent in ``quarantine/`` for a person to look at."""
 
 
 @dataclass(frozen=True)
@@ -74,8 +72,9 @@ class Decision:
     budget_interval
         When set, at most one attempt is counted per this many seconds: a server that is merely busy for an hour
         must not exhaust the budget of a patient overnight export.
-    quarantine
-        The bytes of a failed payload are kept in ``<out>/quarantine/`` (the storage layer keeps them).
+
+    The bytes of an invalid payload are kept in quarantine by the storage layer whatever the decision: that is not
+    a choice of the retry table.
     """
 
     action: Action
@@ -86,7 +85,6 @@ class Decision:
     honour_retry_after: bool = False
     shrink_concurrency: bool = False
     budget_interval: float | None = None
-    quarantine: bool = False
 
     def delay(self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
         """Seconds to wait before try ``attempt + 1``, after ``attempt`` tries failed (full jitter)."""
@@ -114,7 +112,7 @@ DEFAULT_POLICY: Mapping[ErrorClass, Decision] = {
         budget_interval=60.0,
     ),
     ErrorClass.SERVER_ERROR: Decision(Action.RETRY, max_attempts=4, base_delay=2.0, max_delay=120.0),
-    ErrorClass.PAYLOAD_INVALID: Decision(Action.RETRY, max_attempts=3, base_delay=1.0, max_delay=10.0, quarantine=True),
+    ErrorClass.PAYLOAD_INVALID: Decision(Action.RETRY, max_attempts=3, base_delay=1.0, max_delay=10.0),
     ErrorClass.NOT_FOUND: Decision(Action.FAIL),
     ErrorClass.AUTH: Decision(Action.PAUSE_JOB),
     ErrorClass.REQUEST_REJECTED: Decision(Action.FAIL),

@@ -1,13 +1,16 @@
 """The producer: a cohort becomes a job in the ledger and one expansion message per row. Memory stays flat.
 
 Everything is checked before the first message goes out: the source profile exists on this machine and its
-secrets are present, the layout is a valid template, and every cohort row is valid (a CSV is read twice, streamed:
-once to validate, once to queue). A bad row refuses the job with a :class:`~trolley_tasks.cohort.CohortError`
-naming the row and the column, unless ``skip_bad_rows`` records it in the job instead.
+secrets are present, the layout is a valid template, and every cohort row is valid. A CSV is read ONCE, streamed:
+each row is validated, folded into the job id's digest and staged in the ledger under a temporary key; only when the
+whole file was good does the job adopt the staged rows and queue them. A bad row refuses the job with a
+:class:`~trolley_tasks.cohort.CohortError` naming the row and the column (the staged rows are dropped, nothing was
+queued), unless ``skip_bad_rows`` records it in the job instead.
 
 Re-running an export (same cohort, source, output and layout) gives the same job id, and the job resumes: paused or
-ended, it becomes active again, its failed instances get a fresh budget, and every row is expanded again (finding
-instances the server gained meanwhile), while what is done stays done. ``new_job=True`` starts a separate job that
+ended, it becomes active again, its failed instances get a fresh budget, and every row the job knows is expanded
+again -- the cohort's own rows and the studies earlier searches found -- finding instances the server gained
+meanwhile, while what is done stays done. ``new_job=True`` starts a separate job that
 counts valid files already on disk as done without fetching them.
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from trolley_tasks.cohort import (
@@ -25,10 +28,10 @@ from trolley_tasks.cohort import (
     iter_csv_rows,
     row_from_query,
     rows_from_references,
-    validate_csv,
 )
 from trolley_tasks.core import InstanceReference, Query, SeriesReference, StudyReference
 from trolley_tasks.engine.context import EngineContext, storage_for_layout
+from trolley_tasks.engine.ledger import Ledger
 from trolley_tasks.engine.models import JobState
 from trolley_tasks.engine.report import finalize_job
 from trolley_tasks.errors import ConfigurationError
@@ -38,30 +41,47 @@ Cohort = str | Path | Query | Iterable[StudyReference | SeriesReference | Instan
 
 DEFAULT_BATCH_SIZE = 50
 CANCEL_CHECK_EVERY = 500
+STAGE_CHUNK = 500
 
 
-def _row_source(cohort: Cohort, skip_bad_rows: bool) -> tuple[Callable[[], Iterator[CohortRow | CohortError]], str]:
-    """A re-startable iterator over the cohort's rows, and a description for the job record."""
+def _rows(cohort: Cohort, skip_bad_rows: bool) -> tuple[Iterator[CohortRow | CohortError], str]:
+    """The cohort's rows (one pass) and a description for the job record."""
     if isinstance(cohort, str | Path):
         path = Path(cohort)
-        validate_csv(path, skip_bad_rows=skip_bad_rows)  # raises on the first bad row unless skipping
-        return (lambda: iter_csv_rows(path, skip_bad_rows=skip_bad_rows)), f"csv:{path.resolve()}"
+        return iter_csv_rows(path, skip_bad_rows=skip_bad_rows), f"csv:{path.resolve()}"
     if isinstance(cohort, Query):
-        row = row_from_query(cohort)
-        return (lambda: iter([row])), f"query:{cohort.to_short_string()}"
+        return iter([row_from_query(cohort)]), f"query:{cohort.to_short_string()}"
     rows = rows_from_references(list(cohort))
     if not rows:
         raise CohortError("the cohort is empty: no references given")
-    return (lambda: iter(rows)), f"references:{len(rows)} rows"
+    return iter(rows), f"references:{len(rows)} rows"
 
 
-def default_job_id(rows: Iterable[CohortRow | CohortError], source: str, output: str, layout: str) -> str:
-    """Same cohort, source, output and layout -> same job id. Streams the rows."""
-    digest = hashlib.sha256(f"{source}\n{output}\n{layout}\n".encode())
-    for row in rows:
-        digest.update((row.key() if isinstance(row, CohortRow) else f"bad:{row}").encode())
-        digest.update(b"\n")
-    return "t" + digest.hexdigest()[:15]
+def _stage(ledger: Ledger, rows: Iterator[CohortRow | CohortError], seed: str) -> tuple[str, str, list[str]]:
+    """Read the rows once: stage every good row's key, digest everything. Returns (staging token, digest, bad rows).
+
+    A :class:`CohortError` raised by the reader (a bad row without ``skip_bad_rows``) drops what was staged.
+    """
+    token = secrets.token_hex(8)
+    digest = hashlib.sha256(seed.encode())
+    bad: list[str] = []
+    chunk: list[str] = []
+    try:
+        for row in rows:
+            text = row.key() if isinstance(row, CohortRow) else f"bad:{row}"
+            digest.update(text.encode() + b"\n")
+            if isinstance(row, CohortError):
+                bad.append(str(row))
+                continue
+            chunk.append(text)
+            if len(chunk) >= STAGE_CHUNK:
+                ledger.stage_rows(token, chunk)
+                chunk = []
+        ledger.stage_rows(token, chunk)
+    except BaseException:
+        ledger.drop_staged_rows(token)
+        raise
+    return token, "t" + digest.hexdigest()[:15], bad
 
 
 def submit(
@@ -81,40 +101,48 @@ def submit(
         raise ConfigurationError(f"batch size must be at least 1, got {batch_size}")
     ctx.settings.source(source)  # unknown profile, missing secret: refused before anything is queued
     storage_for_layout(layout)  # a bad template: refused too
-    out = os.path.abspath(output)
-    rows, description = _row_source(cohort, skip_bad_rows)
-    if job_id is None:
-        job_id = default_job_id(rows(), source, out, layout)
-        if new_job:
-            job_id = f"{job_id}-{secrets.token_hex(3)}"
-    elif not job_id.replace("-", "").replace("_", "").isalnum() or len(job_id) > 64:
+    if job_id is not None and (not job_id.replace("-", "").replace("_", "").isalnum() or len(job_id) > 64):
         raise ConfigurationError(f"job id {job_id!r}: letters, digits, '-' and '_' only, at most 64 characters")
+    out = os.path.abspath(output)
     ledger = ctx.ledger
-    fields = {"source": source, "output": out, "layout": layout, "batch_size": batch_size, "cohort": description}
-    if not ledger.create_job(job_id, fields):
-        existing = ledger.job_fields(job_id)
-        for key in ("source", "output", "layout"):
-            if existing.get(key) != str(fields[key]):
-                raise ConfigurationError(
-                    f"job {job_id} exists with {key} {existing.get(key)!r}, not {fields[key]!r}; "
-                    "choose another job id or the same settings"
-                )
-        ledger.reopen(job_id, JobState.EXPANDING)
-        ledger.r.delete(ledger.key(job_id, "badrows"))
-        ledger.r.hset(ledger.key(job_id, "job"), "bad_rows", 0)
-        for _, series, uids in ledger.failed(job_id):
-            ledger.unfail(job_id, series, uids)
-    queued = 0
-    for row in rows():
-        if isinstance(row, CohortError):
-            ledger.record_bad_row(job_id, str(row))
-            continue
-        key = row.key()
-        ledger.add_row(job_id, key)
+    rows, description = _rows(cohort, skip_bad_rows)
+    token, derived, bad = _stage(ledger, rows, f"{source}\n{out}\n{layout}\n")
+    try:
+        if not ledger.staged_count(token):
+            raise CohortError(f"{description.partition(':')[2]}: no cohort rows to export")
+        if job_id is None:
+            job_id = f"{derived}-{secrets.token_hex(3)}" if new_job else derived
+        _create_or_reopen(ledger, job_id, source, out, layout, batch_size, description)
+    except BaseException:
+        ledger.drop_staged_rows(token)
+        raise
+    ledger.adopt_staged_rows(job_id, token)
+    for line in bad:
+        ledger.record_bad_row(job_id, line)
+    for queued, key in enumerate(ledger.rows(job_id), start=1):
         ctx.publisher.expand(job_id, source, key)
-        queued += 1
         if queued % CANCEL_CHECK_EVERY == 0 and ledger.state(job_id) == JobState.CANCELLED.value:
             break  # cancel stops queueing
     if ledger.producer_done(job_id):
         finalize_job(ledger, job_id)
     return job_id
+
+
+def _create_or_reopen(
+    ledger: Ledger, job_id: str, source: str, out: str, layout: str, batch_size: int, description: str
+) -> None:
+    """A new job, or the same export run again: reopened for expansion, failed instances given a fresh budget."""
+    fields = {"source": source, "output": out, "layout": layout, "batch_size": batch_size, "cohort": description}
+    if ledger.create_job(job_id, fields):
+        return
+    existing = ledger.job_fields(job_id)
+    for key in ("source", "output", "layout"):
+        if existing.get(key) != str(fields[key]):
+            raise ConfigurationError(
+                f"job {job_id} exists with {key} {existing.get(key)!r}, not {fields[key]!r}; "
+                "choose another job id or the same settings"
+            )
+    ledger.reopen(job_id, JobState.EXPANDING)
+    ledger.clear_bad_rows(job_id)
+    for _, series, uids in ledger.failed(job_id):
+        ledger.unfail(job_id, series, uids)

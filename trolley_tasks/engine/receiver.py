@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from trolley_tasks.config import Settings
 from trolley_tasks.engine.context import default_spool
+from trolley_tasks.engine.settings import Settings
 from trolley_tasks.errors import ConfigurationError
 from trolley_tasks.transports.storage_scp import StorageReceiver
 

@@ -16,14 +16,13 @@ import json
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.engine.context import storage_for_layout
-from trolley_tasks.engine.ledger.ledger import Ledger
+from trolley_tasks.engine.ledger import Ledger
 from trolley_tasks.engine.models import InstanceRecord, JobStatus
 from trolley_tasks.errors import TrolleyError
 
@@ -163,7 +162,7 @@ def write_report(ledger: Ledger, job_id: str) -> tuple[Path, Path]:
     return json_path, csv_path
 
 
-def finalize_job(ledger: Ledger, job_id: str) -> bool:
+def finalize_job(ledger: Ledger, job_id: str) -> None:
     """What the one finalizer does when a job ends: write the report, then give the ledger keys their expiry.
 
     A report that cannot be written (a full disk) is logged and does not undo the job; ``trolley-tasks status``
@@ -174,6 +173,5 @@ def finalize_job(ledger: Ledger, job_id: str) -> bool:
     except (OSError, KeyError) as exc:
         log.error("job %s ended but its report could not be written: %s", job_id, exc)
     else:
-        ledger.r.hset(ledger.key(job_id, "job"), "reported_at", str(time.time()))
+        ledger.mark_reported(job_id)
     ledger.expire_job(job_id)
-    return True

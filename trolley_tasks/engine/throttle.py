@@ -28,8 +28,8 @@ from datetime import time as dtime
 
 import redis
 
-from trolley_tasks.config import parse_rate, parse_window
 from trolley_tasks.errors import ConfigurationError
+from trolley_tasks.profiles import parse_rate, parse_window
 
 _SEMAPHORE_LUA = """
 local t = redis.call('TIME')
@@ -100,7 +100,7 @@ class Window:
 
     @classmethod
     def parse(cls, value: str) -> Window:
-        """``"HH:MM-HH:MM"`` (see :func:`trolley_tasks.config.parse_window`); ConfigurationError when malformed."""
+        """``"HH:MM-HH:MM"`` (see :func:`trolley_tasks.profiles.parse_window`); ConfigurationError when malformed."""
         try:
             start, end = parse_window(value)
         except ValueError as exc:

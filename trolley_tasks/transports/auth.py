@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -26,9 +26,6 @@ from requests.auth import AuthBase, _basic_auth_str
 
 from trolley_tasks.errors import AuthError, ConfigurationError, MissingCredentialError
 from trolley_tasks.transports.http import redact_url, request
-
-if TYPE_CHECKING:
-    from trolley_tasks.config import AuthConfig, SourceProfile
 
 logger = logging.getLogger("trolley.auth")
 
@@ -330,34 +327,3 @@ def make_session(
         if isinstance(auth, VitreaAuth):
             auth.bind(session)
     return session
-
-
-def auth_from_config(config: AuthConfig) -> AuthBase | None:
-    """The auth object a ``[sources.NAME.auth]`` table describes (see :mod:`trolley_tasks.config`), secrets read."""
-    if config.type == "none":
-        return None
-    if config.type == "bearer":
-        if config.token_env:
-            return BearerAuth.from_env(config.token_env)
-        assert config.token_file is not None
-        return BearerAuth.from_file(config.token_file)
-    assert config.username is not None
-    what = f"password of {config.username}"
-    if config.password_env:
-        password = read_secret(env=config.password_env, what=what)
-    else:
-        password = read_secret(file=config.password_file, what=what)
-    if config.type == "basic":
-        return BasicAuth(config.username, password)
-    assert config.login_url is not None
-    return VitreaAuth(config.login_url, config.username, password, realm=config.realm)
-
-
-def session_for_profile(profile: SourceProfile) -> requests.Session:
-    """The session a worker builds once for a source profile: auth, client certificate and CA bundle applied."""
-    return make_session(
-        auth_from_config(profile.auth),
-        client_cert=profile.client_cert,
-        client_key=profile.client_key,
-        ca_bundle=profile.ca_bundle,
-    )

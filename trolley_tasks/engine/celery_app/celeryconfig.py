@@ -1,15 +1,17 @@
-"""Celery settings of the engine, read from the environment (``celeryconfig.py`` at the repository top imports this).
+"""Celery settings of the engine, as a function of the :class:`~trolley_tasks.engine.settings.Settings`.
+
+Nothing here reads a file or the environment: :func:`celery_settings` turns settings already loaded into Celery's
+configuration, and :func:`~trolley_tasks.engine.celery_app.app.make_app` applies it to an app.
 
 Where the app finds its broker and its ledger
 ---------------------------------------------
-Through :func:`trolley_tasks.config.load_settings`, like every other part of trolley-tasks:
 
 - ``TROLLEY_BROKER__URL`` (or ``[broker] url`` in the file named by ``TROLLEY_CONFIG``): the Celery broker,
   ``redis://host:6379/0``, ``redis+socket:///path/redis.sock`` or ``amqp://user@host:5672//`` (RabbitMQ). Without
   one, ``redis://127.0.0.1:6379/0``.
 - ``TROLLEY_BROKER__LEDGER_URL`` (or ``[broker] ledger_url``): the Redis that holds the ledger and the throttle.
   It defaults to the broker's URL when the broker is a Redis; a RabbitMQ broker needs it set.
-- ``TROLLEY_VISIBILITY_TIMEOUT`` (seconds, default 7200): see below.
+- ``[broker] visibility_timeout`` (``TROLLEY_BROKER__VISIBILITY_TIMEOUT``, seconds, default 7200): see below.
 
 Why each setting
 ----------------
@@ -29,23 +31,21 @@ Why each setting
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from kombu import Queue
 
-from trolley_tasks.config import load_settings
+from trolley_tasks.engine.settings import DEFAULT_BROKER, Settings
 
-DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 TASK_TIME_LIMIT = 1200
 
 
-def celery_settings(broker_url: str | None) -> dict[str, Any]:
-    """Every Celery setting of the engine, for ``broker_url`` (None: :data:`DEFAULT_BROKER`)."""
+def celery_settings(settings: Settings) -> dict[str, Any]:
+    """Every Celery setting of the engine for ``settings`` (no broker configured: :data:`DEFAULT_BROKER`)."""
     return {
-        "broker_url": broker_url or DEFAULT_BROKER,
+        "broker_url": settings.broker.url or DEFAULT_BROKER,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": int(os.environ.get("TROLLEY_VISIBILITY_TIMEOUT", "7200"))},
+        "broker_transport_options": {"visibility_timeout": settings.broker.visibility_timeout},
         "result_backend": None,
         "task_ignore_result": True,
         "task_store_errors_even_if_ignored": False,
@@ -67,6 +67,3 @@ def celery_settings(broker_url: str | None) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
     }
-
-
-globals().update(celery_settings(load_settings().broker.url))

@@ -1,5 +1,5 @@
 """The ledger: every Redis key of a job, and the Lua transitions that keep them consistent (docs/engine.md)."""
 
-from trolley_tasks.engine.ledger.ledger import JOBS_KEY, Claim, Ledger, Settled
+from trolley_tasks.engine.ledger.ledger import JOBS_KEY, Claim, ClaimCode, Ledger, Outcome, Settled
 
-__all__ = ["JOBS_KEY", "Claim", "Ledger", "Settled"]
+__all__ = ["JOBS_KEY", "Claim", "ClaimCode", "Ledger", "Outcome", "Settled"]

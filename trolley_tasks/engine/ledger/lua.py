@@ -147,6 +147,7 @@ for i = 5, #ARGV do
     if code == 'c' then
       r[1] = 'r'; r[4] = tostring(lease)
       redis.call('HSET', sh, uid, pack(r))
+      redis.call('HSETNX', job, 'started_at', tostring(now))
     elseif code == 'x' then
       r[1] = 'f'; r[4] = '0'
       redis.call('HSET', sh, uid, pack(r))

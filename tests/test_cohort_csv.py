@@ -12,7 +12,6 @@ from trolley_tasks.cohort import (
     iter_csv_rows,
     row_from_query,
     rows_from_references,
-    validate_csv,
 )
 from trolley_tasks.core import InstanceReference, Query, SeriesReference, StudyReference
 
@@ -52,20 +51,21 @@ def test_rows_of_every_kind(tmp_path: Path) -> None:
 def test_bad_rows_are_named(tmp_path: Path, body: str, where: str) -> None:
     path = write(tmp_path, "StudyInstanceUID,StudyDate\n" + body)
     with pytest.raises(CohortError) as info:
-        validate_csv(path)
+        list(iter_csv_rows(path))
     assert where in str(info.value) and str(path) in str(info.value)
 
 
 def test_skip_bad_rows_reports_them(tmp_path: Path) -> None:
     path = write(tmp_path, "StudyInstanceUID,AccessionNumber\n1.2.3,\nnope,\n,A*\n1.2.4,\n")
-    good, bad = validate_csv(path, skip_bad_rows=True)
-    assert good == 2 and len(bad) == 2
+    rows = list(iter_csv_rows(path, skip_bad_rows=True))
+    bad = [row for row in rows if isinstance(row, CohortError)]
+    assert len(rows) - len(bad) == 2 and len(bad) == 2
     assert "row 3, column StudyInstanceUID" in str(bad[0]) and "row 4, column AccessionNumber" in str(bad[1])
 
 
 def test_header_without_identifier_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CohortError, match="row 1"):
-        validate_csv(write(tmp_path, "PatientName\nDoe\n"))
+        list(iter_csv_rows(write(tmp_path, "PatientName\nDoe\n")))
 
 
 def test_instance_level_csv_merges_per_study(tmp_path: Path) -> None:
