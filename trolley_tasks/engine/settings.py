@@ -81,6 +81,34 @@ class BrokerConfig(_Strict):
         return url
 
 
+class EngineConfig(_Strict):
+    """How the engine keeps every job alive without a human (``[engine]``, ``TROLLEY_ENGINE__*``).
+
+    Every instance of a job is at all times pending with a message that will deliver it, running under a live lease,
+    or terminal (docs/engine.md, "Liveness"). These are the clocks that keep that true:
+
+    task_time_limit
+        Seconds a fetch or expansion task may run before Celery stops it (the soft limit is a minute earlier, and
+        the engine puts the unfinished instances back to pending when it fires).
+    lease_seconds
+        How long a claimed instance (and a concurrency slot) stays "running" without a heartbeat. A heartbeat thread
+        renews both every third of it while the fetch runs, so a dead worker's instances come back this long after
+        it died, and a live one never loses its claim.
+    sweep_interval
+        How often the watchdog (a thread in every worker's main process, one sweeping at a time) publishes delayed
+        work that is due and looks for stalled jobs.
+    stall_seconds
+        A job with work left and no heartbeat, claim or settle for this long is stalled: the watchdog publishes its
+        pending instances, lapsed leases and unexpanded rows again (duplicates are harmless: the ledger's claim
+        decides who fetches).
+    """
+
+    task_time_limit: int = Field(default=1200, ge=10)
+    lease_seconds: float = Field(default=90.0, ge=3)
+    sweep_interval: float = Field(default=5.0, gt=0)
+    stall_seconds: float = Field(default=120.0, ge=1)
+
+
 class FlowerConfig(_Strict):
     """``trolley-tasks flower``: where Flower listens, and its basic-auth user. The password comes from the
     environment variable ``password_env`` (or the file ``password_file``) and reaches Flower through its own
@@ -113,6 +141,7 @@ class Settings(BaseSettings):
     broker: BrokerConfig = BrokerConfig()
     sources: dict[str, SourceProfile] = {}
     flower: FlowerConfig = FlowerConfig()
+    engine: EngineConfig = EngineConfig()
     state_dir: Path = Path.home() / ".local" / "state" / "trolley"
     config_path: Path | None = Field(default=None, exclude=True)
 

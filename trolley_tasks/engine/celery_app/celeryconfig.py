@@ -37,8 +37,6 @@ from kombu import Queue
 
 from trolley_tasks.engine.settings import DEFAULT_BROKER, Settings
 
-TASK_TIME_LIMIT = 1200
-
 
 def celery_settings(settings: Settings) -> dict[str, Any]:
     """Every Celery setting of the engine for ``settings`` (no broker configured: :data:`DEFAULT_BROKER`)."""
@@ -55,8 +53,8 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_time_limit": TASK_TIME_LIMIT,
-        "task_soft_time_limit": TASK_TIME_LIMIT - 60,
+        "task_time_limit": settings.engine.task_time_limit,
+        "task_soft_time_limit": settings.engine.task_time_limit - min(60, settings.engine.task_time_limit // 4),
         "task_default_queue": "trolley.fetch",
         "task_queues": (Queue("trolley.fetch"), Queue("trolley.expand")),
         "task_routes": {
