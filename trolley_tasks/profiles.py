@@ -139,6 +139,10 @@ class SourceProfile(_Strict):
     receiver_port: int | None = Field(default=None, ge=1, le=65535)
     spool_dir: Path | None = None
     max_concurrency: int = Field(default=4, ge=1, le=256)
+    breaker_threshold: int = Field(default=5, ge=1, le=1000)
+    """Consecutive transient/timeout/busy errors after which the engine holds the whole source (its breaker)."""
+    breaker_max_hold: float = Field(default=120.0, gt=0, le=3600)
+    """The longest wait, in seconds, between two probes of a held source."""
     rate_limit: str | None = None
     window: str | None = None
     timeout: float = Field(default=30, gt=0)

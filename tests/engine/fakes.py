@@ -12,8 +12,10 @@ import redis
 from testbed.cohort import GeneratedCohort
 from trolley_tasks.core import Instance, InstanceReference, Query, QueryLevels, Series, Study, to_instance_refs
 from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
-from trolley_tasks.engine.context import EngineContext, FetchMessage
+from trolley_tasks.engine.context import EngineContext
 from trolley_tasks.engine.ledger import Ledger
+from trolley_tasks.engine.report import finalize_job
+from trolley_tasks.engine.messages import FetchMessage
 from trolley_tasks.engine.settings import Settings
 from trolley_tasks.errors import NotFoundError, StudyNotFoundError
 from trolley_tasks.profiles import SourceProfile
@@ -85,12 +87,16 @@ class FakeDownloader(DownloaderBase):
 class RecordingPublisher:
     fetches: list[tuple[FetchMessage, float]] = field(default_factory=list)
     expands: list[tuple[str, str, str, int, float]] = field(default_factory=list)
+    finalizes: list[str] = field(default_factory=list)
 
     def fetch(self, message: FetchMessage, countdown: float = 0.0) -> None:
         self.fetches.append((message, countdown))
 
     def expand(self, job: str, source: str, row: str, attempt: int = 1, countdown: float = 0.0) -> None:
         self.expands.append((job, source, row, attempt, countdown))
+
+    def finalize(self, job: str) -> None:
+        self.finalizes.append(job)
 
 
 def make_context(redis_url: str, searcher: Any, downloader: Any, **profile: Any) -> EngineContext:
@@ -104,7 +110,8 @@ def make_context(redis_url: str, searcher: Any, downloader: Any, **profile: Any)
 
 
 def drain(ctx: EngineContext, run_fetch: Callable[[FetchMessage], Any], limit: int = 1000) -> int:
-    """Run every queued fetch message (countdowns ignored) until none is left; return how many ran."""
+    """Run every queued fetch message (countdowns ignored) until none is left, then every finalize request, as the
+    ``trolley.finalize`` task would; return how many fetches ran."""
     publisher = ctx.publisher
     assert isinstance(publisher, RecordingPublisher)
     ran = 0
@@ -112,4 +119,6 @@ def drain(ctx: EngineContext, run_fetch: Callable[[FetchMessage], Any], limit: i
         message, _ = publisher.fetches.pop(0)
         run_fetch(message)
         ran += 1
+    while publisher.finalizes:
+        finalize_job(ctx.ledger, publisher.finalizes.pop(0))
     return ran

@@ -22,7 +22,7 @@ from trolley_tasks.engine.context import EngineContext, redis_client
 from trolley_tasks.engine.expand import expand_row
 from trolley_tasks.engine.ledger import Ledger
 from trolley_tasks.engine.producer import submit
-from trolley_tasks.engine.celery_app.messages import CeleryPublisher
+from trolley_tasks.engine.celery_app.publisher import CeleryPublisher
 from trolley_tasks.searchers.base import SearcherBase
 
 broker, ledger_url, out = sys.argv[1:4]

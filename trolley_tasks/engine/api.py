@@ -35,7 +35,7 @@ from celery import Celery
 
 from trolley_tasks.engine import producer, report
 from trolley_tasks.engine.celery_app.app import make_app
-from trolley_tasks.engine.celery_app.messages import CeleryPublisher
+from trolley_tasks.engine.celery_app.publisher import CeleryPublisher
 from trolley_tasks.engine.context import EngineContext, build_context
 from trolley_tasks.engine.dispatch import publish_series, republish
 from trolley_tasks.engine.embedded import EmbeddedRedis, embedded_redis
@@ -201,14 +201,17 @@ class EngineClient:
         return self.ledger.pause(job_id, reason)
 
     def resume(self, job_id: str) -> bool:
-        """Resume a paused job and queue what is pending. False if it was not paused."""
+        """Resume a paused job and queue what is pending; on a running job, queue what is pending again (a job
+        that looks stuck: duplicates are harmless). False when the job had ended."""
         self._known(job_id)
         resumed, finalized = self.ledger.resume(job_id)
         if finalized:
             report.finalize_job(self.ledger, job_id)
-        elif resumed:
+            return True
+        if resumed or self.ledger.state(job_id) in (JobState.EXPANDING.value, JobState.RUNNING.value):
             republish(self._ctx, job_id)
-        return resumed
+            return True
+        return False
 
     def cancel(self, job_id: str) -> bool:
         """Cancel: stop queueing, drop pending work, keep what is done, write the report. False if it had ended."""
@@ -222,7 +225,9 @@ class EngineClient:
         """Queue failed instances and failed rows again with a fresh budget; return how many.
 
         An ended job becomes ``running`` again; a paused one stays paused (its failed instances become pending and
-        go out on resume).
+        go out on resume). It is one step as far as the job's end is concerned: the job cannot finalize while the
+        failed instances are being moved, series by series, even with workers settling meanwhile (the ledger's
+        ``producer_done`` is held at 0 until the last series moved).
         """
         self._known(job_id)
         ctx, ledger = self._ctx, self.ledger
@@ -230,7 +235,7 @@ class EngineClient:
         status = ledger.status(job_id)
         if meta is None or status is None or (status.failed == 0 and status.rows_failed == 0):
             return 0
-        ledger.reopen(job_id, JobState.RUNNING)
+        ledger.reopen(job_id, JobState.RUNNING)  # holds the job open (producer_done 0) until the loop is over
         paused = ledger.state(job_id) == JobState.PAUSED.value
         moved = 0
         for row, _ in list(ledger.row_failures(job_id)):
@@ -243,7 +248,7 @@ class EngineClient:
             moved += len(again)
             if not paused:
                 publish_series(ctx, job_id, meta.source, study, series, again, meta.batch_size)
-        if moved == 0 and ledger.check(job_id):
+        if ledger.producer_done(job_id):
             report.finalize_job(ledger, job_id)
         return moved
 

@@ -6,23 +6,26 @@ reused by every task that process runs: HTTP keep-alive sessions and DIMSE assoc
 (DESIGN.md, "Workers"). A prefork worker builds them in each child after the fork, never in the parent, so no socket
 is shared between processes.
 
-Messages carry only the job id, the profile *name* and UIDs (:class:`FetchMessage`), never a URL or a secret.
+Messages carry only the job id, the profile *name* and UIDs (:class:`~trolley_tasks.engine.messages.FetchMessage`),
+never a URL or a secret.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import redis
 
 from trolley_tasks.downloaders.base import Downloader
+from trolley_tasks.engine.breaker import Breaker
 from trolley_tasks.engine.ledger import Ledger
+from trolley_tasks.engine.messages import Publisher
 from trolley_tasks.engine.policy import Policy, policy_with_overrides
+from trolley_tasks.engine.scheduler import DeferringPublisher
 from trolley_tasks.engine.settings import Settings
 from trolley_tasks.engine.throttle import Throttle
 from trolley_tasks.profiles import SourceProfile
@@ -42,37 +45,6 @@ def storage_for_layout(layout: str) -> DICOMDiskStorage:
     return TemplateStorage(layout)
 
 
-@dataclass(frozen=True)
-class FetchMessage:
-    """A fetch task's arguments: a batch of instances of ONE series, the job and the source profile's name."""
-
-    job: str
-    source: str
-    study: str
-    series: str
-    instances: tuple[str, ...]
-
-    def kwargs(self) -> dict[str, Any]:
-        return {
-            "job": self.job,
-            "source": self.source,
-            "study": self.study,
-            "series": self.series,
-            "instances": list(self.instances),
-        }
-
-    def with_instances(self, uids: Iterable[str]) -> FetchMessage:
-        return FetchMessage(self.job, self.source, self.study, self.series, tuple(uids))
-
-
-class Publisher(Protocol):
-    """Where the engine's functions send follow-up work (Celery in production, a list in unit tests)."""
-
-    def fetch(self, message: FetchMessage, countdown: float = 0.0) -> None: ...
-
-    def expand(self, job: str, source: str, row: str, attempt: int = 1, countdown: float = 0.0) -> None: ...
-
-
 @dataclass
 class SourceRuntime:
     """One profile's clients in this process."""
@@ -80,6 +52,7 @@ class SourceRuntime:
     name: str
     profile: SourceProfile
     throttle: Throttle
+    breaker: Breaker
     policy: Policy
     build_searcher: Callable[[], Searcher]
     build_downloader: Callable[[], Downloader]
@@ -97,6 +70,12 @@ class SourceRuntime:
         if self._downloader is None:
             self._downloader = self.build_downloader()
         return self._downloader
+
+    def gate(self) -> tuple[float, bool]:
+        """(seconds to hold, probe): how long work for this source must wait before it may start (a closed window,
+        or a held source), and whether this caller is the probe of a held source (:mod:`.breaker`)."""
+        window = self.throttle.seconds_until_open()
+        return (window, False) if window > 0 else self.breaker.gate()
 
     @property
     def whole_series(self) -> bool:
@@ -142,15 +121,15 @@ class EngineContext:
     max_redeliveries
         Worker-lost redeliveries of one instance before it is failed as poison.
     lease_seconds
-        How long a claimed instance stays "running" without its holder settling it; after that another delivery
-        may take it over. Longer than the longest fetch (the task time limit).
+        How long a claimed instance stays "running" without a heartbeat; the running fetch renews it every third of
+        it (:mod:`~trolley_tasks.engine.heartbeat`), so only a dead holder's claim lapses (``[engine]``).
     """
 
     settings: Settings
     ledger: Ledger
     publisher: Publisher
     max_redeliveries: int = 3
-    lease_seconds: float = 1800.0
+    lease_seconds: float = 90.0
     sources: dict[str, SourceRuntime] = field(default_factory=dict)
     storages: dict[str, DICOMDiskStorage] = field(default_factory=dict)
     jobs: dict[str, JobMeta] = field(default_factory=dict)
@@ -174,6 +153,14 @@ class EngineContext:
                         max_concurrency=profile.max_concurrency,
                         rate_limit=profile.rate_limit,
                         window=profile.window,
+                        lease_seconds=self.lease_seconds,
+                    ),
+                    breaker=Breaker(
+                        self.ledger.r,
+                        name,
+                        threshold=profile.breaker_threshold,
+                        max_hold=profile.breaker_max_hold,
+                        probe_seconds=self.lease_seconds,
                     ),
                     policy=policy_with_overrides(profile.retry, where=f"[sources.{name}.retry]"),
                     build_searcher=builders[0],
@@ -233,5 +220,13 @@ def redis_client(url: str) -> redis.Redis:
 
 
 def build_context(settings: Settings, publisher: Publisher) -> EngineContext:
-    """An :class:`EngineContext` over the ledger this configuration names."""
-    return EngineContext(settings=settings, ledger=Ledger(redis_client(settings.broker.ledger())), publisher=publisher)
+    """An :class:`EngineContext` over the ledger this configuration names. Deferred work (a countdown) goes to the
+    ledger's Redis, never to the broker as an ETA task (:mod:`~trolley_tasks.engine.scheduler`)."""
+    client = redis_client(settings.broker.ledger())
+    ledger = Ledger(client)
+    return EngineContext(
+        settings=settings,
+        ledger=ledger,
+        publisher=DeferringPublisher(publisher, client, ledger.wait_until),
+        lease_seconds=settings.engine.lease_seconds,
+    )

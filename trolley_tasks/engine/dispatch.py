@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from trolley_tasks.engine.context import EngineContext, FetchMessage
+from trolley_tasks.engine.context import EngineContext
+from trolley_tasks.engine.messages import FetchMessage
 
 
 def publish_series(

@@ -5,8 +5,10 @@ INSTANCE depth (``find_study_by_id``); a search row (AccessionNumber, PatientID,
 studies and queues one study row each, so expansion stays one study per task and spreads over the workers.
 
 Each series' instances go to the ledger in one Lua call (counted once, however often the row is expanded), and out
-as fetch messages of up to ``batch_size`` instances of that series. Searches hold a slot of the source's throttle
-like fetches do: the PACS counts them alike. Failures go through the same retry table as fetches.
+as fetch messages (:mod:`~trolley_tasks.engine.dispatch`). Searches hold a slot of the source's throttle like
+fetches do, kept alive by a heartbeat for as long as the search takes: the PACS counts them alike. Failures go
+through the same retry table and the same breaker as fetches, and each request of a search is retried on its own by
+the HTTP transport first, so one flaky request does not cost the whole expansion.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from trolley_tasks.cohort import CohortRow
 from trolley_tasks.core import QueryLevels, Study
 from trolley_tasks.engine.context import EngineContext, SourceRuntime
 from trolley_tasks.engine.dispatch import publish_series
-from trolley_tasks.engine.fetch import MAX_HOLD
+from trolley_tasks.engine.fetch import BUSY_REQUEUE
+from trolley_tasks.engine.heartbeat import Heartbeat
 from trolley_tasks.engine.models import Failure
+from trolley_tasks.engine.outcomes import as_engine_error, host_condition
 from trolley_tasks.engine.policy import Action
-from trolley_tasks.engine.report import finalize_job
 from trolley_tasks.engine.throttle import ThrottleBusy
 from trolley_tasks.errors import NotFoundError, StudyNotFoundError, TrolleyError
 
@@ -43,7 +46,8 @@ class ExpandResult:
 
 def expand_row(ctx: EngineContext, job: str, source: str, row_key: str, attempt: int = 1) -> ExpandResult:
     """Expand one row (see the module docstring). ``attempt`` counts the tries of this row so far, this one
-    included."""
+    included. Nothing escapes without a decision: any error ends in a retry (parked until due), a failed row, or a
+    paused job; an error outside the tree is recorded as a failed row, and the row's message is never lost."""
     result = ExpandResult()
     state = ctx.ledger.state(job)
     meta = ctx.job(job)
@@ -51,57 +55,79 @@ def expand_row(ctx: EngineContext, job: str, source: str, row_key: str, attempt:
         # paused: resume re-queues every row not yet expanded; cancelled or gone: nothing to do
         result.dropped = f"job is {state or 'gone'}"
         return result
-    runtime = ctx.source(source)
-    wait = runtime.throttle.seconds_until_open()
-    if wait > 0:
-        result.retry_in = min(wait, MAX_HOLD)
-        ctx.publisher.expand(job, source, row_key, attempt, countdown=result.retry_in)
+    try:
+        runtime = ctx.source(source)
+    except TrolleyError as exc:  # this host lacks the profile or its secret
+        ctx.ledger.pause(job, host_condition(exc) or exc.message)
+        result.dropped = "job paused"
+        return result
+    hold, probe = runtime.gate()
+    if hold > 0:
+        result.retry_in = hold
+        ctx.publisher.expand(job, source, row_key, attempt, countdown=hold)
         return result
     row = CohortRow.from_key(row_key)
+    try:
+        with Heartbeat(ctx.ledger, job, ctx.lease_seconds) as beat:
+            finished = _expand(ctx, runtime, beat, job, source, meta.batch_size, row, row_key, attempt, result)
+    except BaseException as exc:
+        if not isinstance(exc, Exception):
+            ctx.publisher.expand(job, source, row_key, attempt)  # the worker is going away: hand the row back
+            raise
+        finished = _expansion_failed(ctx, runtime, job, source, row, row_key, attempt, exc, probe, result)
+    if finished:
+        result.finalized = True
+        ctx.publisher.finalize(job)
+    return result
+
+
+def _expand(
+    ctx: EngineContext,
+    runtime: SourceRuntime,
+    beat: Heartbeat,
+    job: str,
+    source: str,
+    batch_size: int,
+    row: CohortRow,
+    row_key: str,
+    attempt: int,
+    result: ExpandResult,
+) -> bool:
+    """The expansion proper; returns True when the row's end completed the job."""
     if row.instance_uids:
         # the cohort names every instance (an instance-level CSV or references): nothing to ask the PACS; an
         # instance it lacks fails at fetch time as not-found
-        _record_instances(ctx, job, source, meta.batch_size, row, result)
-        if ctx.ledger.row_done(job, row_key):
-            result.finalized = True
-            finalize_job(ctx.ledger, job)
-        return result
+        _record_instances(ctx, job, source, batch_size, row, result)
+        return ctx.ledger.row_done(job, row_key)
     try:
-        with runtime.throttle.slot(max_wait=SEARCH_SLOT_WAIT):
+        with runtime.throttle.slot(max_wait=SEARCH_SLOT_WAIT) as slot:
+            beat.watch(slot)
             if row.study_uid:
                 found: Study | list[Study] = runtime.searcher.find_study_by_id(row.study_uid, QueryLevels.INSTANCE)
             else:
                 found = runtime.searcher.find_studies(row.to_query())
     except ThrottleBusy:
-        result.retry_in = 2.0
+        result.retry_in = BUSY_REQUEUE
         ctx.publisher.expand(job, source, row_key, attempt, countdown=result.retry_in)
-        return result
-    except TrolleyError as exc:
-        return _expansion_failed(ctx, runtime, job, source, row, row_key, attempt, exc, result)
+        return False
+    runtime.breaker.success()
     if isinstance(found, list):
         if not found:
-            none = StudyNotFoundError(f"no study matches {row.describe()}", source=source)
-            return _expansion_failed(ctx, runtime, job, source, row, row_key, attempt, none, result)
+            raise StudyNotFoundError(f"no study matches {row.describe()}", source=source)
         for study in found:
             study_row = CohortRow(study_uid=study.uid).key()
             if ctx.ledger.add_row(job, study_row):
                 ctx.publisher.expand(job, source, study_row)
                 result.studies += 1
-    else:
-        missing = _record_study(ctx, job, source, meta.batch_size, found, row, result)
-        if missing:
-            error = NotFoundError(f"not in the study on the server: {', '.join(missing[:5])}", source=source)
-            result.failed = error.message
-            result.finalized = ctx.ledger.row_done(
-                job, row_key, Failure.of(error, attempt, study_uid=row.study_uid, row=row.describe())
-            )
-            if result.finalized:
-                finalize_job(ctx.ledger, job)
-            return result
-    if ctx.ledger.row_done(job, row_key):
-        result.finalized = True
-        finalize_job(ctx.ledger, job)
-    return result
+        return ctx.ledger.row_done(job, row_key)
+    missing = _record_study(ctx, job, source, batch_size, found, row, result)
+    if missing:
+        error = NotFoundError(f"not in the study on the server: {', '.join(missing[:5])}", source=source)
+        result.failed = error.message
+        return ctx.ledger.row_done(
+            job, row_key, Failure.of(error, attempt, study_uid=row.study_uid, row=row.describe())
+        )
+    return ctx.ledger.row_done(job, row_key)
 
 
 def _record_instances(
@@ -141,23 +167,33 @@ def _expansion_failed(
     row: CohortRow,
     row_key: str,
     attempt: int,
-    error: TrolleyError,
+    raw: Exception,
+    probe: bool,
     result: ExpandResult,
-) -> ExpandResult:
+) -> bool:
+    """Retry, fail or pause, like a fetch (the breaker too: a held source costs no attempt, except to its probe).
+    Returns True when a failed row completed the job."""
+    error = as_engine_error(raw)
     error_class, decision = runtime.policy.decide(error)
-    if decision.action is Action.PAUSE_JOB:
-        ctx.ledger.pause(job, f"{error_class.value}: {error.message}")
+    reason = host_condition(error)
+    if reason or decision.action is Action.PAUSE_JOB:
+        message = error.message if isinstance(error, TrolleyError) else str(error)
+        ctx.ledger.pause(job, reason or f"{error_class.value}: {message}")
         result.dropped = "job paused"
-        return result
+        return False
+    retry_after = error.retry_after if isinstance(error, TrolleyError) else None
+    held = runtime.breaker.failure(error_class, retry_after)
     if decision.shrink_concurrency:
         runtime.throttle.busy()
+    if held > 0 and decision.action is Action.RETRY and not (probe and decision.exhausted(attempt)):
+        result.retry_in = held  # the source is held: no attempt spent, unless this was its probe
+        ctx.publisher.expand(job, source, row_key, attempt + 1 if probe else attempt, countdown=held)
+        return False
     if decision.action is Action.RETRY and not decision.exhausted(attempt):
-        result.retry_in = decision.delay(attempt, error.retry_after)
+        result.retry_in = decision.delay(attempt, retry_after)
         ctx.publisher.expand(job, source, row_key, attempt + 1, countdown=result.retry_in)
-        return result
-    result.failed = f"{error_class.value}: {error.message}"
+        return False
+    failure = Failure.of(error, attempt, study_uid=row.study_uid, row=row.describe())
+    result.failed = f"{error_class.value}: {failure.message}"
     log.warning("job %s: row %s failed: %s", job, row.describe(), result.failed)
-    if ctx.ledger.row_done(job, row_key, Failure.of(error, attempt, study_uid=row.study_uid, row=row.describe())):
-        result.finalized = True
-        finalize_job(ctx.ledger, job)
-    return result
+    return ctx.ledger.row_done(job, row_key, failure)

@@ -2,36 +2,40 @@
 
 :func:`fetch_batch` is the whole body of the ``trolley.fetch`` task, as a plain function:
 
-1. the source's time window: outside it the batch is re-queued with a countdown (no worker is held);
+1. the source's time window and its breaker: when either holds, the batch is parked in Redis until it opens
+   (nothing is claimed, no worker is held);
 2. the ledger claims each instance (an instance already done, failed or held by a live fetch is skipped; a
-   redelivered one counts a redelivery and is failed as poison past the limit);
+   redelivered one counts a redelivery and is failed as poison past the limit); from here on a heartbeat keeps the
+   claim (and later the concurrency slot) alive, and **everything** that happens is caught: each claimed instance
+   ends settled, back in pending with a message, or in a paused job (:mod:`~trolley_tasks.engine.outcomes`);
 3. an instance whose file is already on disk and valid is counted done without a fetch;
 4. one concurrency slot of the source's throttle is held while the downloader's raw path streams the rest to
    storage (atomic write, SOPInstanceUID checked, no pixel decoding); tokens of the rate limit are taken as it goes;
-5. cheap failures are retried at once (tenacity); every other failure goes through the retry table
-   (:mod:`trolley_tasks.engine.policy`): re-queue with a countdown (only the failed instances), fail the
-   instance, or pause the job;
-6. one Lua call settles every instance; if that completed the job, this worker finalizes it (report, expiry).
+5. cheap failures are retried at once (tenacity); every other failure goes through the retry table and the breaker:
+   re-queue (only the failed instances, parked until due), fail the instance, or pause the job;
+6. the plan is carried out: pause, then one Lua call settles every instance, then the re-queue is published; if
+   the settle completed the job, a ``trolley.finalize`` task writes its report.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tenacity import RetryCallState, Retrying, stop_after_attempt, wait_random_exponential
 
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.downloaders.base import RawPayload
-from trolley_tasks.engine.context import EngineContext, FetchMessage, SourceRuntime
+from trolley_tasks.engine.context import EngineContext, SourceRuntime
+from trolley_tasks.engine.heartbeat import Heartbeat
 from trolley_tasks.engine.ledger import ClaimCode, Outcome, Settled
+from trolley_tasks.engine.messages import FetchMessage
 from trolley_tasks.engine.models import Failure
+from trolley_tasks.engine.outcomes import Plan, apply_policy, carry_out, host_condition, rescue
 from trolley_tasks.engine.policy import Action
-from trolley_tasks.engine.report import finalize_job
 from trolley_tasks.engine.throttle import ThrottleBusy
 from trolley_tasks.errors import ErrorClass, NotFoundError, TrolleyError, UnsafePathError
 from trolley_tasks.storage.disk import QUARANTINE_DIR, DICOMDiskStorage, QuarantinedPayloadError, SaveResult
@@ -40,8 +44,6 @@ from trolley_tasks.storage.layouts import path_component
 
 log = logging.getLogger("trolley.engine.fetch")
 
-MAX_HOLD = 600.0
-"""Longest countdown of a held batch (window closed): it is re-checked at least this often."""
 SLOT_WAIT = 20.0
 """How long a fetch waits for a concurrency slot before it re-queues itself and frees the worker."""
 BUSY_REQUEUE = 2.0
@@ -49,7 +51,7 @@ BUSY_REQUEUE = 2.0
 
 @dataclass
 class FetchResult:
-    """What one fetch did, for logs and tests."""
+    """What one fetch did, for logs and tests. ``errors`` is one short line per error class, with counts."""
 
     claimed: int = 0
     fetched: int = 0
@@ -60,7 +62,7 @@ class FetchResult:
     dropped: str = ""
     paused: bool = False
     finalized: bool = False
-    errors: dict[str, str] = field(default_factory=dict)
+    errors: str = ""
 
 
 def _failure(ref: InstanceReference, error: BaseException, attempts: int) -> Failure:
@@ -119,26 +121,27 @@ def _drain(payload: RawPayload) -> None:
 class _Download:
     """One pass of the downloader over the refs still wanted; per-instance results accumulate across passes."""
 
-    def __init__(self, runtime: SourceRuntime, storage: DICOMDiskStorage, output: str) -> None:
+    def __init__(self, runtime: SourceRuntime, storage: DICOMDiskStorage, output: str, tries: dict[str, int]) -> None:
         self.runtime = runtime
         self.storage = storage
         self.output = output
         self.saved: dict[str, SaveResult] = {}
         self.bad: dict[str, BaseException] = {}
-        self.tries: dict[str, int] = {}
+        self.tries = tries
         self.committer = Committer()
 
-    def flush(self) -> None:
+    def flush(self) -> dict[str, BaseException]:
         """Make every saved file durable (fsyncs ran behind the download); a file that could not be committed is
-        not saved, whatever its bytes were."""
-        for uid, error in self.committer.flush().items():
+        not saved, whatever its bytes were. Returns those, by SOPInstanceUID; a second call has nothing to do."""
+        errors = self.committer.flush()
+        for uid in errors:
             self.saved.pop(uid, None)
-            self.bad[uid] = error
+        return errors
 
     def remaining(self, refs: list[InstanceReference]) -> list[InstanceReference]:
         return [r for r in refs if r.instance_uid not in self.saved and r.instance_uid not in self.bad]
 
-    def run(self, refs: list[InstanceReference], keepalive: Iterator[None]) -> None:
+    def run(self, refs: list[InstanceReference], beat: Heartbeat) -> None:
         wanted = {r.instance_uid: r for r in self.remaining(refs)}
         if not wanted:
             return
@@ -148,7 +151,7 @@ class _Download:
         throttle.take()
         first = True
         for ref, payload in self.runtime.downloader.iter_raw(list(wanted.values())):
-            next(keepalive)
+            beat.check()
             if not first:
                 throttle.take()
             first = False
@@ -170,9 +173,9 @@ class _Download:
                 raise
 
 
-def _quick_retry(runtime: SourceRuntime, prior: int) -> Retrying:
+def _quick_retry(runtime: SourceRuntime, prior: int, probe: bool) -> Retrying:
     """Immediate retries for the classes that allow them, never past the attempt budget (``prior`` tries were
-    spent before this fetch)."""
+    spent before this fetch), and none for the probe of a held source: one try tells whether it is back."""
 
     def should_retry(state: RetryCallState) -> bool:
         error = state.outcome.exception() if state.outcome else None
@@ -185,7 +188,7 @@ def _quick_retry(runtime: SourceRuntime, prior: int) -> Retrying:
             and prior + state.attempt_number < decision.max_attempts
         )
 
-    quick = max(d.quick_retries for d in runtime.policy.table.values())
+    quick = 0 if probe else max(d.quick_retries for d in runtime.policy.table.values())
     return Retrying(
         stop=stop_after_attempt(1 + quick),
         wait=wait_random_exponential(multiplier=0.1, max=1.0),
@@ -201,12 +204,17 @@ def fetch_batch(ctx: EngineContext, message: FetchMessage, *, redelivered: bool 
     if meta is None:
         result.dropped = "unknown job"
         return result
-    runtime = ctx.source(message.source)
-    wait = runtime.throttle.seconds_until_open()
-    if wait > 0:
-        # outside the window: nothing is claimed, the message comes back when the window opens (or re-checks)
-        result.held = min(wait, MAX_HOLD)
-        ctx.publisher.fetch(message, countdown=result.held)
+    try:
+        runtime = ctx.source(message.source)
+    except TrolleyError as exc:  # this host lacks the profile or its secret: nothing was claimed
+        reason = host_condition(exc) or exc.message
+        result.paused = ctx.ledger.pause(message.job, reason)
+        log.warning("job %s paused: %s", message.job, reason)
+        return result
+    hold, probe = runtime.gate()
+    if hold > 0:
+        result.held = hold
+        ctx.publisher.fetch(message, countdown=hold)
         return result
     claim = ctx.ledger.claim(
         message.job,
@@ -218,7 +226,7 @@ def fetch_batch(ctx: EngineContext, message: FetchMessage, *, redelivered: bool 
     )
     if claim.finalized:
         result.finalized = True
-        finalize_job(ctx.ledger, message.job)
+        ctx.publisher.finalize(message.job)
     if claim.job_state not in ("expanding", "running"):
         result.dropped = f"job is {claim.job_state or 'gone'}"
         return result
@@ -227,53 +235,89 @@ def fetch_batch(ctx: EngineContext, message: FetchMessage, *, redelivered: bool 
     result.failed += len(claim.with_code(ClaimCode.POISON))
     if not claimed:
         return result
-    storage = ctx.storage(meta.layout)
-    refs = [InstanceReference(message.study, message.series, uid) for uid in claimed]
-    settled: list[Settled] = []
+    plan = Plan(probe=probe)
+    tries: dict[str, int] = {}
+    beat = Heartbeat(ctx.ledger, message.job, ctx.lease_seconds, message.series, claim.lease, claimed)
+    try:
+        with beat:
+            _work(ctx, message, runtime, meta.layout, meta.output, claim.codes, claimed, beat, tries, plan, result)
+    except BaseException as exc:
+        result.failed += rescue(exc, runtime, message, claimed, tries, claim.codes, plan)
+        _conclude(ctx, message, plan, result)
+        raise
+    _conclude(ctx, message, plan, result)
+    return result
+
+
+def _conclude(ctx: EngineContext, message: FetchMessage, plan: Plan, result: FetchResult) -> None:
+    result.requeued += len(plan.requeue) if not plan.pause else 0
+    result.paused = result.paused or bool(plan.pause)
+    result.errors = plan.summary()
+    if carry_out(ctx, message, plan):
+        result.finalized = True
+        ctx.publisher.finalize(message.job)
+
+
+def _work(
+    ctx: EngineContext,
+    message: FetchMessage,
+    runtime: SourceRuntime,
+    layout: str,
+    output: str,
+    codes: dict[str, tuple[ClaimCode, int, float]],
+    claimed: list[str],
+    beat: Heartbeat,
+    tries: dict[str, int],
+    plan: Plan,
+    result: FetchResult,
+) -> None:
+    storage = ctx.storage(layout)
     to_fetch: list[InstanceReference] = []
-    for ref in refs:
-        existing = storage.existing_valid(ref, meta.output)
+    for uid in claimed:
+        ref = InstanceReference(message.study, message.series, uid)
+        existing = storage.existing_valid(ref, output)
         if existing is not None:
-            attempts = claim.codes[ref.instance_uid][1]
-            path = relative_path(storage, existing, meta.output)
-            settled.append(Settled(ref.instance_uid, Outcome.SKIPPED, attempts, size=existing.size, path=path))
+            path = relative_path(storage, existing, output)
+            plan.settled.append(Settled(uid, Outcome.SKIPPED, codes[uid][1], size=existing.size, path=path))
             result.skipped += 1
         else:
             to_fetch.append(ref)
     if to_fetch:
-        _fetch(ctx, message, runtime, storage, meta.output, to_fetch, claim.codes, settled, result)
-    if ctx.ledger.settle(message.job, message.series, settled):
-        result.finalized = True
-        finalize_job(ctx.ledger, message.job)
-    return result
+        download = _Download(runtime, storage, output, tries)
+        try:
+            _fetch(ctx, message, runtime, download, to_fetch, codes, beat, plan, result)
+        finally:
+            # whatever happened, what reached the disk is made durable and counted: "done" means durable
+            for uid, error in download.flush().items():
+                download.bad[uid] = error
+            for uid, saved in download.saved.items():
+                if uid not in plan.settled_uids():
+                    attempts = codes[uid][1] + tries.get(uid, 1)
+                    path = relative_path(storage, saved, output)
+                    plan.settled.append(Settled(uid, Outcome.DONE, attempts, size=saved.size, path=path))
+                    result.fetched += 1
 
 
 def _fetch(
     ctx: EngineContext,
     message: FetchMessage,
     runtime: SourceRuntime,
-    storage: DICOMDiskStorage,
-    output: str,
+    download: _Download,
     refs: list[InstanceReference],
     codes: dict[str, tuple[ClaimCode, int, float]],
-    settled: list[Settled],
+    beat: Heartbeat,
+    plan: Plan,
     result: FetchResult,
 ) -> None:
-    download = _Download(runtime, storage, output)
     stream_error: BaseException | None = None
     try:
         with runtime.throttle.slot(max_wait=SLOT_WAIT) as slot:
-
-            def keepalive() -> Iterator[None]:
-                while True:
-                    slot.keepalive()
-                    yield
-
-            beats = keepalive()
+            beat.watch(slot)
             try:
-                for attempt in _quick_retry(runtime, max(codes[r.instance_uid][1] for r in refs)):
+                prior = max(codes[r.instance_uid][1] for r in refs)
+                for attempt in _quick_retry(runtime, prior, plan.probe):
                     with attempt:
-                        download.run(refs, beats)
+                        download.run(refs, beat)
                         missing = download.remaining(refs)
                         if missing:
                             # the contract says a short answer raises; a downloader that did not is still short
@@ -282,28 +326,22 @@ def _fetch(
                 stream_error = exc
                 if exc.error_class in (ErrorClass.TRANSIENT, ErrorClass.TIMEOUT):
                     runtime.reset_downloader()  # the next fetch opens fresh connections
-            finally:
-                download.flush()  # before the ledger hears of any of them: "done" means durable on disk
+            for uid, error in download.flush().items():
+                download.bad[uid] = error
     except ThrottleBusy:
         # nothing was asked of the PACS: back to pending without spending an attempt, and try again shortly
-        for ref in download.remaining(refs):
-            uid = ref.instance_uid
-            settled.append(Settled(uid, Outcome.PENDING, codes[uid][1], codes[uid][2]))
-        ctx.publisher.fetch(message.with_instances(r.instance_uid for r in refs), countdown=BUSY_REQUEUE)
-        result.requeued += len(refs)
+        waiting = [ref.instance_uid for ref in download.remaining(refs)]
+        plan.back_to_pending(waiting, codes)
+        plan.requeue.extend(waiting)
+        plan.delay = max(plan.delay, BUSY_REQUEUE)
         return
-    for uid, saved in download.saved.items():
-        attempts = codes[uid][1] + download.tries.get(uid, 1)
-        settled.append(
-            Settled(uid, Outcome.DONE, attempts, size=saved.size, path=relative_path(storage, saved, output))
-        )
-        result.fetched += 1
     if download.saved and not download.bad and stream_error is None:
         runtime.throttle.success()
+        runtime.breaker.success()
     errors = dict(download.bad)
     if stream_error is not None:
         errors.update({ref.instance_uid: stream_error for ref in download.remaining(refs)})
-    _apply_policy(ctx, message, runtime, errors, download.tries, codes, settled, result)
+    result.failed += apply_policy(runtime, message, errors, download.tries, codes, plan)
 
 
 def raise_short(runtime: SourceRuntime, missing: list[InstanceReference]) -> None:
@@ -314,51 +352,3 @@ def raise_short(runtime: SourceRuntime, missing: list[InstanceReference]) -> Non
         source=runtime.name,
         reference=missing[0],
     )
-
-
-def _apply_policy(
-    ctx: EngineContext,
-    message: FetchMessage,
-    runtime: SourceRuntime,
-    errors: dict[str, BaseException],
-    tries: dict[str, int],
-    codes: dict[str, tuple[ClaimCode, int, float]],
-    settled: list[Settled],
-    result: FetchResult,
-) -> None:
-    """Turn each failed instance into fail / re-queue / pause, per the retry table."""
-    requeue: list[str] = []
-    delay = 0.0
-    shrunk = False
-    now = time.time()
-    for uid, error in errors.items():
-        ref = InstanceReference(message.study, message.series, uid)
-        prior, busy_at = codes[uid][1], codes[uid][2]
-        error_class, decision = runtime.policy.decide(error)
-        result.errors[uid] = f"{error_class.value}: {error}"
-        if decision.action is Action.PAUSE_JOB:
-            reason = f"{error_class.value}: {_failure(ref, error, prior).message}"
-            if ctx.ledger.pause(message.job, reason):
-                log.warning("job %s paused: %s", message.job, reason)
-            result.paused = True
-            settled.append(Settled(uid, Outcome.PENDING, prior, busy_at))
-            continue
-        attempts = prior + tries.get(uid, 1)
-        if decision.budget_interval is not None:
-            counted = now - busy_at >= decision.budget_interval
-            attempts = prior + (1 if counted else 0)
-            busy_at = now if counted else busy_at
-        if decision.shrink_concurrency and not shrunk:
-            runtime.throttle.busy()
-            shrunk = True
-        if decision.action is Action.RETRY and not decision.exhausted(attempts):
-            settled.append(Settled(uid, Outcome.PENDING, attempts, busy_at))
-            requeue.append(uid)
-            retry_after = error.retry_after if isinstance(error, TrolleyError) else None
-            delay = max(delay, decision.delay(attempts, retry_after))
-            continue
-        settled.append(Settled(uid, Outcome.FAILED, attempts, busy_at, failure=_failure(ref, error, attempts)))
-        result.failed += 1
-    if requeue:
-        ctx.publisher.fetch(message.with_instances(requeue), countdown=delay)
-        result.requeued += len(requeue)

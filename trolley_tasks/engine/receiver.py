@@ -1,10 +1,15 @@
-"""The C-MOVE receiver of a worker host: one Storage SCP per c-move profile, shared by every worker process.
+"""The C-MOVE receivers of a worker host: one Storage SCP per c-move profile, shared by every worker process, and
+outliving any one of them.
 
-A PACS knows one host and port per destination AE title (PS3.4 C.4.2), so the receiver belongs to the host. The
-worker's main process starts it when the worker is ready (:func:`start_host_receivers`); the pool processes fetch
-with ``CMove(run_receiver=False, spool_dir=...)`` and pick their instances out of the shared spool by
-SOPInstanceUID. When the port is taken, another worker on this host already runs the receiver with the same
-configuration and spool, and this one relies on it.
+A PACS knows one host and port per destination AE title (PS3.4 C.4.2), so the receiver belongs to the host, not to a
+worker process. Every worker's main process keeps a :class:`HostReceivers` and calls :meth:`HostReceivers.ensure`
+when it is ready and on every watchdog tick: the first to bind the port runs the receiver; the others find the port
+taken and rely on it. When the worker holding it dies (SIGKILL, OOM, a deploy), the port is free again and the next
+tick of any surviving worker on the host binds it, within ``[engine] sweep_interval`` seconds. A C-MOVE in flight
+at that moment loses its sub-operations, fails as transient, and is retried by the policy.
+
+The pool processes fetch with ``CMove(run_receiver=False, spool_dir=...)`` and pick their instances out of the
+shared spool by SOPInstanceUID.
 """
 
 from __future__ import annotations
@@ -19,18 +24,38 @@ from trolley_tasks.transports.storage_scp import StorageReceiver
 log = logging.getLogger("trolley.engine.receiver")
 
 
-def start_host_receivers(settings: Settings) -> list[StorageReceiver]:
-    """Start a receiver for every c-move profile whose port is free on this host; return those started."""
-    started = []
-    for name, profile in settings.sources.items():
-        if profile.downloader != "c-move" or profile.move_destination is None or profile.receiver_port is None:
-            continue
-        spool = profile.spool_dir or default_spool(settings, name)
-        receiver = StorageReceiver(profile.move_destination, profile.receiver_host, profile.receiver_port, spool)
-        try:
-            receiver.start()
-        except ConfigurationError as exc:
-            log.info("%s; assuming another worker on this host runs the receiver of %s (spool %s)", exc, name, spool)
-            continue
-        started.append(receiver)
-    return started
+class HostReceivers:
+    """The receivers this process runs for the host, started on demand (see the module docstring)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.running: dict[str, StorageReceiver] = {}
+        self._told: set[str] = set()
+
+    def ensure(self) -> list[str]:
+        """Start the receiver of every c-move profile whose port is free on this host; return the profiles started
+        by this call."""
+        started = []
+        for name, profile in self.settings.sources.items():
+            if name in self.running or profile.downloader != "c-move":
+                continue
+            if profile.move_destination is None or profile.receiver_port is None:
+                continue
+            spool = profile.spool_dir or default_spool(self.settings, name)
+            receiver = StorageReceiver(profile.move_destination, profile.receiver_host, profile.receiver_port, spool)
+            try:
+                receiver.start()
+            except ConfigurationError as exc:
+                if name not in self._told:  # said once, not every tick
+                    self._told.add(name)
+                    log.info("%s; another worker on this host runs the receiver of %s (spool %s)", exc, name, spool)
+                continue
+            self.running[name] = receiver
+            started.append(name)
+            log.info("C-MOVE receiver of %s listening on %s:%s", name, profile.receiver_host, profile.receiver_port)
+        return started
+
+    def stop(self) -> None:
+        while self.running:
+            _, receiver = self.running.popitem()
+            receiver.stop()

@@ -162,16 +162,23 @@ def write_report(ledger: Ledger, job_id: str) -> tuple[Path, Path]:
     return json_path, csv_path
 
 
-def finalize_job(ledger: Ledger, job_id: str) -> None:
-    """What the one finalizer does when a job ends: write the report, then give the ledger keys their expiry.
+def finalize_job(ledger: Ledger, job_id: str) -> bool:
+    """What happens once when a job ends: write the report, then give the ledger keys their expiry. Returns True
+    when this call wrote the report.
 
-    A report that cannot be written (a full disk) is logged and does not undo the job; ``trolley-tasks status``
-    still has everything, and :func:`write_report` can be called again.
+    It is keyed on ``reported_at``: an ended job whose report is on disk is left alone, so a duplicate
+    ``trolley.finalize`` (the watchdog asks again when a report is missing) costs one read. A report that cannot be
+    written (a full disk) is logged and does not undo the job: the watchdog asks again later, ``trolley-tasks
+    report JOB`` writes it on demand, and ``trolley-tasks status`` has everything meanwhile.
     """
+    status = ledger.status(job_id)
+    if status is None or not status.state.ended or status.reported_at is not None:
+        return False
     try:
         write_report(ledger, job_id)
-    except (OSError, KeyError) as exc:
+    except OSError as exc:
         log.error("job %s ended but its report could not be written: %s", job_id, exc)
-    else:
-        ledger.mark_reported(job_id)
+        return False
+    ledger.mark_reported(job_id)
     ledger.expire_job(job_id)
+    return True

@@ -140,7 +140,7 @@ class Throttle:
     window
         ``"HH:MM-HH:MM"`` allowed hours, or None.
     lease_seconds
-        How long a slot lives without renewal; a fetch renews it while it streams.
+        How long a slot lives without renewal; the task's heartbeat renews it while the task runs.
     """
 
     decrease_interval = 5.0
@@ -237,14 +237,12 @@ class Throttle:
 
 
 class Slot:
-    """A held concurrency slot; :meth:`keepalive` renews its lease at most every third of the lease."""
+    """A held concurrency slot. The task's heartbeat (:mod:`~trolley_tasks.engine.heartbeat`) renews it."""
 
     def __init__(self, throttle: Throttle, token: str) -> None:
         self.throttle = throttle
         self.token = token
-        self._renewed = time.monotonic()
 
-    def keepalive(self) -> None:
-        if time.monotonic() - self._renewed > self.throttle.lease_seconds / 3:
-            self.throttle.renew(self.token)
-            self._renewed = time.monotonic()
+    def renew(self) -> bool:
+        """Extend the slot's lease; False when it had lapsed (and may be another worker's now)."""
+        return self.throttle.renew(self.token)

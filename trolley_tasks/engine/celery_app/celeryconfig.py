@@ -60,6 +60,7 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_routes": {
             "trolley.fetch": {"queue": "trolley.fetch"},
             "trolley.expand_study": {"queue": "trolley.expand"},
+            "trolley.finalize": {"queue": "trolley.expand"},
         },
         "worker_send_task_events": True,
         "task_send_sent_event": True,

@@ -2,8 +2,11 @@
 
 :func:`register_tasks` puts them on an app made by :func:`~trolley_tasks.engine.celery_app.app.make_app`. Each worker
 process builds one :class:`~trolley_tasks.engine.context.EngineContext` lazily, after the fork, from the settings the
-app carries, and keeps it (sessions, associations, throttle scripts) for every task it runs. The main process of a
-worker starts the host's C-MOVE receivers when the worker is ready.
+app carries, and keeps it (sessions, associations, throttle scripts) for every task it runs.
+
+The main process of a worker, once ready, runs the watchdog thread (:mod:`~trolley_tasks.engine.watchdog`): every
+tick it makes sure this host's C-MOVE receivers run (taking a port over within a tick when the worker that held it
+died), and, when it holds the sweep lock, publishes due delayed work and revives stalled jobs.
 """
 
 from __future__ import annotations
@@ -14,18 +17,20 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
-from trolley_tasks.engine.celery_app.messages import EXPAND, FETCH, CeleryPublisher
-from trolley_tasks.engine.context import EngineContext, FetchMessage, build_context
+from trolley_tasks.engine.celery_app.publisher import CeleryPublisher
+from trolley_tasks.engine.context import EngineContext, build_context
 from trolley_tasks.engine.expand import expand_row
 from trolley_tasks.engine.fetch import fetch_batch
-from trolley_tasks.engine.receiver import start_host_receivers
+from trolley_tasks.engine.messages import EXPAND, FETCH, FINALIZE, FetchMessage
+from trolley_tasks.engine.receiver import HostReceivers
+from trolley_tasks.engine.report import finalize_job
 from trolley_tasks.engine.settings import Settings
-from trolley_tasks.transports.storage_scp import StorageReceiver
+from trolley_tasks.engine.watchdog import Watchdog, WatchdogThread
 
 log = logging.getLogger("trolley.engine.tasks")
 
 _context: EngineContext | None = None
-_receivers: list[StorageReceiver] = []
+_watchdog: tuple[WatchdogThread, HostReceivers] | None = None
 
 
 def context(app: Celery) -> EngineContext:
@@ -50,20 +55,33 @@ def _process_ends(**_: Any) -> None:
 
 
 @worker_ready.connect
-def _start_receivers(sender: Any = None, **_: Any) -> None:
-    settings = getattr(getattr(sender, "app", None), "trolley_settings", None)
-    if settings is not None:
-        _receivers.extend(start_host_receivers(settings))
+def _start_watchdog(sender: Any = None, **_: Any) -> None:
+    global _watchdog
+    app = getattr(sender, "app", None)
+    settings: Settings | None = getattr(app, "trolley_settings", None)
+    if app is None or settings is None:
+        return
+    receivers = HostReceivers(settings)
+    receivers.ensure()
+    ctx = build_context(settings, CeleryPublisher(app))
+    watchdog = Watchdog(ctx, stall_seconds=settings.engine.stall_seconds, interval=settings.engine.sweep_interval)
+    _watchdog = (WatchdogThread(watchdog, also=receivers.ensure).start(), receivers)
 
 
 @worker_shutdown.connect
-def _stop_receivers(**_: Any) -> None:
-    while _receivers:
-        _receivers.pop().stop()
+def _stop_watchdog(**_: Any) -> None:
+    global _watchdog
+    if _watchdog is not None:
+        thread, receivers = _watchdog
+        thread.stop()
+        receivers.stop()
+        _watchdog = None
 
 
 def register_tasks(app: Celery) -> None:
-    """Register ``trolley.fetch`` and ``trolley.expand_study`` on ``app``."""
+    """Register ``trolley.fetch``, ``trolley.expand_study`` and ``trolley.finalize`` on ``app``. A report of a
+    million instances takes a while: the finalize task gets four times the usual time limit."""
+    limit = int(app.trolley_settings.engine.task_time_limit)
 
     @app.task(name=FETCH, bind=True)
     def fetch(self: Task, job: str, source: str, study: str, series: str, instances: list[str]) -> None:
@@ -72,6 +90,12 @@ def register_tasks(app: Celery) -> None:
         message = FetchMessage(job, source, study, series, tuple(instances))
         result = fetch_batch(context(self.app), message, redelivered=redelivered)
         log.info("fetch %s series %s: %s", job, series, result)
+
+    @app.task(name=FINALIZE, bind=True, time_limit=4 * limit, soft_time_limit=4 * limit - 60)
+    def finalize(self: Task, job: str) -> None:
+        """Write an ended job's report and give its keys their expiry (see trolley_tasks.engine.report)."""
+        if finalize_job(context(self.app).ledger, job):
+            log.info("job %s: report written", job)
 
     @app.task(name=EXPAND, bind=True)
     def expand_study(self: Task, job: str, source: str, row: str, attempt: int = 1) -> None:

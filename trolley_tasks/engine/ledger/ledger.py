@@ -8,8 +8,10 @@ key                               type       content
 ================================  =========  ========================================================================
 ``trolley:jobs``                  zset       job id -> creation time (list of jobs)
 ``trolley:{J}:job``               hash       counters ``expected done failed skipped bytes rows expanded
-                                             failed_rows bad_rows``, ``state``, ``created_at finished_at
-                                             updated_at paused_at paused_seconds``, ``source output layout
+                                             failed_rows bad_rows``, ``state``, ``created_at started_at
+                                             finished_at reported_at paused_at paused_seconds``, ``updated_at``
+                                             (last claim, heartbeat, settle or expansion: the watchdog's clock),
+                                             ``wait_until`` (deferred work is due by then), ``source output layout
                                              batch_size cohort pause_reason producer_done``
 ``trolley:{J}:series``            set        SeriesInstanceUIDs of the job
 ``trolley:{J}:s:<series uid>``    hash       ``#st`` study uid, ``#e #d #f`` expected/done/failed, and one field
@@ -19,11 +21,15 @@ key                               type       content
 ``trolley:{J}:rows``              set        keys of the cohort rows queued for expansion (canonical JSON)
 ``trolley:{J}:expanded``          set        keys of the rows whose expansion finished
 ``trolley:{J}:badrows``           list       JSON of rows left out by ``skip_bad_rows``
+``trolley:staging:<token>``       set        row keys of a cohort being read (a day's expiry)
+``trolley:delayed``               zset       deferred messages (retries, holds) -> due time (:mod:`.scheduler`)
+``trolley:breaker:<source>``      hash       the source's circuit breaker (:mod:`~trolley_tasks.engine.breaker`)
+``trolley:throttle:<source>:*``   various    concurrency slots, token bucket, AIMD (:mod:`.throttle`)
 ================================  =========  ========================================================================
 
 Every transition is a Lua script (:mod:`trolley_tasks.engine.ledger.lua`), so duplicates never double-count and
-exactly one caller finalizes a job. When a job ends, its keys get an expiry (``instance_ttl`` for the per-instance
-hashes, ``job_ttl`` for the rest); reopening the job (retry-failed, re-run) removes it again.
+exactly one caller finalizes a job. When a job ends, all of its keys get ONE expiry (``ttl``, 30 days); reopening
+the job (retry-failed, re-run) removes it again.
 """
 
 from __future__ import annotations
@@ -92,6 +98,8 @@ class Claim:
 
     job_state: str
     finalized: bool
+    lease: str
+    """The claim's token: the lease written into every claimed record, which only this claim can renew."""
     codes: dict[str, tuple[ClaimCode, int, float]]
     """uid -> (code, attempts so far, busy_counted_at)."""
 
@@ -106,14 +114,14 @@ class Ledger(LedgerReader):
     ----------
     client
         A redis-py client (``decode_responses`` either way).
-    instance_ttl, job_ttl
-        Seconds the per-instance records and the job record live after the job ends.
+    ttl
+        Seconds every key of a job lives after the job ends: ONE expiry for all of them, so that a re-run finds
+        either the whole job or nothing (a re-run after expiry is a new job that counts the files on disk as done).
     """
 
-    def __init__(self, client: redis.Redis, *, instance_ttl: int = 7 * DAY, job_ttl: int = 30 * DAY) -> None:
+    def __init__(self, client: redis.Redis, *, ttl: int = 30 * DAY) -> None:
         super().__init__(client)
-        self.instance_ttl = instance_ttl
-        self.job_ttl = job_ttl
+        self.ttl = ttl
         self._scripts = {
             name: client.register_script(getattr(lua, name))
             for name in (
@@ -121,7 +129,10 @@ class Ledger(LedgerReader):
                 "ROW_DONE",
                 "PRODUCER_DONE",
                 "CLAIM",
+                "RENEW",
                 "SETTLE",
+                "WAIT_UNTIL",
+                "TOUCH",
                 "PAUSE",
                 "RESUME",
                 "CANCEL",
@@ -243,10 +254,26 @@ class Ledger(LedgerReader):
         raw = self._run("CLAIM", keys, args)
         codes: dict[str, tuple[ClaimCode, int, float]] = {}
         for i, uid in enumerate(instance_uids):
-            base = 2 + 3 * i
+            base = 3 + 3 * i
             if base + 2 < len(raw):
                 codes[uid] = (ClaimCode(as_text(raw[base])), int(raw[base + 1]), float(as_text(raw[base + 2]) or 0))
-        return Claim(as_text(raw[0]), bool(int(raw[1])), codes)
+        return Claim(as_text(raw[0]), bool(int(raw[1])), as_text(raw[2]), codes)
+
+    def renew(
+        self, job_id: str, series_uid: str, lease: str, instance_uids: Sequence[str], lease_seconds: float
+    ) -> tuple[str, bool]:
+        """Renew the lease of a claim's running instances. Returns (new token, True when every one was still ours)."""
+        keys = [self.key(job_id, "job"), self.series_key(job_id, series_uid)]
+        token, renewed = self._run("RENEW", keys, [lease, lease_seconds, *instance_uids])
+        return as_text(token), int(renewed) == len(instance_uids)
+
+    def touch(self, job_id: str) -> None:
+        """The job is alive (a heartbeat with no claims: an expansion, a producer): move its activity clock."""
+        self._run("TOUCH", [self.key(job_id, "job")], [])
+
+    def wait_until(self, job_id: str, when: float) -> None:
+        """Some work of the job is deferred until ``when`` (epoch seconds): it is not stalled before then."""
+        self._run("WAIT_UNTIL", [self.key(job_id, "job")], [when])
 
     def settle(self, job_id: str, series_uid: str, results: Iterable[Settled]) -> bool:
         """Record the outcome of a fetch for each instance. Returns True when this call finalized the job."""
@@ -302,11 +329,16 @@ class Ledger(LedgerReader):
 
     # -- expiry ----------------------------------------------------------------------------------------------------
 
-    def _job_keys(self, job_id: str) -> Iterator[tuple[str, int]]:
+    def _job_keys(self, job_id: str) -> Iterator[str]:
         for series_uid in self.series_uids(job_id):
-            yield self.series_key(job_id, series_uid), self.instance_ttl
+            yield self.series_key(job_id, series_uid)
         for suffix in ("series", "failures", "rowfail", "rows", "expanded", "badrows", "job"):
-            yield self.key(job_id, suffix), self.job_ttl
+            yield self.key(job_id, suffix)
+
+    def asked_to_finalize(self, job_id: str) -> None:
+        """The watchdog asked for the report again (``finalize_asked_at``), so it waits before asking once more."""
+        seconds, micros = self.r.time()
+        self.r.hset(self.key(job_id, "job"), "finalize_asked_at", str(seconds + micros / 1e6))
 
     def mark_reported(self, job_id: str) -> None:
         """Record when the end-of-job report reached the disk (``reported_at``)."""
@@ -315,12 +347,12 @@ class Ledger(LedgerReader):
     def expire_job(self, job_id: str) -> None:
         """Give an ended job's keys their expiry (called by the finalizer)."""
         pipe = self.r.pipeline(transaction=False)
-        for key, ttl in self._job_keys(job_id):
-            pipe.expire(key, ttl)
+        for key in self._job_keys(job_id):
+            pipe.expire(key, self.ttl)
         pipe.execute()
 
     def _persist(self, job_id: str) -> None:
         pipe = self.r.pipeline(transaction=False)
-        for key, _ in self._job_keys(job_id):
+        for key in self._job_keys(job_id):
             pipe.persist(key)
         pipe.execute()

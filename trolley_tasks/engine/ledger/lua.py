@@ -80,6 +80,7 @@ if added > 0 then
   redis.call('HINCRBY', job, 'expected', added)
   redis.call('HINCRBY', sh, '#e', added)
 end
+redis.call('HSET', job, 'updated_at', tostring(now))
 if not active(state) then return {} end
 return out
 """
@@ -91,6 +92,7 @@ ROW_DONE = (
 -- KEYS: job, expanded set, row failures. ARGV: row key, failure json ('' when the expansion succeeded).
 local job, expanded, failures = KEYS[1], KEYS[2], KEYS[3]
 if redis.call('EXISTS', job) == 0 then return 0 end
+redis.call('HSET', job, 'updated_at', tostring(clock()))
 if redis.call('SADD', expanded, ARGV[1]) == 1 then
   redis.call('HINCRBY', job, 'expanded', 1)
   if ARGV[2] ~= '' then
@@ -115,16 +117,17 @@ CLAIM = (
     COMMON
     + r"""
 -- KEYS: job, series hash, failures. ARGV: series uid, redelivered (0/1), lease seconds, max redeliveries, uids...
--- Returns {job state, finalized, then per uid: code, attempts, busy_counted_at}.
+-- Returns {job state, finalized, lease, then per uid: code, attempts, busy_counted_at}. The lease value written into
+-- every claimed record is the claim's token: only its holder can renew it (RENEW compares it).
 -- Codes: c claimed, t terminal (done/skipped/failed), h held by a live fetch, x poison (failed now), u unknown.
 local job, sh, failures = KEYS[1], KEYS[2], KEYS[3]
 local state = redis.call('HGET', job, 'state')
-if not active(state) then return {state or '', 0} end
+if not active(state) then return {state or '', 0, ''} end
 local now = clock()
 local redelivered = ARGV[2] == '1'
-local lease = now + num(ARGV[3])
+local lease = tostring(now + num(ARGV[3]))
 local max_red = num(ARGV[4])
-local out = {state, 0}
+local out = {state, 0, lease}
 local poisoned = 0
 for i = 5, #ARGV do
   local uid = ARGV[i]
@@ -145,9 +148,10 @@ for i = 5, #ARGV do
       end
     end
     if code == 'c' then
-      r[1] = 'r'; r[4] = tostring(lease)
+      r[1] = 'r'; r[4] = lease
       redis.call('HSET', sh, uid, pack(r))
       redis.call('HSETNX', job, 'started_at', tostring(now))
+      redis.call('HSET', job, 'updated_at', tostring(now))
     elseif code == 'x' then
       r[1] = 'f'; r[4] = '0'
       redis.call('HSET', sh, uid, pack(r))
@@ -167,6 +171,33 @@ if poisoned > 0 then
   out[2] = check_done(job, now)
 end
 return out
+"""
+)
+
+RENEW = (
+    COMMON
+    + r"""
+-- KEYS: job, series hash. ARGV: the lease token of the claim, lease seconds, uids...
+-- The heartbeat of a running fetch: every record still running under this claim's token gets a new lease (the new
+-- token); the job's activity clock moves. Returns {new token, how many were renewed}: fewer than asked means another
+-- fetch took some over after our lease lapsed, and the caller must stop.
+local job, sh = KEYS[1], KEYS[2]
+local now = clock()
+local token = tostring(now + num(ARGV[2]))
+local renewed = 0
+for i = 3, #ARGV do
+  local rec = redis.call('HGET', sh, ARGV[i])
+  if rec ~= false then
+    local r = parse(rec)
+    if r[1] == 'r' and r[4] == ARGV[1] then
+      r[4] = token
+      redis.call('HSET', sh, ARGV[i], pack(r))
+      renewed = renewed + 1
+    end
+  end
+end
+if renewed > 0 then redis.call('HSET', job, 'updated_at', tostring(now)) end
+return {token, renewed}
 """
 )
 
@@ -263,7 +294,8 @@ REOPEN = (
     + r"""
 -- KEYS: job, expanded set, row failures. ARGV: new state, 'expanding' (a re-run) or 'running' (retry-failed).
 -- A re-run reopens any job, paused ones included (running the same export again resumes it), and makes every row
--- expand again. Retry-failed reopens only an ended job. Returns the state after the call.
+-- expand again. Retry-failed reopens an ended job, and holds any job open until the caller's PRODUCER_DONE.
+-- Returns the state after the call.
 local job = KEYS[1]
 local state = redis.call('HGET', job, 'state')
 if state == false then return '' end
@@ -279,11 +311,36 @@ if ARGV[1] == 'expanding' then
              'finished_at', '', 'reported_at', '')
   return 'expanding'
 end
+-- retry-failed: the job cannot finalize (producer_done 0) until every failed instance is back in pending and the
+-- caller says so (PRODUCER_DONE), whatever the workers settle meanwhile.
+redis.call('HSET', job, 'producer_done', '0', 'updated_at', tostring(now))
 if state == 'done' or state == 'done-with-failures' or state == 'cancelled' then
   redis.call('HSET', job, 'state', 'running', 'finished_at', '', 'reported_at', '')
   return 'running'
 end
 return state
+"""
+)
+
+WAIT_UNTIL = (
+    COMMON
+    + r"""
+-- KEYS: job. ARGV: epoch seconds. Work of the job was deferred until then (a retry delay, a closed window, a held
+-- source): the watchdog does not call the job stalled before it.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local cur = num(redis.call('HGET', KEYS[1], 'wait_until'))
+if num(ARGV[1]) > cur then redis.call('HSET', KEYS[1], 'wait_until', ARGV[1]) end
+return 1
+"""
+)
+
+TOUCH = (
+    COMMON
+    + r"""
+-- KEYS: job. The job is alive (a heartbeat without claims): move its activity clock. Never creates a job.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'updated_at', tostring(clock()))
+return 1
 """
 )
 
