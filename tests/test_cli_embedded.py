@@ -250,7 +250,7 @@ def test_ctrl_c_pauses_and_the_same_command_resumes_without_refetching(orthanc: 
     before = {uid: path.stat().st_mtime_ns for uid, path in dicom_files(out).items()}
     assert 3 <= len(before) < len(orthanc.cohort)
 
-    listed = run_cli("jobs", "--json", "--config", str(config))
+    listed = run_cli("--config", str(config), "jobs", "--json")  # the global options also go before the command
     assert listed.returncode == 0, listed.stderr
     (job,) = json.loads(listed.stdout)
     assert job["state"] == "paused" and job["done"] >= len(before)
@@ -283,7 +283,7 @@ def test_failures_exit_1_with_a_table_and_retry_failed_reruns_them(orthanc: Any,
     assert summary["counts"]["failed"] == 1 and summary["failures_by_class"] == {"not-found": 1}
     job = summary["job_id"]
 
-    status = run_cli("status", job, "--json", "-c", str(config))
+    status = run_cli("-c", str(config), "status", job, "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["state"] == "done-with-failures"
 

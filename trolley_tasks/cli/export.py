@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import filesize
 
 from trolley_tasks.cli.client import BoundJob, Engine, connect
 from trolley_tasks.cli.common import (
@@ -21,13 +22,10 @@ from trolley_tasks.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     CliUsageError,
-    ConfigOption,
-    LogJsonOption,
-    LogLevelOption,
     console,
     err_console,
+    global_options,
     handles_errors,
-    human_bytes,
     log,
     notice,
     start,
@@ -93,7 +91,7 @@ def conclude(engine: Engine, status: JobStatus, interrupted: bool = False) -> in
     if status.complete:
         err_console.print(
             f"[green]✓[/] job {status.job_id}: all {status.expected} instances on disk "
-            f"({status.skipped} were already there), {human_bytes(status.bytes)} in {status.output}",
+            f"({status.skipped} were already there), {filesize.decimal(status.bytes)} in {status.output}",
             soft_wrap=True,
         )
         return EXIT_OK
@@ -163,6 +161,7 @@ def run_with_workers(engine: Engine, job_id: str, workers: int, loglevel: str) -
 
 @handles_errors
 def export(
+    ctx: typer.Context,
     cohort: Annotated[
         Path | None,
         typer.Argument(
@@ -204,9 +203,6 @@ def export(
     skip_bad_rows: Annotated[
         bool, typer.Option("--skip-bad-rows", help="Record bad cohort rows instead of refusing.")
     ] = False,
-    config: ConfigOption = None,
-    log_level: LogLevelOption = "info",
-    log_json: LogJsonOption = False,
 ) -> None:
     """Export a cohort from a source into a directory, as verified DICOM files.
 
@@ -216,7 +212,7 @@ def export(
         trolley-tasks export cohort.csv --source orthanc --out ./export
         trolley-tasks export --source orthanc --study-uid 1.2.840.1.2.3 --out ./export --layout flat
     """
-    settings = start(config, log_level, log_json)
+    settings = start(ctx)
     filters = Filters(tuple(study_uid or ()), accession, patient_id, patient_name, modality, date_from, date_to)
     settings.source(source)  # unknown source or missing secret: refused before anything starts
     window_notice(settings, source)
@@ -247,7 +243,7 @@ def export(
             notice(f"watch it with: trolley-tasks status {job} --watch")
             return
         if embedded and not status.state.ended:
-            code = run_with_workers(engine, job, workers, log_level)
+            code = run_with_workers(engine, job, workers, global_options(ctx).level)
         else:
             code = wait_for(engine, job)
     raise typer.Exit(code)

@@ -22,9 +22,6 @@ from rich.table import Table
 
 from trolley_tasks.cli.common import (
     CliUsageError,
-    ConfigOption,
-    LogJsonOption,
-    LogLevelOption,
     console,
     handles_errors,
     start,
@@ -189,6 +186,7 @@ def rows(studies: list[Study], level: Level) -> Iterator[dict[str, str]]:
 
 @handles_errors
 def search(
+    ctx: typer.Context,
     source: SourceOption,
     study_uid: StudyUidOption = None,
     accession: AccessionOption = "",
@@ -199,9 +197,6 @@ def search(
     date_to: DateToOption = "",
     level: Annotated[Level, typer.Option("--level", help="Depth of the answer.")] = Level.study,
     output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
-    config: ConfigOption = None,
-    log_level: LogLevelOption = "info",
-    log_json: LogJsonOption = False,
 ) -> None:
     """Find studies, series or instances on a source.
 
@@ -211,7 +206,7 @@ def search(
         trolley-tasks search --source orthanc --modality CT --date-from 2024-01-01 \\
             --date-to 2024-01-31 --format csv > cohort.csv
     """
-    settings = start(config, log_level, log_json)
+    settings = start(ctx)
     filters = Filters(tuple(study_uid or ()), accession, patient_id, patient_name, modality, date_from, date_to)
     depth = {Level.study: QueryLevels.STUDY, Level.series: QueryLevels.SERIES, Level.instance: QueryLevels.INSTANCE}
     queries = filters.queries(depth[level])  # bad filters are refused before the PACS is asked anything
