@@ -140,6 +140,37 @@ def with_global_options(function: Callable[..., R]) -> Callable[..., R]:
     return wrapper
 
 
+def option_group(
+    name: str, parameters: tuple[inspect.Parameter, ...], build: Callable[..., Any]
+) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """A decorator: a command's parameter ``name`` becomes the options ``parameters``, and ``build(**values)`` of what
+    they say is what the command receives as ``name``.
+
+    Typer makes options from a function's signature, so the wrapper's signature has ``parameters`` spread out where
+    ``name`` was: a group of options (the search filters) is declared once and shared by several commands, and its
+    options keep their place in ``--help``.
+    """
+    names = [parameter.name for parameter in parameters]
+
+    def decorate(function: Callable[..., R]) -> Callable[..., R]:
+        signature = inspect.signature(function, eval_str=True)
+        spread: list[inspect.Parameter] = []
+        for parameter in signature.parameters.values():
+            spread.extend(parameters if parameter.name == name else (parameter,))
+        if len(spread) == len(signature.parameters):
+            raise TypeError(f"{function.__name__} has no parameter {name!r} for the options {', '.join(names)}")
+
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> R:
+            kwargs[name] = build(**{option: kwargs.pop(option) for option in names})
+            return function(*args, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=spread)  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
 def global_options(context: typer.Context) -> GlobalOptions:
     """The global options in effect for this command (given before its name, after it, or neither)."""
     found = context.find_object(GlobalOptions)

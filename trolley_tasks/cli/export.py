@@ -31,17 +31,7 @@ from trolley_tasks.cli.common import (
     start,
 )
 from trolley_tasks.cli.progress import failure_table, format_eta, watch
-from trolley_tasks.cli.search import (
-    AccessionOption,
-    DateFromOption,
-    DateToOption,
-    Filters,
-    ModalityOption,
-    PatientIdOption,
-    PatientNameOption,
-    SourceOption,
-    StudyUidOption,
-)
+from trolley_tasks.cli.search import NO_FILTERS, Filters, SourceOption, with_filters
 from trolley_tasks.cohort import validate_csv
 from trolley_tasks.config import Settings
 from trolley_tasks.core import QueryLevels
@@ -159,6 +149,7 @@ def run_with_workers(engine: Engine, job_id: str, workers: int, loglevel: str) -
         return wait_for(engine, job_id, running)
 
 
+@with_filters
 @handles_errors
 def export(
     ctx: typer.Context,
@@ -170,13 +161,7 @@ def export(
     ] = None,
     source: SourceOption = ...,  # type: ignore[assignment]
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Output directory.")] = ...,  # type: ignore[assignment]
-    study_uid: StudyUidOption = None,
-    accession: AccessionOption = "",
-    patient_id: PatientIdOption = "",
-    patient_name: PatientNameOption = "",
-    modality: ModalityOption = "",
-    date_from: DateFromOption = "",
-    date_to: DateToOption = "",
+    filters: Filters = NO_FILTERS,
     layout: Annotated[
         str,
         typer.Option(
@@ -213,7 +198,6 @@ def export(
         trolley-tasks export --source orthanc --study-uid 1.2.840.1.2.3 --out ./export --layout flat
     """
     settings = start(ctx)
-    filters = Filters(tuple(study_uid or ()), accession, patient_id, patient_name, modality, date_from, date_to)
     settings.source(source)  # unknown source or missing secret: refused before anything starts
     window_notice(settings, source)
     given = cohort_input(cohort, filters, skip_bad_rows)
