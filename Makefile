@@ -22,6 +22,7 @@ lint: install
 	$(BIN)/ruff check trolley_tasks tests workers bench testbed scripts
 	$(BIN)/ruff format --check trolley_tasks tests workers bench testbed scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 demo: install
 	$(BIN)/python -m scripts.demo

@@ -144,11 +144,11 @@ def main() -> int:
             code = run(
                 [
                     *cli,
+                    "--config",
+                    str(config),
                     "search",
                     "--source",
                     "demo",
-                    "--config",
-                    str(config),
                     "--date-from",
                     "2024-01-01",
                     "--format",
@@ -161,7 +161,7 @@ def main() -> int:
             return code
         console.print(f"cohort file: {cohort_csv} ({len(cohort_csv.read_text().splitlines()) - 1} studies)")
         out = workdir / "export"
-        code = run([*cli, "export", str(cohort_csv), "--source", "demo", "--out", str(out), "--config", str(config)])
+        code = run([*cli, "--config", str(config), "export", str(cohort_csv), "--source", "demo", "--out", str(out)])
         check = verify(out, cohort)
     report = out / "trolley-report.json"
     summary = json.loads(report.read_text()) if report.exists() else {}

@@ -19,6 +19,7 @@ import redis
 
 from testbed.cohort import GeneratedCohort, generate_cohort
 from testbed.orthanc import OrthancServer, OrthancUnavailable, find_orthanc, free_port
+from trolley_tasks.downloaders.dicom_qr import CGet, CMove
 
 CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
@@ -46,6 +47,16 @@ class RunningOrthanc:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.server, name)
+
+    def c_get(self) -> CGet:
+        """A C-GET downloader for this Orthanc, calling as TROLLEY (the AE title its fixture configures)."""
+        return CGet("127.0.0.1", self.server.dicom_port, "TROLLEY", self.server.aet)
+
+    def c_move(self, **options: Any) -> CMove:
+        """A C-MOVE downloader for this Orthanc that has it send to our receiver on ``move_port``; ``options`` win."""
+        options.setdefault("destination_aet", self.move_aet)
+        options.setdefault("receiver_port", self.move_port)
+        return CMove("127.0.0.1", self.server.dicom_port, "TROLLEY", self.server.aet, **options)
 
 
 def _start_orthanc(workdir: Path, cohort: GeneratedCohort | None, **kwargs: Any) -> RunningOrthanc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from trolley_tasks.cli import app, progress
-from trolley_tasks.cli.logs import scrub, setup_logging
+from trolley_tasks.cli.logs import LOGGER_NAME, scrub, setup_logging
 from trolley_tasks.cli.search import Filters
 from trolley_tasks.cli.services import is_loopback
 from trolley_tasks.core import QueryLevels
@@ -37,6 +38,17 @@ type = "basic"
 username = "trolley"
 password_env = "TT_CLI_TEST_PASSWORD"
 """
+
+
+@pytest.fixture(autouse=True)
+def fresh_trolley_logger() -> Iterator[None]:
+    """Each test starts without the handler an earlier invocation left on CliRunner's (now closed) stderr."""
+    yield
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
 
 
 @pytest.fixture
@@ -64,6 +76,36 @@ def test_every_command_has_help_with_an_example_and_config_option(command: str) 
     assert "Example:" in result.output
     assert "trolley-tasks " in result.output.split("Example:")[1]
     assert "--config" in result.output and "--log-level" in result.output and "--log-json" in result.output
+
+
+def test_global_options_work_before_the_command_name(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["--config", str(tmp_path / "nope.toml"), "search", "--source", "pacs"])
+    assert result.exit_code == 2
+    assert "nope.toml: no such configuration file" in one_error_line(result)
+
+
+def test_global_options_after_the_command_name_win(config: Path, tmp_path: Path) -> None:
+    args = ["--config", str(tmp_path / "nope.toml"), "search", "--source", "elsewhere", "--config", str(config)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "no [sources.elsewhere]" in one_error_line(result)
+
+
+def test_log_options_before_the_command_name_configure_logging(tmp_path: Path) -> None:
+    args = ["--log-level", "debug", "--log-json", "search", "--source", "pacs", "--config", str(tmp_path / "no.toml")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert [r["level"] for r in records if r["message"].startswith("refused: ")] == ["debug"]
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_bad_log_level_is_refused_in_either_position(config: Path, before: bool) -> None:
+    option = ["--log-level", "loud"]
+    command = ["jobs", "--config", str(config)]
+    result = runner.invoke(app, [*option, *command] if before else [*command, *option])
+    assert result.exit_code == 2
+    assert "--log-level must be one of debug, info, warning, error, not 'loud'" in one_error_line(result)
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -273,6 +315,12 @@ def test_progress_bars_on_a_terminal_show_failures_as_they_happen(monkeypatch: p
     table = io.StringIO()
     Console(file=table, width=160).print(progress.failure_table(status, FakeJob().failures() or []))
     assert "not-found" in table.getvalue()
+
+
+def test_sizes_and_rates_are_in_decimal_units() -> None:
+    status = FakeJob().status().model_copy(update={"bytes": 526_300_000, "byte_rate": 1_534.9})
+    line = progress.progress_line(status)
+    assert "526.3 MB," in line and "2.0 inst/s, 1.5 kB/s, ETA" in line
 
 
 def test_progress_without_a_terminal_is_log_lines(monkeypatch: pytest.MonkeyPatch) -> None:

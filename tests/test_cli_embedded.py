@@ -31,6 +31,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     )
 
 
+def export_args(cohort: list[str], out: Path, config: Path, *options: str) -> list[str]:
+    """``--config CONFIG export COHORT... --source orthanc --out OUT OPTIONS``: the global option before the command."""
+    return ["--config", str(config), "export", *cohort, "--source", "orthanc", "--out", str(out), *options]
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """Our environment without any TROLLEY_* setting of the developer's, so only the test's config counts."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TROLLEY_")}
@@ -72,18 +77,7 @@ def test_embedded_export_from_a_search_csv(orthanc: Any, tmp_path: Path) -> None
     assert len(list(csv.DictReader(io.StringIO(search.stdout)))) == orthanc.cohort.studies
 
     out = tmp_path / "out"
-    result = run_cli(
-        "export",
-        str(tmp_path / "cohort.csv"),
-        "--source",
-        "orthanc",
-        "--out",
-        str(out),
-        "--workers",
-        "2",
-        "--config",
-        str(config),
-    )
+    result = run_cli(*export_args([str(tmp_path / "cohort.csv")], out, config, "--workers", "2"))
     assert result.returncode == 0, result.stderr
     expected = {item.sop_instance_uid: item for item in orthanc.cohort}
     files = dicom_files(out)
@@ -101,18 +95,7 @@ def test_embedded_export_from_a_search_csv(orthanc: Any, tmp_path: Path) -> None
     # no terminal: progress went to the log as plain lines, and nothing secret or huge
     assert "trolley.progress" in result.stderr
 
-    again = run_cli(
-        "export",
-        str(tmp_path / "cohort.csv"),
-        "--source",
-        "orthanc",
-        "--out",
-        str(out),
-        "--workers",
-        "1",
-        "--config",
-        str(config),
-    )
+    again = run_cli(*export_args([str(tmp_path / "cohort.csv")], out, config, "--workers", "1"))
     assert again.returncode == 0, again.stderr
     assert {uid: p.stat().st_mtime_ns for uid, p in dicom_files(out).items()} == {
         uid: p.stat().st_mtime_ns for uid, p in files.items()
@@ -144,20 +127,7 @@ def test_series_level_search_csv_exports_exactly_those_series(orthanc: Any, tmp_
     chosen = next(csv.DictReader(io.StringIO(search.stdout)))["SeriesInstanceUID"]
 
     out = tmp_path / "out"
-    result = run_cli(
-        "export",
-        str(tmp_path / "cohort.csv"),
-        "--source",
-        "orthanc",
-        "--out",
-        str(out),
-        "--workers",
-        "1",
-        "--layout",
-        "flat",
-        "--config",
-        str(config),
-    )
+    result = run_cli(*export_args([str(tmp_path / "cohort.csv")], out, config, "--workers", "1", "--layout", "flat"))
     assert result.returncode == 0, result.stderr
     wanted = {item.sop_instance_uid for item in orthanc.cohort if item.series_uid == chosen}
     assert set(dicom_files(out)) == wanted
@@ -216,20 +186,7 @@ def test_ctrl_c_pauses_and_the_same_command_resumes_without_refetching(orthanc: 
     config = write_config(tmp_path, orthanc.dicomweb_url, 'rate_limit = "3/s"\n')
     out = tmp_path / "out"
     uids = " ".join(f"--study-uid {ref.study_uid}" for ref in orthanc.cohort.study_refs()).split()
-    args = [
-        "export",
-        *uids,
-        "--source",
-        "orthanc",
-        "--out",
-        str(out),
-        "--workers",
-        "2",
-        "--batch-size",
-        "1",
-        "--config",
-        str(config),
-    ]
+    args = export_args(uids, out, config, "--workers", "2", "--batch-size", "1")
     process = subprocess.Popen(
         [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), cwd="/"
     )
@@ -250,7 +207,7 @@ def test_ctrl_c_pauses_and_the_same_command_resumes_without_refetching(orthanc: 
     before = {uid: path.stat().st_mtime_ns for uid, path in dicom_files(out).items()}
     assert 3 <= len(before) < len(orthanc.cohort)
 
-    listed = run_cli("jobs", "--json", "--config", str(config))
+    listed = run_cli("--config", str(config), "jobs", "--json")  # the global options also go before the command
     assert listed.returncode == 0, listed.stderr
     (job,) = json.loads(listed.stdout)
     assert job["state"] == "paused" and job["done"] >= len(before)
@@ -275,6 +232,7 @@ def test_failures_exit_1_with_a_table_and_retry_failed_reruns_them(orthanc: Any,
     )
     out = tmp_path / "out"
     args = ["export", str(cohort), "--source", "orthanc", "--out", str(out), "--workers", "1", "-c", str(config)]
+    # the global option after the command name, as older scripts write it (export_args puts it before)
     result = run_cli(*args)
     assert result.returncode == 1, result.stderr
     assert "not-found" in result.stderr and "1 instances failed" in result.stderr
@@ -283,7 +241,7 @@ def test_failures_exit_1_with_a_table_and_retry_failed_reruns_them(orthanc: Any,
     assert summary["counts"]["failed"] == 1 and summary["failures_by_class"] == {"not-found": 1}
     job = summary["job_id"]
 
-    status = run_cli("status", job, "--json", "-c", str(config))
+    status = run_cli("-c", str(config), "status", job, "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["state"] == "done-with-failures"
 

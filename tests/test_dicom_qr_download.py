@@ -26,18 +26,9 @@ def searched_study(orthanc: Any, index: int = 0) -> Study:
         searcher.close()
 
 
-def make_cget(orthanc: Any) -> CGet:
-    return CGet("127.0.0.1", orthanc.dicom_port, "TROLLEY", orthanc.aet)
-
-
-def make_cmove(orthanc: Any, **kwargs: Any) -> CMove:
-    kwargs.setdefault("destination_aet", orthanc.move_aet)
-    return CMove("127.0.0.1", orthanc.dicom_port, "TROLLEY", orthanc.aet, receiver_port=orthanc.move_port, **kwargs)
-
-
 @pytest.fixture(params=["cget", "cmove"])
 def downloader(request: pytest.FixtureRequest, orthanc: Any) -> Iterator[CGet | CMove]:
-    made = make_cget(orthanc) if request.param == "cget" else make_cmove(orthanc)
+    made = orthanc.c_get() if request.param == "cget" else orthanc.c_move()
     yield made
     made.close()
 
@@ -70,7 +61,7 @@ def test_datasets_and_get_dataset(orthanc: Any, downloader: CGet | CMove) -> Non
 
 def test_cget_study_and_series_references(orthanc: Any) -> None:
     ref = orthanc.cohort.study_refs()[0]
-    cget = make_cget(orthanc)
+    cget = orthanc.c_get()
     try:
         check_delivery(list(cget.iter_raw(ref)), {i.sop_instance_uid for i in orthanc.cohort.in_study(ref.study_uid)})
         series = orthanc.cohort.series_refs()[0]
@@ -81,7 +72,7 @@ def test_cget_study_and_series_references(orthanc: Any) -> None:
 
 
 def test_cmove_needs_instances(orthanc: Any) -> None:
-    cmove = make_cmove(orthanc)
+    cmove = orthanc.c_move()
     try:
         with pytest.raises(NonInstanceParameterError):
             cmove.iter_raw(StudyReference(orthanc.cohort.study_refs()[0].study_uid))
@@ -93,7 +84,7 @@ def test_cmove_with_the_hosts_shared_receiver(orthanc: Any, tmp_path: Path) -> N
     """Engine mode: one receiver per host, started apart; the downloader only reads the spool."""
     spool = tmp_path / "spool"
     with StorageReceiver(orthanc.move_aet, "127.0.0.1", orthanc.move_port, spool) as receiver:
-        cmove = make_cmove(orthanc, run_receiver=False, spool_dir=spool)
+        cmove = orthanc.c_move(run_receiver=False, spool_dir=spool)
         study = searched_study(orthanc, 2)
         check_delivery(list(cmove.iter_raw(study)), {i.uid for i in study.all_instances()})
         cmove.close()
@@ -103,7 +94,7 @@ def test_cmove_with_the_hosts_shared_receiver(orthanc: Any, tmp_path: Path) -> N
 
 
 def test_unknown_move_destination_is_configuration_error(orthanc: Any) -> None:
-    cmove = make_cmove(orthanc, destination_aet="NOWHERE")
+    cmove = orthanc.c_move(destination_aet="NOWHERE")
     try:
         with pytest.raises(ConfigurationError, match="'NOWHERE'"):
             list(cmove.iter_raw(searched_study(orthanc)))
@@ -111,15 +102,13 @@ def test_unknown_move_destination_is_configuration_error(orthanc: Any) -> None:
         cmove.close()
 
 
-@pytest.mark.parametrize("make", [make_cget, make_cmove], ids=["cget", "cmove"])
-def test_missing_instance_is_not_found_after_the_rest(
-    orthanc_factory: Callable[..., Any], make: Callable[[Any], CGet | CMove]
-) -> None:
+@pytest.mark.parametrize("make", ["c_get", "c_move"], ids=["cget", "cmove"])
+def test_missing_instance_is_not_found_after_the_rest(orthanc_factory: Callable[..., Any], make: str) -> None:
     pacs = orthanc_factory(SMALL_COHORT)
     refs = SMALL_COHORT.instance_refs()
     gone = refs[1]
     pacs.server.delete_instance(gone.instance_uid)
-    downloader = make(pacs)
+    downloader = getattr(pacs, make)()
     got: list[str] = []
     try:
         with pytest.raises(NotFoundError) as info:

@@ -19,7 +19,6 @@ from tests.http_fakes import Rad69Responder
 from trolley_tasks.core import InstanceReference, SeriesReference, StudyReference
 from trolley_tasks.downloaders import Downloader
 from trolley_tasks.downloaders.base import parse_dataset, payload_bytes
-from trolley_tasks.downloaders.dicom_qr import CGet, CMove
 from trolley_tasks.downloaders.rad69 import Rad69
 from trolley_tasks.downloaders.wado_rs import WadoRS
 from trolley_tasks.downloaders.wado_uri import WadoURI
@@ -45,19 +44,8 @@ DOWNLOADER_FACTORIES = [
         id="wado-rs-per-object",
     ),
     pytest.param(rad69_factory, id="rad69-fake"),
-    pytest.param(lambda orthanc, tmp_path: CGet("127.0.0.1", orthanc.dicom_port, "TROLLEY", orthanc.aet), id="c-get"),
-    pytest.param(
-        lambda orthanc, tmp_path: CMove(
-            "127.0.0.1",
-            orthanc.dicom_port,
-            "TROLLEY",
-            orthanc.aet,
-            destination_aet=orthanc.move_aet,
-            receiver_port=orthanc.move_port,
-            spool_dir=tmp_path / "spool",
-        ),
-        id="c-move",
-    ),
+    pytest.param(lambda orthanc, tmp_path: orthanc.c_get(), id="c-get"),
+    pytest.param(lambda orthanc, tmp_path: orthanc.c_move(spool_dir=tmp_path / "spool"), id="c-move"),
 ]
 
 

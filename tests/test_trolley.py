@@ -15,6 +15,7 @@ import requests
 from pydicom import Dataset
 
 from testbed.cohort import GeneratedCohort, generate_cohort
+from tests.conftest import RunningOrthanc
 from trolley_tasks.core import (
     Downloadable,
     Instance,
@@ -260,33 +261,14 @@ def _wado_rs(per_series: bool) -> Any:
     return make
 
 
-def _c_get(orthanc: Any) -> Any:
-    from trolley_tasks.downloaders.dicom_qr import CGet
-
-    return CGet("127.0.0.1", orthanc.dicom_port, "TROLLEY", orthanc.aet)
-
-
-def _c_move(orthanc: Any) -> Any:
-    from trolley_tasks.downloaders.dicom_qr import CMove
-
-    return CMove(
-        "127.0.0.1",
-        orthanc.dicom_port,
-        "TROLLEY",
-        orthanc.aet,
-        destination_aet=orthanc.move_aet,
-        receiver_port=orthanc.move_port,
-    )
-
-
 @pytest.mark.parametrize(
     ("make", "byte_identical"),
     [
         pytest.param(_wado_uri, True, id="wado-uri"),
         pytest.param(_wado_rs(True), True, id="wado-rs-series"),
         pytest.param(_wado_rs(False), True, id="wado-rs-study"),
-        pytest.param(_c_get, False, id="c-get"),
-        pytest.param(_c_move, False, id="c-move"),
+        pytest.param(RunningOrthanc.c_get, False, id="c-get"),
+        pytest.param(RunningOrthanc.c_move, False, id="c-move"),
     ],
 )
 def test_download_a_study_from_orthanc(orthanc: Any, tmp_path: Path, make: Any, byte_identical: bool) -> None:

@@ -14,8 +14,8 @@ from trolley_tasks.core import Instance, InstanceReference, Query, QueryLevels, 
 from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
 from trolley_tasks.engine.context import EngineContext
 from trolley_tasks.engine.ledger import Ledger
-from trolley_tasks.engine.report import finalize_job
 from trolley_tasks.engine.messages import FetchMessage
+from trolley_tasks.engine.report import finalize_job
 from trolley_tasks.engine.settings import Settings
 from trolley_tasks.errors import NotFoundError, StudyNotFoundError
 from trolley_tasks.profiles import SourceProfile

@@ -1,6 +1,8 @@
 """The ``trolley-tasks`` command: search a PACS, export a cohort, watch and control jobs, run workers and Flower.
 
-Every command takes ``--config PATH``, ``--log-level`` and ``--log-json``. Exit codes are in
+The global options ``--config PATH``, ``--log-level`` and ``--log-json`` are declared once
+(:data:`~trolley_tasks.cli.common.GLOBAL_PARAMETERS`) and accepted before the command name and after it:
+``trolley-tasks --config f export ...`` and ``trolley-tasks export ... --config f`` (the nearer wins). Exit codes are in
 :mod:`trolley_tasks.cli.common`. The commands live in one module per seam: :mod:`~trolley_tasks.cli.search`,
 :mod:`~trolley_tasks.cli.export`, :mod:`~trolley_tasks.cli.jobs` (status, jobs, cancel, pause, resume,
 retry-failed) and :mod:`~trolley_tasks.cli.services` (worker, flower).
@@ -8,10 +10,13 @@ retry-failed) and :mod:`~trolley_tasks.cli.services` (worker, flower).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import typer
 
 from trolley_tasks import __version__
 from trolley_tasks.cli import jobs, services
+from trolley_tasks.cli.common import with_global_options
 from trolley_tasks.cli.export import export
 from trolley_tasks.cli.search import search
 
@@ -32,7 +37,9 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
+@with_global_options
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Export DICOM cohorts from a PACS with Celery workers: fast, gentle on the PACS, resumable.
@@ -41,16 +48,21 @@ def _root(
     """
 
 
-app.command()(search)
-app.command()(export)
-app.command()(jobs.status)
-app.command()(jobs.jobs)
-app.command()(jobs.cancel)
-app.command()(jobs.pause)
-app.command()(jobs.resume)
-app.command("retry-failed")(jobs.retry_failed)
-app.command()(services.worker)
-app.command()(services.flower)
+COMMANDS: dict[str, Callable[..., None]] = {
+    "search": search,
+    "export": export,
+    "status": jobs.status,
+    "jobs": jobs.jobs,
+    "cancel": jobs.cancel,
+    "pause": jobs.pause,
+    "resume": jobs.resume,
+    "retry-failed": jobs.retry_failed,
+    "worker": services.worker,
+    "flower": services.flower,
+}
+"""Every command, by name. Each gets the global options from :func:`with_global_options` as it is registered."""
+for _name, _command in COMMANDS.items():
+    app.command(_name)(with_global_options(_command))
 
 
 def main() -> None:

@@ -13,10 +13,12 @@ Exit codes (httpx's ``_main.py`` is the model: an expected failure is one red li
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -38,27 +40,141 @@ console = Console()
 err_console = Console(stderr=True)
 """Progress, notices and errors go to stderr."""
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        metavar="PATH",
-        help="Configuration file. Default: $TROLLEY_CONFIG, ./trolley.toml, ~/.config/trolley/trolley.toml.",
-        show_default=False,
-        dir_okay=False,
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_LOG_LEVEL = "info"
+
+
+@dataclass(frozen=True)
+class GlobalOptions:
+    """What ``--config``, ``--log-level`` and ``--log-json`` said, before the command name, after it, or both.
+
+    ``None`` means "not given here", so that a value given after the command name can override one given before it
+    (the nearer one wins) without a default on one side hiding the other.
+    """
+
+    config: Path | None = None
+    log_level: str | None = None
+    log_json: bool = False
+
+    def then(self, nearer: GlobalOptions) -> GlobalOptions:
+        """These options, overridden by what ``nearer`` (the command's own) gives."""
+        return GlobalOptions(
+            config=nearer.config or self.config,
+            log_level=nearer.log_level or self.log_level,
+            log_json=self.log_json or nearer.log_json,
+        )
+
+    @property
+    def level(self) -> str:
+        return self.log_level or DEFAULT_LOG_LEVEL
+
+
+GLOBAL_PARAMETERS = (
+    inspect.Parameter(
+        "config",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            Path | None,
+            typer.Option(
+                "--config",
+                "-c",
+                metavar="PATH",
+                help="Configuration file. Default: $TROLLEY_CONFIG, ./trolley.toml, ~/.config/trolley/trolley.toml.",
+                show_default=False,
+                dir_okay=False,
+            ),
+        ],
     ),
-]
-LogLevelOption = Annotated[
-    str,
-    typer.Option(
-        "--log-level",
-        metavar="LEVEL",
-        help=f"Log level of the 'trolley' logger: {', '.join(LEVELS)}.",
-        case_sensitive=False,
+    inspect.Parameter(
+        "log_level",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(
+                "--log-level",
+                metavar="LEVEL",
+                help=f"Log level of the 'trolley' logger: {', '.join(LEVELS)}. Default: {DEFAULT_LOG_LEVEL}.",
+                show_default=False,
+            ),
+        ],
     ),
-]
-LogJsonOption = Annotated[bool, typer.Option("--log-json", help="Log JSON lines instead of text (stderr).")]
+    inspect.Parameter(
+        "log_json",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=False,
+        annotation=Annotated[bool, typer.Option("--log-json", help="Log JSON lines instead of text (stderr).")],
+    ),
+)
+"""The global options, declared once. :func:`with_global_options` adds them to the app callback and to every command,
+so ``trolley-tasks --config f export ...`` and ``trolley-tasks export ... --config f`` both work (the second is what
+users and older docs type)."""
+
+
+def with_global_options(function: Callable[..., R]) -> Callable[..., R]:
+    """``function`` with the :data:`GLOBAL_PARAMETERS` added; what they say is merged into ``ctx.obj``.
+
+    Typer builds a command's options from its signature, so the wrapper's signature is ``function``'s plus the global
+    ones; the wrapper takes them out before calling ``function``, which reads them back with :func:`start` or
+    :func:`global_options`. On the app callback this records the options given before the command name; on a command,
+    those given after it, which win.
+    """
+    signature = inspect.signature(function, eval_str=True)
+    if "ctx" not in signature.parameters:
+        raise TypeError(f"{function.__name__} needs a 'ctx: typer.Context' parameter for the global options")
+    names = [parameter.name for parameter in GLOBAL_PARAMETERS]
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> R:
+        given = GlobalOptions(**{name: kwargs.pop(name) for name in names})
+        context: typer.Context = kwargs["ctx"]
+        context.obj = global_options(context).then(given)
+        return function(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), *GLOBAL_PARAMETERS]
+    )
+    return wrapper
+
+
+def option_group(
+    name: str, parameters: tuple[inspect.Parameter, ...], build: Callable[..., Any]
+) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """A decorator: a command's parameter ``name`` becomes the options ``parameters``, and ``build(**values)`` of what
+    they say is what the command receives as ``name``.
+
+    Typer makes options from a function's signature, so the wrapper's signature has ``parameters`` spread out where
+    ``name`` was: a group of options (the search filters) is declared once and shared by several commands, and its
+    options keep their place in ``--help``.
+    """
+    names = [parameter.name for parameter in parameters]
+
+    def decorate(function: Callable[..., R]) -> Callable[..., R]:
+        signature = inspect.signature(function, eval_str=True)
+        spread: list[inspect.Parameter] = []
+        for parameter in signature.parameters.values():
+            spread.extend(parameters if parameter.name == name else (parameter,))
+        if len(spread) == len(signature.parameters):
+            raise TypeError(f"{function.__name__} has no parameter {name!r} for the options {', '.join(names)}")
+
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> R:
+            kwargs[name] = build(**{option: kwargs.pop(option) for option in names})
+            return function(*args, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=spread)  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def global_options(context: typer.Context) -> GlobalOptions:
+    """The global options in effect for this command (given before its name, after it, or neither)."""
+    found = context.find_object(GlobalOptions)
+    return found if found is not None else GlobalOptions()
 
 
 class CliUsageError(UsageError):
@@ -76,18 +192,15 @@ def notice(message: str) -> None:
     err_console.print(escape(message), style="dim", soft_wrap=True, highlight=False)
 
 
-def start(config: Path | None, log_level: str, log_json: bool) -> Settings:
-    """Configure logging, then load the settings. Every command starts here."""
-    if log_level.lower() not in LEVELS:
-        raise CliUsageError(f"--log-level must be one of {', '.join(LEVELS)}, not {log_level!r}")
-    setup_logging(log_level, log_json)
-    settings = load_settings(config)
+def start(context: typer.Context) -> Settings:
+    """Configure logging and load the settings, as the global options say. Every command starts here."""
+    options = global_options(context)
+    if options.level.lower() not in LEVELS:
+        raise CliUsageError(f"--log-level must be one of {', '.join(LEVELS)}, not {options.level!r}")
+    setup_logging(options.level, options.log_json)
+    settings = load_settings(options.config)
     log.debug("configuration from %s", settings.config_path or "environment only")
     return settings
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 def handles_errors(command: Callable[P, R]) -> Callable[P, R]:
@@ -109,12 +222,3 @@ def handles_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
-
-
-def human_bytes(size: float) -> str:
-    """``526.3 MB``: decimal units, as file managers show sizes."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(size) < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"

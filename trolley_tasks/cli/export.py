@@ -14,35 +14,23 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import filesize
 
 from trolley_tasks.cli.common import (
     EXIT_FAILURES,
     EXIT_INTERRUPTED,
     EXIT_OK,
     CliUsageError,
-    ConfigOption,
-    LogJsonOption,
-    LogLevelOption,
     console,
     err_console,
+    global_options,
     handles_errors,
-    human_bytes,
     log,
     notice,
     start,
 )
 from trolley_tasks.cli.progress import EngineJob, failure_table, format_eta, watch
-from trolley_tasks.cli.search import (
-    AccessionOption,
-    DateFromOption,
-    DateToOption,
-    Filters,
-    ModalityOption,
-    PatientIdOption,
-    PatientNameOption,
-    SourceOption,
-    StudyUidOption,
-)
+from trolley_tasks.cli.search import NO_FILTERS, Filters, SourceOption, with_filters
 from trolley_tasks.core import QueryLevels
 from trolley_tasks.engine.api import EngineClient, open_engine
 from trolley_tasks.engine.embedded import EmbeddedWorkers, default_worker_count, embedded_workers
@@ -88,7 +76,7 @@ def conclude(engine: EngineClient, status: JobStatus, interrupted: bool = False)
     if status.complete:
         err_console.print(
             f"[green]✓[/] job {status.job_id}: all {status.expected} instances on disk "
-            f"({status.skipped} were already there), {human_bytes(status.bytes)} in {status.output}",
+            f"({status.skipped} were already there), {filesize.decimal(status.bytes)} in {status.output}",
             soft_wrap=True,
         )
         return EXIT_OK
@@ -156,8 +144,10 @@ def run_with_workers(engine: EngineClient, job_id: str, workers: int, loglevel: 
         return wait_for(engine, job_id, running)
 
 
+@with_filters
 @handles_errors
 def export(
+    ctx: typer.Context,
     cohort: Annotated[
         Path | None,
         typer.Argument(
@@ -166,13 +156,7 @@ def export(
     ] = None,
     source: SourceOption = ...,  # type: ignore[assignment]
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Output directory.")] = ...,  # type: ignore[assignment]
-    study_uid: StudyUidOption = None,
-    accession: AccessionOption = "",
-    patient_id: PatientIdOption = "",
-    patient_name: PatientNameOption = "",
-    modality: ModalityOption = "",
-    date_from: DateFromOption = "",
-    date_to: DateToOption = "",
+    filters: Filters = NO_FILTERS,
     layout: Annotated[
         str,
         typer.Option(
@@ -199,9 +183,6 @@ def export(
     skip_bad_rows: Annotated[
         bool, typer.Option("--skip-bad-rows", help="Record bad cohort rows instead of refusing.")
     ] = False,
-    config: ConfigOption = None,
-    log_level: LogLevelOption = "info",
-    log_json: LogJsonOption = False,
 ) -> None:
     """Export a cohort from a source into a directory, as verified DICOM files.
 
@@ -211,8 +192,7 @@ def export(
         trolley-tasks export cohort.csv --source orthanc --out ./export
         trolley-tasks export --source orthanc --study-uid 1.2.840.1.2.3 --out ./export --layout flat
     """
-    settings = start(config, log_level, log_json)
-    filters = Filters(tuple(study_uid or ()), accession, patient_id, patient_name, modality, date_from, date_to)
+    settings = start(ctx)
     settings.source(source)  # unknown source or missing secret: refused before anything starts
     window_notice(settings, source)
     given = cohort_input(cohort, filters)
@@ -244,7 +224,7 @@ def export(
             notice(f"watch it with: trolley-tasks status {job} --watch")
             return
         if embedded and not status.state.ended:
-            code = run_with_workers(engine, job, workers, log_level)
+            code = run_with_workers(engine, job, workers, global_options(ctx).level)
         else:
             code = wait_for(engine, job)
     raise typer.Exit(code)

@@ -11,21 +11,19 @@ import json
 from typing import Annotated
 
 import typer
+from rich import filesize
 from rich.table import Table
 
 from trolley_tasks.cli.common import (
     EXIT_OK,
-    ConfigOption,
-    LogJsonOption,
-    LogLevelOption,
     console,
+    global_options,
     handles_errors,
-    human_bytes,
     notice,
     start,
 )
 from trolley_tasks.cli.export import run_with_workers, wait_for
-from trolley_tasks.cli.progress import failure_table, format_eta, progress_line
+from trolley_tasks.cli.progress import failure_table, format_eta, progress_line, rate_text
 from trolley_tasks.engine.api import EngineClient, open_engine
 from trolley_tasks.engine.models import JobStatus
 
@@ -42,12 +40,10 @@ def status_json(status: JobStatus) -> str:
 
 @handles_errors
 def status(
+    ctx: typer.Context,
     job: JobArgument,
     as_json: JsonOption = False,
     watch_it: Annotated[bool, typer.Option("--watch", help="Show progress until the job ends or pauses.")] = False,
-    config: ConfigOption = None,
-    log_level: LogLevelOption = "info",
-    log_json: LogJsonOption = False,
 ) -> None:
     """Show a job's counts, rate, ETA and failures by error class.
 
@@ -56,7 +52,7 @@ def status(
     \b
         trolley-tasks status 3f2a9c1e --watch
     """
-    settings = start(config, log_level, log_json)
+    settings = start(ctx)
     with open_engine(settings, exclusive=False) as engine:
         if watch_it:
             code = wait_for(engine, job)
@@ -78,10 +74,10 @@ def status(
                 f"{current.failed} failed, {current.missing} to go",
             ),
             ("cohort rows", f"{current.rows_expanded}/{current.rows} expanded, {current.rows_failed} failed"),
-            ("bytes", human_bytes(current.bytes)),
+            ("bytes", filesize.decimal(current.bytes)),
             (
                 "rate",
-                f"{current.rate:.1f} inst/s, {human_bytes(current.byte_rate)}/s, ETA {format_eta(current.eta_seconds)}",
+                f"{rate_text(current)}, ETA {format_eta(current.eta_seconds)}",
             ),
             ("started", str(current.started_at or "-")),
             ("finished", str(current.finished_at or "-")),
@@ -94,10 +90,8 @@ def status(
 
 @handles_errors
 def jobs(
+    ctx: typer.Context,
     as_json: JsonOption = False,
-    config: ConfigOption = None,
-    log_level: LogLevelOption = "info",
-    log_json: LogJsonOption = False,
 ) -> None:
     """List the jobs the ledger knows, newest first.
 
@@ -106,7 +100,7 @@ def jobs(
     \b
         trolley-tasks jobs --json
     """
-    settings = start(config, log_level, log_json)
+    settings = start(ctx)
     with open_engine(settings, exclusive=False) as engine:
         found = engine.jobs()
     if as_json:
@@ -133,9 +127,7 @@ def jobs(
 
 
 @handles_errors
-def cancel(
-    job: JobArgument, config: ConfigOption = None, log_level: LogLevelOption = "info", log_json: LogJsonOption = False
-) -> None:
+def cancel(ctx: typer.Context, job: JobArgument) -> None:
     """Cancel a job: stop queueing, drop pending work, keep what is on disk.
 
     Example:
@@ -143,16 +135,14 @@ def cancel(
     \b
         trolley-tasks cancel 3f2a9c1e
     """
-    settings = start(config, log_level, log_json)
+    settings = start(ctx)
     with open_engine(settings, exclusive=False) as engine:
         engine.cancel(job)
         notice(progress_line(engine.status(job)))
 
 
 @handles_errors
-def pause(
-    job: JobArgument, config: ConfigOption = None, log_level: LogLevelOption = "info", log_json: LogJsonOption = False
-) -> None:
+def pause(ctx: typer.Context, job: JobArgument) -> None:
     """Pause a job: workers stop taking its work; running fetches finish. Resume with 'resume'.
 
     Example:
@@ -160,7 +150,7 @@ def pause(
     \b
         trolley-tasks pause 3f2a9c1e
     """
-    settings = start(config, log_level, log_json)
+    settings = start(ctx)
     with open_engine(settings, exclusive=False) as engine:
         engine.pause(job, reason="paused by the user")
         notice(progress_line(engine.status(job)))
@@ -181,11 +171,9 @@ WorkersOption = Annotated[
 
 @handles_errors
 def resume(
+    ctx: typer.Context,
     job: JobArgument,
     workers: WorkersOption = 0,
-    config: ConfigOption = None,
-    log_level: LogLevelOption = "info",
-    log_json: LogJsonOption = False,
 ) -> None:
     """Resume a paused job. In embedded mode, runs the local workers until it ends.
 
@@ -194,19 +182,17 @@ def resume(
     \b
         trolley-tasks resume 3f2a9c1e
     """
-    settings = start(config, log_level, log_json)
+    settings = start(ctx)
     with open_engine(settings, exclusive=False) as engine:
         engine.resume(job)
-        raise typer.Exit(_restart(engine, job, workers, log_level))
+        raise typer.Exit(_restart(engine, job, workers, global_options(ctx).level))
 
 
 @handles_errors
 def retry_failed(
+    ctx: typer.Context,
     job: JobArgument,
     workers: WorkersOption = 0,
-    config: ConfigOption = None,
-    log_level: LogLevelOption = "info",
-    log_json: LogJsonOption = False,
 ) -> None:
     """Re-queue only the failed instances of an ended job (after fixing the cause).
 
@@ -215,8 +201,8 @@ def retry_failed(
     \b
         trolley-tasks retry-failed 3f2a9c1e
     """
-    settings = start(config, log_level, log_json)
+    settings = start(ctx)
     with open_engine(settings, exclusive=False) as engine:
         count = engine.retry_failed(job)
         notice(f"re-queued {count} failed instances of job {job}")
-        raise typer.Exit(_restart(engine, job, workers, log_level))
+        raise typer.Exit(_restart(engine, job, workers, global_options(ctx).level))

@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rich import filesize
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.table import Table
 
-from trolley_tasks.cli.common import human_bytes
 from trolley_tasks.engine.api import EngineClient
 from trolley_tasks.engine.models import Failure, JobState, JobStatus, SeriesProgress
 
@@ -64,12 +64,17 @@ def describe_failure(failure: Failure) -> str:
     return f"{failure.error_class} {what}: {failure.message}"
 
 
+def rate_text(status: JobStatus) -> str:
+    """``12.5 inst/s, 6.3 MB/s``: sizes in decimal units, as rich's transfer-speed column shows them."""
+    return f"{status.rate:.1f} inst/s, {filesize.decimal(int(status.byte_rate))}/s"
+
+
 def progress_line(status: JobStatus) -> str:
     """The one-line summary used in logs and after the bars."""
     return (
         f"job {status.job_id} {status.state.value}: {status.done}/{status.expected} instances"
-        f" ({status.skipped} already on disk), {status.failed} failed, {human_bytes(status.bytes)},"
-        f" {status.rate:.1f} inst/s, {human_bytes(status.byte_rate)}/s, ETA {format_eta(status.eta_seconds)}"
+        f" ({status.skipped} already on disk), {status.failed} failed, {filesize.decimal(status.bytes)},"
+        f" {rate_text(status)}, ETA {format_eta(status.eta_seconds)}"
     )
 
 
@@ -119,8 +124,8 @@ def _series_progress(console: Console) -> Progress:
 def _overall_fields(status: JobStatus) -> dict[str, Any]:
     return {
         "failed": f"[red]{status.failed} failed[/]" if status.failed else "0 failed",
-        "bytes": human_bytes(status.bytes),
-        "rate": f"{status.rate:.1f} inst/s {human_bytes(status.byte_rate)}/s",
+        "bytes": filesize.decimal(status.bytes),
+        "rate": rate_text(status),
         "eta": format_eta(status.eta_seconds),
     }
 

@@ -8,6 +8,7 @@ SeriesInstanceUID / SOPInstanceUID at deeper levels) so that ``search ... --form
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import sys
 from collections.abc import Iterator
@@ -22,11 +23,9 @@ from rich.table import Table
 
 from trolley_tasks.cli.common import (
     CliUsageError,
-    ConfigOption,
-    LogJsonOption,
-    LogLevelOption,
     console,
     handles_errors,
+    option_group,
     start,
 )
 from trolley_tasks.core import Query, QueryLevels, Study, validate_uid
@@ -65,6 +64,10 @@ DateFromOption = Annotated[
 DateToOption = Annotated[
     str, typer.Option("--date-to", metavar="YYYY-MM-DD", help="Last StudyDate, YYYY-MM-DD (inclusive).")
 ]
+
+
+def _filter_option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
 
 
 def parse_day(value: str, option: str) -> date | None:
@@ -128,6 +131,33 @@ class Filters:
             message = str(exc.errors()[0].get("msg", "invalid filter")).removeprefix("Value error, ")
             raise CliUsageError(f"search filters: {message}") from None
 
+    @classmethod
+    def from_options(
+        cls,
+        study_uid: list[str] | None,
+        accession: str,
+        patient_id: str,
+        patient_name: str,
+        modality: str,
+        date_from: str,
+        date_to: str,
+    ) -> Filters:
+        return cls(tuple(study_uid or ()), accession, patient_id, patient_name, modality, date_from, date_to)
+
+
+NO_FILTERS = Filters()
+FILTER_PARAMETERS = (
+    _filter_option("study_uid", StudyUidOption, None),
+    _filter_option("accession", AccessionOption, ""),
+    _filter_option("patient_id", PatientIdOption, ""),
+    _filter_option("patient_name", PatientNameOption, ""),
+    _filter_option("modality", ModalityOption, ""),
+    _filter_option("date_from", DateFromOption, ""),
+    _filter_option("date_to", DateToOption, ""),
+)
+with_filters = option_group("filters", FILTER_PARAMETERS, Filters.from_options)
+"""The search filters, declared once for ``search`` and ``export``: the command receives them as one ``filters``."""
+
 
 STUDY_COLUMNS = (
     "StudyInstanceUID",
@@ -187,21 +217,14 @@ def rows(studies: list[Study], level: Level) -> Iterator[dict[str, str]]:
                 yield row
 
 
+@with_filters
 @handles_errors
 def search(
+    ctx: typer.Context,
     source: SourceOption,
-    study_uid: StudyUidOption = None,
-    accession: AccessionOption = "",
-    patient_id: PatientIdOption = "",
-    patient_name: PatientNameOption = "",
-    modality: ModalityOption = "",
-    date_from: DateFromOption = "",
-    date_to: DateToOption = "",
+    filters: Filters = NO_FILTERS,
     level: Annotated[Level, typer.Option("--level", help="Depth of the answer.")] = Level.study,
     output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
-    config: ConfigOption = None,
-    log_level: LogLevelOption = "info",
-    log_json: LogJsonOption = False,
 ) -> None:
     """Find studies, series or instances on a source.
 
@@ -211,8 +234,7 @@ def search(
         trolley-tasks search --source orthanc --modality CT --date-from 2024-01-01 \\
             --date-to 2024-01-31 --format csv > cohort.csv
     """
-    settings = start(config, log_level, log_json)
-    filters = Filters(tuple(study_uid or ()), accession, patient_id, patient_name, modality, date_from, date_to)
+    settings = start(ctx)
     depth = {Level.study: QueryLevels.STUDY, Level.series: QueryLevels.SERIES, Level.instance: QueryLevels.INSTANCE}
     queries = filters.queries(depth[level])  # bad filters are refused before the PACS is asked anything
     profile = settings.source(source)

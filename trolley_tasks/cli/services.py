@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from trolley_tasks.cli.common import CliUsageError, ConfigOption, LogJsonOption, LogLevelOption, handles_errors, log
+from trolley_tasks.cli.common import CliUsageError, handles_errors, log
 from trolley_tasks.cli.common import start as start_command
 from trolley_tasks.engine.celery_app.app import make_app
 from trolley_tasks.engine.settings import FlowerConfig, Settings
@@ -41,6 +41,7 @@ def _engine_app(settings: Settings, command: str) -> Any:
 
 @handles_errors
 def worker(
+    ctx: typer.Context,
     concurrency: Annotated[
         int, typer.Option("--concurrency", "-C", min=0, metavar="N", help="Worker processes; 0: the CPU count.")
     ] = 0,
@@ -54,9 +55,6 @@ def worker(
     logfile: Annotated[
         str, typer.Option("--logfile", metavar="PATH", help="Write the worker's log here instead of stderr.")
     ] = "",
-    config: ConfigOption = None,
-    log_level: LogLevelOption = "info",
-    log_json: LogJsonOption = False,
 ) -> None:
     """Start a Celery worker with trolley-tasks' engine app and configuration (runs until stopped).
 
@@ -65,7 +63,7 @@ def worker(
     \b
         TROLLEY_BROKER__URL=redis://pacs-gw:6379/0 trolley-tasks worker --concurrency 4
     """
-    settings = start_command(config, log_level, log_json)
+    settings = start_command(ctx)
     app = _engine_app(settings, "worker")
     argv = ["worker", f"--loglevel={loglevel}"]
     if concurrency:
@@ -111,15 +109,13 @@ def is_loopback(address: str) -> bool:
 
 @handles_errors
 def flower(
+    ctx: typer.Context,
     address: Annotated[
         str, typer.Option("--address", metavar="HOST", help="Listen address; default from [flower], 127.0.0.1.")
     ] = "",
     port: Annotated[
         int, typer.Option("--port", min=0, max=65535, metavar="PORT", help="Port; default from [flower], 5555.")
     ] = 0,
-    config: ConfigOption = None,
-    log_level: LogLevelOption = "info",
-    log_json: LogJsonOption = False,
 ) -> None:
     """Start Flower (the Celery web monitor) on trolley-tasks' app, with basic auth from the config.
 
@@ -131,7 +127,7 @@ def flower(
     \b
         FLOWER_PASSWORD=... trolley-tasks flower --port 5555
     """
-    settings = start_command(config, log_level, log_json)
+    settings = start_command(ctx)
     require_broker(settings, "flower")
     listen = address or settings.flower.address
     listen_port = port or settings.flower.port
