@@ -57,6 +57,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "pause": jobs.pause,
     "resume": jobs.resume,
     "retry-failed": jobs.retry_failed,
+    "report": jobs.report,
     "worker": services.worker,
     "flower": services.flower,
 }

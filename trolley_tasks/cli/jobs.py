@@ -156,6 +156,23 @@ def pause(ctx: typer.Context, job: JobArgument) -> None:
         notice(progress_line(engine.status(job)))
 
 
+@handles_errors
+def report(ctx: typer.Context, job: JobArgument) -> None:
+    """Write the job's report (trolley-report.json and .csv in its output directory) now, from the ledger.
+
+    A job writes its report when it ends; use this to rewrite it, or to get one for a running job.
+
+    Example:
+
+    \b
+        trolley-tasks report 3f2a9c1e
+    """
+    settings = start(ctx)
+    with open_engine(settings, exclusive=False) as engine:
+        json_path, csv_path = engine.write_report(job)
+    console.print(f"{json_path}\n{csv_path}", highlight=False, soft_wrap=True)
+
+
 def _restart(engine: EngineClient, job: str, workers: int, log_level: str) -> int:
     """After resume or retry-failed: in embedded mode with nobody else's workers, run ours until the job ends."""
     if engine.owns_embedded:

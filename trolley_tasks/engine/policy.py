@@ -6,7 +6,7 @@ it*. Nothing else in the engine decides retries, so the whole behaviour is reada
 ================  =======  =========  ===========  ==================================================================
 class             action   attempts   delay cap    notes
 ================  =======  =========  ===========  ==================================================================
-transient         retry    8          60 s         full-jitter backoff; 2 quick retries inside the fetch (tenacity)
+transient         retry    8          60 s         equal-jitter backoff; 2 quick retries inside the fetch (tenacity)
 timeout           retry    8          300 s        like transient with a longer cap; no quick retry (it was slow)
 server-busy       retry    8          300 s        honour Retry-After; shrink the source's concurrency (AIMD);
                                                    counts against the budget at most once a minute
@@ -21,8 +21,10 @@ configuration     pause    -          -            a worker without the profile 
 ``max_attempts`` counts every try, the first included. A profile can override any field per class in its
 ``[sources.NAME.retry]`` table (see :func:`policy_with_overrides`).
 
-Waits shorter than a second happen inside the fetch (tenacity, ``quick_retries``); longer waits re-queue the
-instances with a Celery countdown, so a waiting instance never holds a worker process.
+Waits shorter than a second happen inside the fetch (tenacity, ``quick_retries``); longer waits park the instances in
+Redis until due (:mod:`~trolley_tasks.engine.scheduler`), so a waiting instance never holds a worker process. Errors
+that say the *source* is unwell (transient, timeout, busy) also go to the source's breaker
+(:mod:`~trolley_tasks.engine.breaker`), which holds the whole source instead of spending every instance's budget.
 """
 
 from __future__ import annotations
@@ -60,8 +62,10 @@ class Decision:
     max_attempts
         Tries in all (the first included) before a retried instance fails.
     base_delay, max_delay
-        Backoff: attempt ``n`` waits a uniformly random time in ``[0, min(max_delay, base_delay * 2**(n-1))]``
-        ("full jitter"), which spreads the retries of many workers instead of synchronising them.
+        Backoff: attempt ``n`` waits a uniformly random time in ``[c/2, c]`` with ``c = min(max_delay,
+        base_delay * 2**(n-1))`` ("equal jitter"): it spreads the retries of many workers instead of synchronising
+        them, and never comes back at once (full jitter, from 0, let a median instance survive only 16 s of
+        "connection refused").
     quick_retries
         Immediate retries inside the same fetch (tenacity, sub-second waits), for failures that are cheap to retry
         such as a reset keep-alive connection. They count as attempts.
@@ -87,9 +91,9 @@ class Decision:
     budget_interval: float | None = None
 
     def delay(self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
-        """Seconds to wait before try ``attempt + 1``, after ``attempt`` tries failed (full jitter)."""
+        """Seconds to wait before try ``attempt + 1``, after ``attempt`` tries failed (equal jitter)."""
         ceiling = min(self.max_delay, self.base_delay * 2 ** max(0, attempt - 1))
-        wait = (rng or random).uniform(0.0, ceiling)
+        wait = (rng or random).uniform(ceiling / 2, ceiling)
         if self.honour_retry_after and retry_after is not None:
             wait = max(wait, min(retry_after, self.max_delay))
         return wait

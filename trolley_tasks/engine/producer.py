@@ -121,8 +121,10 @@ def submit(
         ledger.record_bad_row(job_id, line)
     for queued, key in enumerate(ledger.rows(job_id), start=1):
         ctx.publisher.expand(job_id, source, key)
-        if queued % CANCEL_CHECK_EVERY == 0 and ledger.state(job_id) == JobState.CANCELLED.value:
-            break  # cancel stops queueing
+        if queued % CANCEL_CHECK_EVERY == 0:
+            if ledger.state(job_id) == JobState.CANCELLED.value:
+                break  # cancel stops queueing
+            ledger.touch(job_id)  # a long cohort is still being queued: the watchdog must not call the job stalled
     if ledger.producer_done(job_id):
         finalize_job(ledger, job_id)
     return job_id
