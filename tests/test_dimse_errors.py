@@ -17,7 +17,7 @@ from pynetdicom import AE, evt
 
 from testbed.orthanc import free_port
 from trolley_tasks.core import InstanceReference, Query, SeriesReference
-from trolley_tasks.downloaders.dimse_retrieve import RetrieveRequest, RetrieveRun, plan_requests
+from trolley_tasks.downloaders.dimse_retrieve import RetrieveLoop, RetrieveRequest, plan_requests
 from trolley_tasks.errors import (
     AuthError,
     ConfigurationError,
@@ -317,7 +317,7 @@ class _FakeAssociations:
         self.aborted += 1
 
 
-class ScriptedRetrieve(RetrieveRun):
+class ScriptedRetrieve(RetrieveLoop):
     """Answers each request with a final status and the instances in ``send_uids`` (of those asked)."""
 
     operation = "C-GET"

@@ -18,6 +18,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from testbed.cohort import GeneratedInstance, generate_cohort
+from tests.part10_files import add_file_meta, is_part10
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.errors import (
     ConfigurationError,
@@ -27,7 +28,7 @@ from trolley_tasks.errors import (
     UnsafePathError,
     UsageError,
 )
-from trolley_tasks.formats.part10 import add_file_meta, is_part10, read_part10_header
+from trolley_tasks.formats.part10 import read_part10_header
 from trolley_tasks.storage.disk import (
     TEMP_DIR,
     DICOMDiskStorage,

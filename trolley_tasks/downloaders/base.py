@@ -1,13 +1,15 @@
 """The Downloader protocol and the behaviour all downloaders share.
 
 The raw path, :meth:`Downloader.iter_raw`, is what the engine uses: it yields each instance's bytes as they came
-from the server (a ``bytes`` object, or an iterator of chunks for large parts), without decoding pixel data.
+from the server, without decoding pixel data: a :class:`~trolley_tasks.formats.part10.Part10Stream` (HTTP: the
+chunks with the header already read from them, so storage does not walk them again), ``bytes`` (C-GET) or a
+:class:`~trolley_tasks.formats.part10.Part10File` (C-MOVE: a spooled file that storage renames into place).
 
 Contract of ``iter_raw(objects)``:
 
 - It raises :class:`~trolley_tasks.errors.NonInstanceParameterError` (or ``NonSeriesParameterError``) *before
   yielding anything* when it cannot fetch an object at the level given (for example a StudyReference to WADO-URI).
-- It yields ``(InstanceReference, payload)``. A chunk iterator must be consumed entirely before the next item is
+- It yields ``(InstanceReference, payload)``. A stream must be consumed entirely before the next item is
   requested (as with ``itertools.groupby``).
 - It either delivers every instance it was asked for, or raises a :class:`~trolley_tasks.errors.TrolleyError`
   after delivering what it could. A server that answers "success" with instances missing is an error, never a
@@ -26,9 +28,15 @@ from pydicom.errors import InvalidDicomError
 
 from trolley_tasks.core import Downloadable, Instance, InstanceReference
 from trolley_tasks.errors import PayloadInvalidError
+from trolley_tasks.formats.part10 import Part10Header, check_identity
 
 RawPayload = bytes | Iterator[bytes]
-"""One instance's DICOM Part 10 bytes: whole, or as chunks to be consumed in order."""
+"""One instance's DICOM Part 10 bytes: whole, or chunks to be consumed in order. The iterators the downloaders yield
+are a :class:`~trolley_tasks.formats.part10.Part10Stream` (its header travels with the chunks) or a
+:class:`~trolley_tasks.formats.part10.Part10File` (a file to be moved); pass them on as they are."""
+
+AS_STORED = "*"
+"""The ``transfer_syntax`` that asks for each instance as the archive stored it: byte-identical files."""
 
 
 @runtime_checkable
@@ -60,19 +68,13 @@ def payload_bytes(payload: RawPayload) -> bytes:
 
 
 def parse_dataset(data: bytes, reference: InstanceReference, source: str | None = None) -> Dataset:
-    """Parse a Part 10 file (or a bare dataset), raising PayloadInvalidError when it is not DICOM or is another
-    instance than the one expected."""
+    """Parse a Part 10 file, raising PayloadInvalidError when it is not DICOM or is another instance than the one
+    expected (:func:`~trolley_tasks.formats.part10.check_identity`, the check storage makes)."""
     try:
         dataset = pydicom.dcmread(BytesIO(data), force=False)
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
         raise PayloadInvalidError(f"not a DICOM file: {exc}", source=source, reference=reference) from exc
-    uid = dataset.get("SOPInstanceUID")
-    if uid != reference.instance_uid:
-        raise PayloadInvalidError(
-            f"server sent SOPInstanceUID {uid!r} where {reference.instance_uid} was asked for",
-            source=source,
-            reference=reference,
-        )
+    check_identity(Part10Header.from_dataset(dataset), reference, source=source)
     return dataset
 
 

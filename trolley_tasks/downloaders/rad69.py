@@ -36,7 +36,7 @@ from trolley_tasks.downloaders.rad69_soap import (
 from trolley_tasks.downloaders.shortfall import Shortfall, instance_refs_or_raise
 from trolley_tasks.errors import NotFoundError, PayloadInvalidError
 from trolley_tasks.formats.multipart import iter_parts, parse_content_type
-from trolley_tasks.formats.peek import check_identity, peek_header
+from trolley_tasks.formats.part10 import check_identity, read_header
 from trolley_tasks.transports import http
 
 __all__ = [
@@ -186,7 +186,9 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
                 if reference is None or reference in delivered:
                     logger.warning("skipping RAD-69 part %s: no DocumentResponse asked for it", part.content_id)
                     continue
-                header, payload = peek_header(part, source=self.source, reference=reference)
+                payload = read_header(part, source=self.source, reference=reference)
+                header = payload.header
+                assert header is not None  # read_header sets it
                 check_identity(header, reference, source=self.source)
                 if header.transfer_syntax_uid not in self.transfer_syntaxes:
                     raise PayloadInvalidError(

@@ -45,7 +45,7 @@ from trolley_tasks.errors import (
     ServerError,
 )
 from trolley_tasks.formats.multipart import iter_parts, parse_content_type
-from trolley_tasks.formats.peek import check_identity, peek_header
+from trolley_tasks.formats.part10 import check_identity, read_header
 from trolley_tasks.transports import http
 
 logger = logging.getLogger("trolley.downloaders.wado_rs")
@@ -225,7 +225,9 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
         try:
             body = http.iter_body(response, source=self.source, reference=target)
             for part in iter_parts(body, response.headers.get("Content-Type"), source=self.source, reference=target):
-                header, payload = peek_header(part, source=self.source, reference=target)
+                payload = read_header(part, source=self.source, reference=target)
+                header = payload.header
+                assert header is not None  # read_header sets it
                 reference = header.reference(target.study_uid, getattr(target, "series_uid", None))
                 check_identity(header, self._in_target(reference, target), source=self.source)
                 if reference in delivered or (wanted is not None and reference not in wanted):

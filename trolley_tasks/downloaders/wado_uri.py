@@ -20,7 +20,7 @@ from trolley_tasks.core import Downloadable, InstanceReference
 from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
 from trolley_tasks.downloaders.shortfall import Shortfall, instance_refs_or_raise
 from trolley_tasks.errors import NotFoundError
-from trolley_tasks.formats.peek import check_identity, peek_header
+from trolley_tasks.formats.part10 import check_identity, read_header
 from trolley_tasks.transports import http
 
 
@@ -87,7 +87,9 @@ class WadoURI(http.HTTPEndpoint, DownloaderBase):
                 continue
             try:
                 body = http.iter_body(response, source=self.source, reference=reference)
-                header, payload = peek_header(body, source=self.source, reference=reference)
+                payload = read_header(body, source=self.source, reference=reference)
+                header = payload.header
+                assert header is not None  # read_header sets it
                 check_identity(header, reference, source=self.source)
                 yield reference, payload
             finally:

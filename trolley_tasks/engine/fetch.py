@@ -107,14 +107,10 @@ class _Kept:
 def quarantine_partial(output: str, instance_uid: str, chunks: list[bytes]) -> Path:
     """Write the bytes of a broken instance to ``<out>/quarantine/<SOPInstanceUID>.bad`` (atomically), like the
     storage does for whole payloads that are not the instance asked for."""
-    directory = Path(output) / QUARANTINE_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{path_component(instance_uid, 'SOPInstanceUID', is_uid=True)}.bad"
-    temp = directory / f".{target.name}.{os.getpid()}.tmp"
-    with open(temp, "wb") as handle:
-        for chunk in chunks:
-            handle.write(chunk)
-    os.replace(temp, target)
+    from trolley_tasks.storage.durable import write_file  # the one atomic writer
+
+    target = Path(output) / QUARANTINE_DIR / f"{path_component(instance_uid, 'SOPInstanceUID', is_uid=True)}.bad"
+    write_file(target, chunks)
     log.warning("kept the %d bytes received of %s in %s", sum(map(len, chunks)), instance_uid, target)
     return target
 
