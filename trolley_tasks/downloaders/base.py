@@ -26,8 +26,8 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
-from trolley_tasks.core import Downloadable, Instance, InstanceReference
-from trolley_tasks.errors import PayloadInvalidError
+from trolley_tasks.core import Downloadable, Instance, InstanceReference, is_valid_uid
+from trolley_tasks.errors import ConfigurationError, PayloadInvalidError
 from trolley_tasks.formats.part10 import Part10Header, check_identity
 
 RawPayload = bytes | Iterator[bytes]
@@ -36,7 +36,15 @@ are a :class:`~trolley_tasks.formats.part10.Part10Stream` (its header travels wi
 :class:`~trolley_tasks.formats.part10.Part10File` (a file to be moved); pass them on as they are."""
 
 AS_STORED = "*"
-"""The ``transfer_syntax`` that asks for each instance as the archive stored it: byte-identical files."""
+"""The ``transfer_syntax`` that asks for each instance as the archive stored it: byte-identical files (WADO-RS
+``transfer-syntax=*``, PS3.18 8.7.3.5.2; WADO-URI without a ``transferSyntax`` parameter)."""
+
+
+def checked_transfer_syntax(value: str, downloader: str) -> str:
+    """``value`` when it is :data:`AS_STORED` or a transfer syntax UID; ConfigurationError naming ``downloader``."""
+    if value != AS_STORED and not is_valid_uid(value):
+        raise ConfigurationError(f"{downloader}: transfer_syntax {value!r} is neither '*' (as stored) nor a UID")
+    return value
 
 
 @runtime_checkable
@@ -58,7 +66,18 @@ class Downloader(Protocol):
         ...
 
     def close(self) -> None:
-        """Release sessions, associations and receivers. The downloader may not be used afterwards."""
+        """Release what the downloader opened (its own sessions, associations, receivers). A session the caller
+        passed in stays open. The downloader may not be used afterwards."""
+        ...
+
+    @property
+    def whole_series(self) -> bool:
+        """True when several instances of one series are fetched by one request for the *whole* series.
+
+        A caller that batches instances (the engine) should then put a series in one batch: a batch smaller than
+        the series would download the series once per batch. False when each instance asked for is fetched alone
+        or by an exact list (WADO-URI, RAD-69, C-GET, C-MOVE).
+        """
         ...
 
 
@@ -82,6 +101,11 @@ class DownloaderBase:
     """``datasets`` and ``get_dataset`` in terms of ``iter_raw``, so every downloader parses and checks alike."""
 
     source: str | None = None
+
+    @property
+    def whole_series(self) -> bool:
+        """See :attr:`Downloader.whole_series`; False unless a downloader fetches series whole."""
+        return False
 
     def iter_raw(
         self, objects: Downloadable | Iterable[Downloadable]

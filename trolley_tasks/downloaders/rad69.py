@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Unpack
 
 import requests
 
@@ -76,10 +77,10 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
 
     Parameters
     ----------
-    session, url
-        A ``requests.Session`` (possibly logged in, e.g. Vitrea) and the RAD-69 endpoint.
-    source, timeout
-        As for the other HTTP downloaders.
+    session, source, timeout
+        As for every HTTP client (:class:`~trolley_tasks.transports.http.HTTPEndpoint`).
+    url
+        The RAD-69 endpoint.
     errors_to_ignore
         Exception classes (from :mod:`~trolley_tasks.downloaders.rad69_soap`, e.g. ``XDSMissingDocumentError``)
         that skip the documents they concern instead of raising.
@@ -91,16 +92,15 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
 
     def __init__(
         self,
-        session: requests.Session,
+        session: http.SessionOrFactory,
         url: str,
         *,
-        source: str | None = None,
-        timeout: float | tuple[float, float] | None = None,
         errors_to_ignore: Sequence[type[Exception]] = (),
         repository_unique_id: str = DEFAULT_REPOSITORY_UNIQUE_ID,
         transfer_syntaxes: Sequence[str] = DEFAULT_TRANSFER_SYNTAXES,
+        **endpoint: Unpack[http.EndpointOptions],
     ) -> None:
-        super().__init__(session, url, source=source, timeout=timeout)
+        super().__init__(session, url, **endpoint)
         self.errors_to_ignore = tuple(errors_to_ignore)
         self.repository_unique_id = repository_unique_id
         self.transfer_syntaxes = tuple(transfer_syntaxes)
@@ -241,7 +241,3 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
         for error in failures:
             if error not in used:
                 logger.warning("RAD-69 %s for documents that were delivered: %s", error.error_code, error.code_context)
-
-    def close(self) -> None:
-        """Close the session's pooled connections."""
-        self.session.close()

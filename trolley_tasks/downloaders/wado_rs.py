@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Unpack
 
 import requests
 
@@ -34,7 +35,7 @@ from trolley_tasks.core import (
     to_instance_refs,
     to_series_level_refs,
 )
-from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
+from trolley_tasks.downloaders.base import AS_STORED, DownloaderBase, RawPayload, checked_transfer_syntax
 from trolley_tasks.downloaders.shortfall import Shortfall
 from trolley_tasks.errors import (
     NonSeriesParameterError,
@@ -50,9 +51,6 @@ from trolley_tasks.transports import http
 
 logger = logging.getLogger("trolley.downloaders.wado_rs")
 
-AS_STORED = "*"
-"""``transfer-syntax=*``: the server sends each instance in the syntax it stored (PS3.18 8.7.3.5.2)."""
-
 
 @dataclass(frozen=True)
 class _Request:
@@ -67,14 +65,10 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
 
     Parameters
     ----------
-    session
-        A ``requests.Session``, possibly logged in; reused for keep-alive.
+    session, source, timeout
+        As for every HTTP client (:class:`~trolley_tasks.transports.http.HTTPEndpoint`).
     url
         The DICOMweb root under which ``/studies/...`` lives.
-    source
-        Name used in errors and logs; defaults to the URL without credentials.
-    timeout
-        ``(connect, read)`` seconds, or one number; defaults to :data:`trolley_tasks.transports.http.DEFAULT_TIMEOUT`.
     request_per_series
         True (dicomtrolley's default): one request per series, which keeps each answer to a size the PACS serves
         comfortably. Studies must then come with their series (a searched Study, or SeriesReferences):
@@ -88,18 +82,23 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
 
     def __init__(
         self,
-        session: requests.Session,
+        session: http.SessionOrFactory,
         url: str,
         *,
-        source: str | None = None,
-        timeout: float | tuple[float, float] | None = None,
         request_per_series: bool = True,
         transfer_syntax: str = AS_STORED,
+        **endpoint: Unpack[http.EndpointOptions],
     ) -> None:
-        super().__init__(session, url.rstrip("/"), source=source, timeout=timeout)
+        super().__init__(session, url, **endpoint)
         self.request_per_series = request_per_series
-        self.transfer_syntax = transfer_syntax
+        self.transfer_syntax = checked_transfer_syntax(transfer_syntax, "WADO-RS")
         self.accept = f'multipart/related; type="application/dicom"; transfer-syntax={transfer_syntax}'
+
+    @property
+    def whole_series(self) -> bool:
+        """True with ``request_per_series``: a batch of several instances of a series is one request for the whole
+        series (PS3.18 10.4.1.1.2), the instances not asked for skipped on the way."""
+        return self.request_per_series
 
     def __repr__(self) -> str:
         return (
@@ -269,7 +268,3 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
                 source=self.source,
                 reference=reference,
             )
-
-    def close(self) -> None:
-        """Close the session's pooled connections."""
-        self.session.close()
