@@ -156,5 +156,9 @@ def build_downloader(
 
     syntaxes = DEFAULT_TRANSFER_SYNTAXES if profile.transfer_syntax == AS_STORED else (profile.transfer_syntax,)
     return Rad69(
-        http_session, _need(profile.rad69_url, "rad69_url", name), source=name, timeout=timeout, transfer_syntaxes=syntaxes
+        http_session,
+        _need(profile.rad69_url, "rad69_url", name),
+        source=name,
+        timeout=timeout,
+        transfer_syntaxes=syntaxes,
     )

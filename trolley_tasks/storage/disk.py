@@ -183,6 +183,7 @@ class DICOMDiskStorage:
         self, reference: InstanceReference, source: Path, root: Path, committer: Committer | None
     ) -> SaveResult:
         """:meth:`save_raw` for a file already on disk: checked in place, then renamed (never read into memory)."""
+        root.mkdir(parents=True, exist_ok=True)
         try:
             header = read_part10_header(source)
             check_identity(header, reference)

@@ -260,6 +260,11 @@ class AssociationManager:
         self._assoc: Association | None = None
         self._watch = _Watch()
 
+    @property
+    def is_open(self) -> bool:
+        """True while an association is established (between a first request and :meth:`release` or an abort)."""
+        return self._assoc is not None and self._assoc.is_established
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.aet} -> {self.source}, tls={self.tls is not None})"
 
