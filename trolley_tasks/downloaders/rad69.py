@@ -21,7 +21,7 @@ from typing import Unpack
 
 import requests
 
-from trolley_tasks.core import Downloadable, InstanceReference
+from trolley_tasks.core import Downloadable, InstanceReference, group_by_series
 from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
 from trolley_tasks.downloaders.rad69_soap import (
     ACTION,
@@ -115,10 +115,7 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
         """Stream each instance, one SOAP request per series. NonInstanceParameterError is raised now, before any
         request, for objects without instance information."""
         references = instance_refs_or_raise(objects, source=self.source, what="RAD-69")
-        series: dict[tuple[str, str], list[InstanceReference]] = {}
-        for ref in references:
-            series.setdefault((ref.study_uid, ref.series_uid), []).append(ref)
-        return self._fetch(list(series.values()))
+        return self._fetch(list(group_by_series(references).values()))
 
     def _fetch(self, groups: list[list[InstanceReference]]) -> Iterator[tuple[InstanceReference, RawPayload]]:
         shortfall = Shortfall(self.source)

@@ -32,6 +32,7 @@ from trolley_tasks.core import (
     InstanceReference,
     SeriesReference,
     StudyReference,
+    group_by_series,
     to_instance_refs,
     to_series_level_refs,
 )
@@ -122,13 +123,12 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
             [objects] if isinstance(objects, DICOMObject | DICOMObjectReference) else list(objects)
         )
         planned: list[_Request] = []
-        instances: dict[SeriesReference, list[InstanceReference]] = {}
+        instance_refs: list[InstanceReference] = []
         for item in items:
             if isinstance(item, InstanceReference) or (
                 isinstance(item, DICOMObject) and item.max_object_depth() == DICOMObjectLevels.INSTANCE
             ):
-                for ref in to_instance_refs(item):  # searched down to instances: we know what to expect
-                    instances.setdefault(ref.series(), []).append(ref)
+                instance_refs.extend(to_instance_refs(item))  # searched down to instances: we know what to expect
             elif not self.request_per_series:
                 reference = item.reference() if isinstance(item, DICOMObject) else item
                 assert isinstance(reference, StudyReference | SeriesReference)
@@ -146,7 +146,7 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
                 for series_ref in series_refs:
                     if isinstance(series_ref, SeriesReference):
                         planned.append(_Request(series_ref, None))
-        for series, refs in instances.items():
+        for series, refs in group_by_series(instance_refs).items():
             unique = tuple(dict.fromkeys(refs))
             if self.request_per_series and len(unique) > 1:
                 planned.append(_Request(series, unique))
