@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
 
 from trolley_tasks.core import is_valid_uid
@@ -28,9 +29,11 @@ from trolley_tasks.storage.durable import write_file
 
 logger = logging.getLogger("trolley.dimse")
 
-STATUS_SUCCESS = 0x0000
+STATUS_SUCCESS = int(Status.SUCCESS)
 STATUS_OUT_OF_RESOURCES = 0xA700
+"""C-STORE "Refused: Out of Resources" (PS3.4 B.2.3); pynetdicom's ``STORAGE_SERVICE_CLASS_STATUS`` lists it."""
 STATUS_CANNOT_UNDERSTAND = 0xC000
+"""C-STORE "Error: Cannot understand" (PS3.4 B.2.3)."""
 
 
 def spool_path(spool_dir: Path, sop_instance_uid: str) -> Path:
