@@ -2,8 +2,9 @@
 
 Both send one retrieve request per series (IMAGE level, with the asked SOPInstanceUIDs as a list of UIDs, PS3.4
 C.4.2.2.1), or per series or study when given a series or study reference (C-GET only), on one association that is
-reused across calls. Instances are handed on as they arrive, each as DICOM Part 10 bytes with a file meta header built
-from the C-STORE sub-operation (PS3.10 7.1), never decoded.
+reused across calls. Instances are handed on as they arrive, never decoded: C-GET's as DICOM Part 10 bytes with a file
+meta header built from the C-STORE sub-operation (PS3.10 7.1); C-MOVE's as the spooled file itself
+(:class:`~trolley_tasks.formats.part10.Part10File`), which storage renames into place.
 
 Completeness is checked twice: the final response's sub-operation counts (completed, failed, warning) against what
 actually arrived, and the UIDs asked for against the UIDs received. A retrieve that reports success while instances are

@@ -9,7 +9,7 @@ transcode; each part is then checked to carry it.
 The answer is parsed incrementally (:mod:`trolley_tasks.formats.multipart`): memory is one part's headers plus one
 chunk,
 whatever the series weighs. Each part is identified by the SOPInstanceUID in its first bytes
-(:mod:`~trolley_tasks.formats.peek`) and handed on as a chunk stream, unparsed beyond its header.
+(:func:`~trolley_tasks.formats.part10.read_header`) and handed on as a Part10Stream, its header with it.
 
 What was asked is checked against what came: parts not asked for (a series request made for some of its
 instances) are skipped, and instances asked for and not delivered are raised once the rest was delivered.

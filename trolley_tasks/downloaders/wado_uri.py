@@ -7,7 +7,8 @@ by the references), so nothing else in the query needs escaping.
 
 Each answer is streamed: the engine gets ``(InstanceReference, chunk iterator)`` and writes the chunks as they come,
 so a 500 MB enhanced multi-frame instance never sits in memory. The first bytes are parsed (file meta and dataset up
-to SeriesInstanceUID, :mod:`~trolley_tasks.formats.peek`) to make sure the server sent the instance asked for.
+to SeriesInstanceUID, :func:`~trolley_tasks.formats.part10.read_header`) to make sure the server sent the instance asked
+for; that header travels with the chunks to storage (:class:`~trolley_tasks.formats.part10.Part10Stream`).
 """
 
 from __future__ import annotations

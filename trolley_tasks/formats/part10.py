@@ -14,8 +14,8 @@ An instance reaches storage in one of three shapes, and its header is walked exa
 :func:`check_identity` is the one comparison between a header and the reference that was asked for.
 
 The walk covers the little endian syntaxes that make up nearly all archives (PS3.5 A.2-A.4); big endian and
-deflated files are read by pydicom from the written file (:func:`_read_part10_header_pydicom`), the rare case in
-which a stream's header is read twice.
+deflated files are read by pydicom (:mod:`~trolley_tasks.formats.part10_pydicom`), from the written file: the rare
+case in which a stream's header is read twice.
 """
 
 from __future__ import annotations
@@ -24,25 +24,17 @@ import itertools
 import mmap
 import os
 import struct
-import zlib
 from collections.abc import Callable, Iterable, Iterator
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from pydicom import Dataset
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
-from pydicom.tag import BaseTag
 
 from trolley_tasks.core import InstanceReference, is_valid_uid
 from trolley_tasks.errors import PayloadInvalidError
 from trolley_tasks.formats import part10_scan
-
-DEFER_SIZE = 64 * 1024
-"""pydicom reads values larger than this lazily: pixel data never enters memory while checking."""
+from trolley_tasks.formats.part10_pydicom import peek_pydicom, read_part10_pydicom
 
 FIRST_PEEK = 64 * 1024
 """Bytes read before the identity is first looked for: CT/MR headers are 1-10 KB."""
@@ -51,11 +43,8 @@ MAX_PEEK = 16 * 1024 * 1024
 """Give up when the UIDs are not found within this many bytes: the stream is not the DICOM file it claims to be."""
 
 _SOP, _STUDY, _SERIES, _ROWS = 0x00080018, 0x0020000D, 0x0020000E, 0x00280010
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-_PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
 _BULK_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"})
 _INT_FORMATS = {"US": "<H", "UL": "<I", "SS": "<h", "SL": "<i"}
-_PARSE_ERRORS = (InvalidDicomError, EOFError, ValueError, KeyError, OSError, OverflowError, NotImplementedError)
 
 
 class Part10Header:
@@ -158,6 +147,15 @@ def check_identity(header: Part10Header, expected: InstanceReference, *, source:
             raise PayloadInvalidError(
                 f"server sent {what} {got[:80]!r} where {want} was asked for", source=source, reference=expected
             )
+
+
+def _header_or_invalid(read: Callable[[bytes], Dataset | None], data: bytes, **context: Any) -> Part10Header | None:
+    """The header pydicom reads from the first bytes, or PayloadInvalidError naming the source."""
+    try:
+        dataset = read(data)
+    except PayloadInvalidError as exc:
+        raise _invalid(exc.message, **context) from exc
+    return Part10Header.from_dataset(dataset) if dataset is not None else None
 
 
 def _invalid(message: str, exc: BaseException | None = None, **context: Any) -> PayloadInvalidError:
@@ -311,7 +309,7 @@ def read_header(chunks: Iterable[bytes], *, source: str | None = None, reference
     if walker.size < part10_scan.PREAMBLE_AND_MAGIC:
         raise _invalid(f"not a DICOM Part 10 file: only {walker.size} bytes; first bytes {data!r}", **context)
     if walker.unsupported is not None:
-        header = _peek_pydicom(b"".join(stream._peeked), **context)
+        header = _header_or_invalid(peek_pydicom, b"".join(stream._peeked), **context)
     else:
         found = walker.found
         header = Part10Header(found.transfer_syntax, dict(found.values)) if found is not None else None
@@ -326,21 +324,6 @@ def read_header(chunks: Iterable[bytes], *, source: str | None = None, reference
         raise _invalid(f"the file's StudyInstanceUID {header.study_uid!r} is not a valid UID", **context)
     stream.header = header
     return stream
-
-
-def _stop_after_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag > _SERIES
-
-
-def _peek_pydicom(data: bytes, **context: Any) -> Part10Header | None:
-    """The identifying header of a big endian or deflated stream's first bytes, by pydicom."""
-    try:
-        dataset = read_partial(BytesIO(data), stop_when=_stop_after_series_uid)
-    except zlib.error:  # deflated syntax (PS3.5 A.5): pydicom inflates all it has, so a partial stream fails here
-        return None
-    except _PARSE_ERRORS as exc:
-        raise _invalid("not a DICOM Part 10 file", exc, **context) from exc
-    return Part10Header.from_dataset(dataset)
 
 
 class Part10File(Iterator[bytes]):
@@ -388,7 +371,7 @@ def read_part10_header(path: Path | str) -> Part10Header:
             with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
                 found = part10_scan.scan(view)
     except part10_scan.Unsupported:
-        return Part10Header.from_dataset(_read_part10_header_pydicom(path))
+        return Part10Header.from_dataset(read_part10_pydicom(path))
     except part10_scan.Truncated as exc:
         if size < part10_scan.PREAMBLE_AND_MAGIC:
             raise PayloadInvalidError(f"not a DICOM Part 10 file: only {size} bytes") from exc
@@ -403,43 +386,3 @@ def dataset_value(dataset: Dataset, keyword: str) -> object:
     tag = tag_for_keyword(keyword)
     source = dataset.get("file_meta") if tag is not None and tag >> 16 == 0x0002 else dataset
     return source.get(keyword) if source is not None else None
-
-
-def _read_part10_header_pydicom(path: Path | str) -> Dataset:
-    """:func:`read_part10_header` for the transfer syntaxes the fast walk does not cover (big endian, deflate).
-
-    Longer than most functions here because pydicom stops quietly at a short read: every structural check that the
-    walk makes as it goes is made here after the fact, in one place.
-    """
-    size = os.path.getsize(path)
-    try:
-        with open(path, "rb") as fp:
-            dataset = pydicom.dcmread(fp, defer_size=DEFER_SIZE, force=False)
-            end = fp.tell()
-    except (*_PARSE_ERRORS, zlib.error) as exc:
-        raise PayloadInvalidError(f"not a DICOM Part 10 file: {exc}") from exc
-    meta = getattr(dataset, "file_meta", None)
-    if meta is None or "TransferSyntaxUID" not in meta:
-        raise PayloadInvalidError("not a DICOM Part 10 file: no TransferSyntaxUID in the file meta information")
-    if not dataset:
-        raise PayloadInvalidError("DICOM file holds file meta information but no dataset (truncated)")
-    # The last top-level element must end exactly at the end of the file (a value or an element header cut short is
-    # a truncated download; PS3.10 files have nothing after their last element). A deflated dataset is parsed from
-    # an inflated copy, so its offsets say nothing about the file; zlib's own stream end check stands in for this.
-    deflated = meta.TransferSyntaxUID == _DEFLATED
-    if deflated:
-        end = size
-    last = dataset.get_item(max(dataset.keys()))
-    value_tell = getattr(last, "value_tell", None)
-    length = getattr(last, "length", None)  # a RawDataElement's; parsed sequences have neither
-    if not deflated and value_tell is not None and length is not None and length != 0xFFFFFFFF:
-        end = value_tell + length
-        if end < size:
-            raise PayloadInvalidError(
-                f"DICOM file is truncated: {size - end} stray bytes after its last element (a cut element header)"
-            )
-    if end > size:
-        raise PayloadInvalidError(f"DICOM file is truncated: its last element ends at byte {end}, the file has {size}")
-    if "Rows" in dataset and not any(tag in dataset for tag in _PIXEL_DATA_TAGS):
-        raise PayloadInvalidError("DICOM file is truncated: it describes an image (Rows) but holds no pixel data")
-    return dataset

@@ -1,15 +1,16 @@
 """A fast structural walk of a DICOM Part 10 file, for the export's hot path.
 
-Every instance an export writes is checked twice: the downloader identifies a streamed part from its first bytes,
-and storage checks the whole file before it gets its final name. pydicom's reader does both correctly but costs about
-a millisecond per instance in Python objects, which at hundreds of instances a second is most of a worker's CPU.
-This module walks the element headers only (PS3.5 section 7: tag, VR, length), seeking over values, and keeps the
-raw bytes of the few top-level elements asked for. It covers the transfer syntaxes that make up nearly all archives:
-implicit VR little endian and every explicit VR little endian syntax, native or encapsulated (PS3.5 A.4). For the
-rest (big endian, deflate) it answers :data:`UNSUPPORTED` and the caller uses pydicom.
+Every instance an export writes is walked once: the :class:`Walker` is fed the bytes as they pass (the downloader's
+first chunks tell which instance a part is; the rest are walked while storage writes them), and at the end it knows
+whether the file is whole. pydicom's reader would do this correctly but costs about a millisecond per instance in
+Python objects, which at hundreds of instances a second is most of a worker's CPU. This module walks the element
+headers only (PS3.5 section 7: tag, VR, length), counting its way over values, and keeps the raw bytes of the small
+top-level elements (and any asked for). It covers the transfer syntaxes that make up nearly all archives: implicit VR
+little endian and every explicit VR little endian syntax, native or encapsulated (PS3.5 A.4). For the rest (big
+endian, deflate) it raises :class:`Unsupported` and the caller uses pydicom.
 
-It never allocates a value it was not asked for, so a file of any size is walked in constant memory (the buffer is
-an ``mmap`` or the peeked bytes).
+It never holds more than one element header or one kept value, so a stream or file of any size is walked in constant
+memory; :func:`scan` feeds a buffer held whole (an ``mmap``) to the same walker.
 """
 
 from __future__ import annotations
