@@ -95,42 +95,9 @@ def build_downloader(
         C-MOVE only: start this downloader's own storage receiver (library use, one process), or rely on the one
         receiver that runs per worker host and writes to ``profile.spool_dir`` (engine use).
     """
-    timeout = profile.timeout
     if profile.downloader in ("c-get", "c-move"):
-        if profile.transfer_syntax != AS_STORED:
-            raise ConfigurationError(
-                f"profile {name}: the {profile.downloader} downloader cannot ask for transfer syntax "
-                f"{profile.transfer_syntax} (the PACS chooses among the syntaxes we accept); use '*'"
-            )
-        host, port = _need(profile.host, "host", name), int(_need(profile.port, "port", name))
-        if profile.downloader == "c-get":
-            from trolley_tasks.downloaders.dicom_qr import CGet
-
-            return CGet(
-                host,
-                port,
-                profile.calling_aet,
-                profile.called_aet,
-                source=name,
-                timeout=timeout,
-                tls=_dimse_tls(profile),
-            )
-        from trolley_tasks.downloaders.dicom_qr import CMove
-
-        return CMove(
-            host,
-            port,
-            profile.calling_aet,
-            profile.called_aet,
-            destination_aet=_need(profile.move_destination, "move_destination", name),
-            receiver_port=int(_need(profile.receiver_port, "receiver_port", name)),
-            receiver_host=profile.receiver_host,
-            spool_dir=Path(profile.spool_dir) if profile.spool_dir else None,
-            run_receiver=run_receiver,
-            source=name,
-            timeout=timeout,
-            tls=_dimse_tls(profile),
-        )
+        return _dimse_downloader(profile, name, run_receiver)
+    timeout = profile.timeout
     http_session: SessionOrFactory = session or _own_session(profile)
     if profile.downloader == "wado-rs":
         from trolley_tasks.downloaders.wado_rs import WadoRS
@@ -161,4 +128,43 @@ def build_downloader(
         source=name,
         timeout=timeout,
         transfer_syntaxes=syntaxes,
+    )
+
+
+def _dimse_downloader(profile: SourceProfile, name: str, run_receiver: bool) -> Downloader:
+    """C-GET or C-MOVE for ``profile``; they take what the PACS negotiates, so a named transfer syntax is refused."""
+    timeout = profile.timeout
+    if profile.transfer_syntax != AS_STORED:
+        raise ConfigurationError(
+            f"profile {name}: the {profile.downloader} downloader cannot ask for transfer syntax "
+            f"{profile.transfer_syntax} (the PACS chooses among the syntaxes we accept); use '*'"
+        )
+    host, port = _need(profile.host, "host", name), int(_need(profile.port, "port", name))
+    if profile.downloader == "c-get":
+        from trolley_tasks.downloaders.dicom_qr import CGet
+
+        return CGet(
+            host,
+            port,
+            profile.calling_aet,
+            profile.called_aet,
+            source=name,
+            timeout=timeout,
+            tls=_dimse_tls(profile),
+        )
+    from trolley_tasks.downloaders.dicom_qr import CMove
+
+    return CMove(
+        host,
+        port,
+        profile.calling_aet,
+        profile.called_aet,
+        destination_aet=_need(profile.move_destination, "move_destination", name),
+        receiver_port=int(_need(profile.receiver_port, "receiver_port", name)),
+        receiver_host=profile.receiver_host,
+        spool_dir=Path(profile.spool_dir) if profile.spool_dir else None,
+        run_receiver=run_receiver,
+        source=name,
+        timeout=timeout,
+        tls=_dimse_tls(profile),
     )

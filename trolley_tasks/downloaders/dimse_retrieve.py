@@ -205,14 +205,7 @@ class RetrieveLoop:
                 self.associations.abort()
         assert final is not None  # request() yields at least the final response or raises
         code = int(final.Status)
-        completed, failed, warning = (
-            int(final.get(name, 0) or 0)
-            for name in (
-                "NumberOfCompletedSuboperations",
-                "NumberOfFailedSuboperations",
-                "NumberOfWarningSuboperations",
-            )
-        )
+        completed, failed, warning = _subop_counts(final)
         error = error_for_status(
             code,
             operation=self.operation,
@@ -286,3 +279,10 @@ class RetrieveLoop:
         return [
             InstanceReference(request.study_uid, series_uid, uid) for uid in request.instance_uids if uid in set(uids)
         ]
+
+
+def _subop_counts(final: Dataset) -> tuple[int, int, int]:
+    """The final response's completed, failed and warning sub-operation counts (PS3.4 C.4.2.1.4.3); absent is 0."""
+    names = ("NumberOfCompletedSuboperations", "NumberOfFailedSuboperations", "NumberOfWarningSuboperations")
+    completed, failed, warning = (int(final.get(name, 0) or 0) for name in names)
+    return completed, failed, warning
