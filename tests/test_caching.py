@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydicom import Dataset
 
 from trolley_tasks.core import Instance, Query, QueryLevels, Series, Study
-from trolley_tasks.searchers.base import Searcher, SearcherBase
+from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.caching import CachedSearcher, DICOMObjectCache
 
 
@@ -14,6 +14,10 @@ class CountingSearcher(SearcherBase):
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, QueryLevels]] = []
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def _study(self, level: QueryLevels) -> Study:
         data = Dataset()
@@ -47,9 +51,17 @@ def make() -> tuple[CachedSearcher, CountingSearcher, Clock]:
     return CachedSearcher(inner, DICOMObjectCache(expiry_seconds=300, clock=clock)), inner, clock
 
 
-def test_is_a_searcher() -> None:
-    searcher, _, _ = make()
-    assert isinstance(searcher, Searcher)
+def test_answers_every_searcher_call_and_closes_the_wrapped_one() -> None:
+    """Behaviour, not ``isinstance``: each Searcher method answers through the cache, and close() reaches the
+    searcher it wraps."""
+    searcher, inner, _ = make()
+    query = Query(PatientID="P1", query_level=QueryLevels.SERIES)
+    assert [study.uid for study in searcher.find_studies(query)] == ["1.2.3"]
+    assert searcher.find_study(query).uid == "1.2.3"
+    assert searcher.find_study_by_id("1.2.3", QueryLevels.SERIES).uid == "1.2.3"
+    assert inner.calls == [("find_studies", QueryLevels.SERIES)]  # the other two were answered from the cache
+    searcher.close()
+    assert inner.closed
 
 
 def test_repeated_query_within_expiry_is_cached() -> None:

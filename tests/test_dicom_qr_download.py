@@ -10,7 +10,7 @@ import pytest
 
 from testbed.cohort import generate_cohort
 from trolley_tasks.core import QueryLevels, Study, StudyReference
-from trolley_tasks.downloaders.base import Downloader, parse_dataset
+from trolley_tasks.downloaders.base import Downloader, parse_dataset, payload_bytes
 from trolley_tasks.downloaders.dicom_qr import CGet, CMove, StorageReceiver
 from trolley_tasks.errors import ConfigurationError, ErrorClass, NonInstanceParameterError, NotFoundError
 from trolley_tasks.searchers.dicom_qr import DICOMQR
@@ -36,7 +36,7 @@ def downloader(request: pytest.FixtureRequest, orthanc: Any) -> Iterator[CGet | 
 def check_delivery(got: list[tuple[Any, bytes]], expected_uids: set[str]) -> None:
     assert len(got) == len(expected_uids)
     for ref, data in got:
-        dataset = parse_dataset(data, ref)  # valid Part 10, and the SOPInstanceUID asked for
+        dataset = parse_dataset(payload_bytes(data), ref)  # valid Part 10, and the SOPInstanceUID asked for
         assert dataset.file_meta.MediaStorageSOPInstanceUID == ref.instance_uid
         assert dataset.file_meta.TransferSyntaxUID
         assert dataset.SeriesInstanceUID == ref.series_uid and dataset.StudyInstanceUID == ref.study_uid
@@ -113,7 +113,7 @@ def test_missing_instance_is_not_found_after_the_rest(orthanc_factory: Callable[
     try:
         with pytest.raises(NotFoundError) as info:
             for ref, data in downloader.iter_raw(refs):
-                parse_dataset(data, ref)
+                parse_dataset(payload_bytes(data), ref)
                 got.append(ref.instance_uid)
     finally:
         downloader.close()

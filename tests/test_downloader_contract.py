@@ -22,7 +22,7 @@ from trolley_tasks.downloaders.base import parse_dataset, payload_bytes
 from trolley_tasks.downloaders.rad69 import Rad69
 from trolley_tasks.downloaders.wado_rs import WadoRS
 from trolley_tasks.downloaders.wado_uri import WadoURI
-from trolley_tasks.errors import NonSeriesParameterError, TrolleyError
+from trolley_tasks.errors import ErrorClass, NonSeriesParameterError, NotFoundError
 
 Factory = Callable[[RunningOrthanc, Path], Downloader]
 
@@ -69,8 +69,15 @@ def series_instances(index: int) -> list[InstanceReference]:
     return [ref for ref in STANDARD_COHORT.instance_refs() if ref.series() == series]
 
 
-def test_is_a_downloader(downloader: Downloader) -> None:
-    assert isinstance(downloader, Downloader)
+PROTOCOL_METHODS = ("iter_raw", "datasets", "get_dataset", "close")
+
+
+def test_implements_every_protocol_method(downloader: Downloader) -> None:
+    """Not ``isinstance`` (a runtime-checkable Protocol only sees names, which the base class always has): each
+    method must be a real implementation, and the batching preference a real bool."""
+    for name in PROTOCOL_METHODS:
+        assert getattr(type(downloader), name) is not getattr(Downloader, name), name
+    assert downloader.whole_series is (isinstance(downloader, WadoRS) and downloader.request_per_series)
 
 
 def test_iter_raw_delivers_exactly_what_was_asked(downloader: Downloader) -> None:
@@ -98,11 +105,12 @@ def test_a_missing_instance_raises_after_the_others_are_delivered(downloader: Do
     real = series_instances(3)
     ghost = InstanceReference(real[0].study_uid, real[0].series_uid, "1.2.826.0.1.3680043.8.498.404404")
     delivered = []
-    with pytest.raises(TrolleyError):
+    with pytest.raises(NotFoundError) as raised:  # the retry table fails NotFoundError at once, and only it
         for ref, payload in downloader.iter_raw([real[0], ghost, *real[1:]]):
             payload_bytes(payload)
             delivered.append(ref)
     assert sorted(delivered) == sorted(real), "the others must be delivered before the error, never dropped"
+    assert raised.value.error_class is ErrorClass.NOT_FOUND
 
 
 @pytest.mark.parametrize("level", ["study", "series"])
@@ -129,6 +137,18 @@ def test_an_unsupported_level_raises_before_yielding(downloader: Downloader, lev
 
 
 def test_close_releases_and_is_idempotent(downloader: Downloader) -> None:
-    list(downloader.iter_raw(series_instances(4)[:1]))
+    for _, payload in downloader.iter_raw(series_instances(4)[:1]):
+        payload_bytes(payload)
+    associations = getattr(downloader, "associations", None)
+    session = getattr(downloader, "session", None)
+    if associations is not None:
+        assert associations.is_open  # reused between calls until closed
     downloader.close()
     downloader.close()
+    if associations is not None:
+        assert not associations.is_open
+    if session is not None:  # the caller's session: its pooled connections are the caller's to close
+        assert session.adapters["http://"].poolmanager.pools  # type: ignore[attr-defined]
+    receiver = getattr(downloader, "receiver", None)
+    if receiver is not None:
+        assert not receiver.running

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trolley_tasks.storage.durable import Committer, commit_now
+from trolley_tasks.storage.durable import TEMP_PREFIX, AtomicFile, Committer, commit_now, write_file
 
 
 def test_commit_now_and_background_commits(tmp_path: Path) -> None:
@@ -30,3 +30,18 @@ def test_commit_now_and_background_commits(tmp_path: Path) -> None:
         assert (tmp_path / "out" / f"{index}.dcm").read_bytes() == bytes([index]) * 1000
         assert not temps[index].exists()
     assert committer.flush() == {}  # nothing pending any more
+
+
+def test_write_file_is_atomic_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "report.json"
+    write_file(target, [b"{", b"}"])
+    write_file(target, b"[]")  # replaced in one step
+    assert target.read_bytes() == b"[]" and sorted(p.name for p in target.parent.iterdir()) == ["report.json"]
+
+
+def test_an_atomic_file_not_committed_is_removed(tmp_path: Path) -> None:
+    with AtomicFile(tmp_path) as temp:
+        temp.handle.write(b"half")
+        path = temp.path
+        assert path.name.startswith(TEMP_PREFIX) and path.parent == tmp_path
+    assert not path.exists() and list(tmp_path.iterdir()) == []

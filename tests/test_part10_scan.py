@@ -112,3 +112,44 @@ def test_not_dicom_and_unsupported_syntaxes() -> None:
     with pytest.raises(NotDicom, match="no VR"):
         scan(bytes(broken))
     assert part10_scan.PREAMBLE_AND_MAGIC == 132
+
+
+def walk(data: bytes, piece: int) -> part10_scan.Scan:
+    walker = part10_scan.Walker()
+    for start in range(0, len(data), piece):
+        walker.feed(data[start : start + piece])
+    return walker.finish()
+
+
+@pytest.mark.parametrize(("syntax", "encapsulated", "undefined"), CASES)
+@pytest.mark.parametrize("piece", [1, 7, 64, 100_000])
+def test_the_streamed_walk_finds_what_scan_finds(syntax: UID, encapsulated: bool, undefined: bool, piece: int) -> None:
+    data = encode(syntax, encapsulated=encapsulated, undefined_sequences=undefined)
+    found = walk(data, piece)
+    assert found.complete and found.end == len(data) and found.pixel_data
+    assert (found.text(SOP), found.text(STUDY), found.text(SERIES)) == ("1.2.3.4.5", "1.2.3", "1.2.3.4")
+    assert found.values[ROWS][1] == b"\x04\x00" and found.transfer_syntax == syntax
+
+
+@pytest.mark.parametrize(("syntax", "encapsulated", "undefined"), CASES)
+def test_every_cut_of_a_stream_is_truncated_or_lacks_pixels(syntax: UID, encapsulated: bool, undefined: bool) -> None:
+    data = encode(syntax, encapsulated=encapsulated, undefined_sequences=undefined)
+    for cut in range(len(data) - 1, 0, -1):
+        for piece in (cut, 5):
+            try:
+                found = walk(data[:cut], piece)
+            except (Truncated, NotDicom):
+                continue
+            assert found.end == cut and not found.pixel_data  # the same cut points scan() accepts
+
+
+def test_the_streamed_walk_reports_not_dicom_and_unsupported_at_the_end() -> None:
+    walker = part10_scan.Walker()
+    walker.feed(b"<html>" + b" " * 200)  # never raises while bytes pass
+    with pytest.raises(NotDicom, match="DICM"):
+        walker.finish()
+    for syntax in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
+        with pytest.raises(Unsupported):
+            walk(encode(syntax), 50)
+    with pytest.raises(Truncated):
+        walk(b"short", 2)

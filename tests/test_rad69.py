@@ -146,3 +146,9 @@ def test_needs_instance_references_before_any_request(server: FakeHTTPServer, ob
     with pytest.raises(NonInstanceParameterError):
         rad69(server).iter_raw(objects)  # type: ignore[arg-type]
     assert server.requests == []
+
+
+def test_a_soap_answer_with_a_dtd_or_entities_is_refused() -> None:
+    bomb = b'<?xml version="1.0"?><!DOCTYPE s [<!ENTITY a "aaaaaaaa"><!ENTITY b "&a;&a;&a;">]><s>&b;</s>'
+    with pytest.raises(PayloadInvalidError, match="forbidden XML feature"):
+        read_answer([bomb[:30], bomb[30:]])

@@ -76,8 +76,26 @@ def case(request: pytest.FixtureRequest, env: ContractEnv) -> tuple[ContractCase
     return contract_case, contract_case.factory(env)
 
 
-def test_satisfies_the_protocol(case: tuple[ContractCase, Searcher]) -> None:
-    assert isinstance(case[1], Searcher)
+def test_implements_every_protocol_method(case: tuple[ContractCase, Searcher]) -> None:
+    """Not ``isinstance`` (a runtime-checkable Protocol only sees names): each method is a real implementation."""
+    for name in ("find_studies", "find_study", "find_study_by_id", "close"):
+        assert getattr(type(case[1]), name) is not getattr(Searcher, name), name
+
+
+def test_close_releases_only_what_the_searcher_opened(case: tuple[ContractCase, Searcher]) -> None:
+    contract_case, searcher = case
+    searcher.find_study_by_id(ITEM.study_uid)
+    associations = getattr(searcher, "associations", None)
+    inner = getattr(searcher, "searcher", searcher)  # a CachedSearcher closes the searcher it wraps
+    session = getattr(inner, "session", None)
+    if associations is not None:
+        assert associations.is_open
+    searcher.close()
+    searcher.close()
+    if associations is not None:
+        assert not associations.is_open
+    if session is not None:  # made by the test, so the caller's: still open
+        assert session.adapters["http://"].poolmanager.pools
 
 
 def test_find_studies_by_patient_id(case: tuple[ContractCase, Searcher]) -> None:

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import requests
 
 from trolley_tasks.downloaders.base import Downloader
 from trolley_tasks.errors import ConfigurationError
@@ -97,3 +98,27 @@ def test_unreadable_dimse_certificates_are_a_configuration_error(tmp_path: Path)
     )  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="DICOM TLS"):
         build_searcher(profile, "pacs")
+
+
+@pytest.mark.parametrize("name", ["c-get", "c-move"])
+def test_a_transfer_syntax_dimse_cannot_ask_for_is_refused(name: str) -> None:
+    profile = SourceProfile(downloader=name, transfer_syntax="1.2.840.10008.1.2.1", **COMMON)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=name):
+        build_downloader(profile, "pacs")
+
+
+def test_transfer_syntax_reaches_the_http_downloaders() -> None:
+    syntax = "1.2.840.10008.1.2.1"
+    for name in ("wado-rs", "wado-uri"):
+        made = build_downloader(SourceProfile(downloader=name, transfer_syntax=syntax, **COMMON), "pacs")  # type: ignore[arg-type]
+        assert made.transfer_syntax == syntax  # type: ignore[attr-defined]
+    rad69 = build_downloader(SourceProfile(downloader="rad69", transfer_syntax=syntax, **COMMON), "pacs")  # type: ignore[arg-type]
+    assert rad69.transfer_syntaxes == (syntax,)  # type: ignore[attr-defined]
+
+
+def test_a_session_built_from_the_profile_is_the_clients_own() -> None:
+    session = requests.Session()
+    lent = build_downloader(SourceProfile(downloader="wado-uri", **COMMON), "pacs", session)  # type: ignore[arg-type]
+    own = build_downloader(SourceProfile(downloader="wado-uri", **COMMON), "pacs")  # type: ignore[arg-type]
+    assert lent.session is session and not lent.owns_session  # type: ignore[attr-defined]
+    assert own.owns_session and own.session is not session  # type: ignore[attr-defined]

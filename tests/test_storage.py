@@ -18,6 +18,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from testbed.cohort import GeneratedInstance, generate_cohort
+from tests.part10_files import add_file_meta, is_part10
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.errors import (
     ConfigurationError,
@@ -27,7 +28,7 @@ from trolley_tasks.errors import (
     UnsafePathError,
     UsageError,
 )
-from trolley_tasks.formats.part10 import add_file_meta, is_part10, read_part10_header
+from trolley_tasks.formats.part10 import Part10File, read_header, read_part10_header
 from trolley_tasks.storage.disk import (
     TEMP_DIR,
     DICOMDiskStorage,
@@ -244,7 +245,7 @@ def test_invalid_payload_is_quarantined(tmp_path: Path, payload: bytes, why: str
     error = raised.value
     assert isinstance(error, PayloadInvalidError) and error.error_class is ErrorClass.PAYLOAD_INVALID
     assert error.reference == FIRST.reference()
-    assert error.quarantine_path == tmp_path / "quarantine" / f"{FIRST.sop_instance_uid}.bad"
+    assert error.quarantine_path == tmp_path / ".trolley" / "quarantine" / f"{FIRST.sop_instance_uid}.bad"
     assert error.quarantine_path.read_bytes() == payload
     assert files_under(tmp_path) == [error.quarantine_path]
 
@@ -371,3 +372,48 @@ def test_reference_uids_are_used_for_the_path(tmp_path: Path) -> None:
     reference = InstanceReference(FIRST.study_uid, FIRST.series_uid, FIRST.sop_instance_uid)
     result = StorageDir().save_raw(reference, raw(), tmp_path)
     assert result.path == StorageDir().reference_path(reference, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- one walk, one move
+
+
+def test_a_streamed_payload_is_not_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header the downloader read travels with the chunks: storage checks it without opening the file again."""
+
+    def no_second_walk(path: object) -> None:
+        raise AssertionError(f"{path} was read back")
+
+    monkeypatch.setattr("trolley_tasks.storage.disk.read_part10_header", no_second_walk)
+    data = raw()
+    stream = read_header(iter([data[:300], data[300:5000], data[5000:]]))
+    assert stream.header is not None and stream.header.sop_instance_uid == FIRST.sop_instance_uid
+    result = TemplateStorage(EXAMPLE_TEMPLATE).save_raw(FIRST.reference(), stream, tmp_path)
+    assert result.path.read_bytes() == data
+    assert result.path.parts[-4] == str(COHORT.dataset(FIRST).PatientID)  # a template keyword from the walk
+
+
+def test_a_cut_stream_is_quarantined_by_the_same_walk(tmp_path: Path) -> None:
+    data = raw()[:-100]
+    with pytest.raises(QuarantinedPayloadError, match="truncated") as raised:
+        StorageDir().save_raw(FIRST.reference(), read_header(iter([data[:1000], data[1000:]])), tmp_path)
+    assert raised.value.quarantine_path.read_bytes() == data
+
+
+def test_a_spooled_file_is_renamed_into_place_not_copied(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    arrival = spool / "arrival.dcm"
+    arrival.write_bytes(raw())
+    inode = arrival.stat().st_ino
+    result = StorageDir().save_raw(FIRST.reference(), Part10File(arrival), tmp_path / "out")
+    assert result.path.stat().st_ino == inode and not arrival.exists()  # one rename, same filesystem
+    assert result.path.read_bytes() == raw()
+    again = spool / "again.dcm"
+    again.write_bytes(raw())
+    assert StorageDir().save_raw(FIRST.reference(), Part10File(again), tmp_path / "out").already_present
+    assert not again.exists()  # an arrival that was already in place is consumed, not left in the spool
+    other = spool / "other.dcm"
+    other.write_bytes(raw(SECOND))
+    with pytest.raises(QuarantinedPayloadError, match="SOPInstanceUID") as raised:
+        StorageDir().save_raw(FIRST.reference(), Part10File(other), tmp_path / "out")
+    assert raised.value.quarantine_path.read_bytes() == raw(SECOND) and not other.exists()

@@ -235,7 +235,7 @@ def test_error_mid_download_keeps_what_was_written(tmp_path: Path) -> None:
 
     with pytest.raises(QuarantinedPayloadError):
         Trolley(FakeSearcher(), BadSecond()).download(STUDY0, tmp_path)
-    assert len(written(tmp_path)) == 1 and len(list((tmp_path / "quarantine").iterdir())) == 1
+    assert len(written(tmp_path)) == 1 and len(list((tmp_path / ".trolley" / "quarantine").iterdir())) == 1
 
 
 def test_default_storage_is_storage_dir() -> None:

@@ -13,7 +13,7 @@ from tests.fakehttp import FakeHTTPServer, Reply
 from trolley_tasks.core import InstanceReference, SeriesReference, Study, StudyReference
 from trolley_tasks.downloaders import Downloader
 from trolley_tasks.downloaders.wado_uri import WadoURI
-from trolley_tasks.errors import NonInstanceParameterError, NotFoundError, PayloadInvalidError
+from trolley_tasks.errors import ConfigurationError, NonInstanceParameterError, NotFoundError, PayloadInvalidError
 
 
 def test_downloads_a_study_byte_identical(orthanc: RunningOrthanc) -> None:
@@ -77,3 +77,14 @@ def test_another_instance_than_asked_is_invalid_payload(orthanc: RunningOrthanc)
         other = cohort.instance_refs()[1]
         with pytest.raises(PayloadInvalidError, match="SOPInstanceUID"):
             list(WadoURI(requests.Session(), f"{fake.url}/wado").iter_raw(other))
+
+
+def test_a_transfer_syntax_is_asked_for_and_checked() -> None:
+    ref = InstanceReference("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    downloader = WadoURI(None, "http://127.0.0.1:1/wado/", transfer_syntax="1.2.840.10008.1.2.4.50")
+    assert downloader.url == "http://127.0.0.1:1/wado" and downloader.owns_session
+    assert downloader.instance_url(ref).endswith("&transferSyntax=1.2.840.10008.1.2.4.50")
+    assert "transferSyntax" not in WadoURI(requests.Session(), "http://x/wado").instance_url(ref)
+    with pytest.raises(ConfigurationError, match="WADO-URI"):
+        WadoURI(requests.Session(), "http://x/wado", transfer_syntax="jpeg please")
+    downloader.close()

@@ -8,10 +8,6 @@ PACS software may accept more; backends whose server is strict (MINT, and DICOM-
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from trolley_tasks.core import QueryLevels
 
 StudyLevel: frozenset[str] = frozenset(
     {
@@ -127,18 +123,20 @@ InstanceLevel: frozenset[str] = frozenset(
 """May be returned at INSTANCE level."""
 
 
-def fields_for_level(level: QueryLevels) -> frozenset[str]:
-    """Every return field valid for a query at ``level``."""
-    from trolley_tasks.core import QueryLevels
+def fields_for_level(level: str) -> frozenset[str]:
+    """Every return field valid for a query at ``level`` (``"STUDY"``, ``"SERIES"`` or ``"INSTANCE"``).
 
-    if level == QueryLevels.STUDY:
+    Levels are taken as their DICOM names (``QueryLevels`` is a ``StrEnum`` of them), so that this module imports
+    nothing of the package: :mod:`trolley_tasks.core` builds on it, never the other way round.
+    """
+    if level == "STUDY":
         return StudyLevel
-    if level == QueryLevels.SERIES:
+    if level == "SERIES":
         return StudyLevel | SeriesLevel | SeriesLevelPromotable
     return StudyLevel | SeriesLevel | InstanceLevel
 
 
-def invalid_fields_for_level(include_fields: Iterable[str], level: QueryLevels) -> list[str]:
+def invalid_fields_for_level(include_fields: Iterable[str], level: str) -> list[str]:
     """The members of ``include_fields`` that a query at ``level`` may not ask for, in their given order."""
     valid = fields_for_level(level)
     return [name for name in include_fields if name not in valid]

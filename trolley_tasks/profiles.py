@@ -13,6 +13,7 @@ says when the file is read, so a mistake is one line naming the key, never a fai
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from datetime import time
@@ -23,10 +24,11 @@ import requests
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from requests.auth import AuthBase
 
-from trolley_tasks.downloaders.base import Downloader
-from trolley_tasks.errors import ErrorClass, MissingCredentialError
+from trolley_tasks.downloaders.base import AS_STORED, Downloader
+from trolley_tasks.errors import ConfigurationError, ErrorClass, MissingCredentialError
 from trolley_tasks.searchers.base import Searcher
 from trolley_tasks.transports.auth import BasicAuth, BearerAuth, VitreaAuth, make_session, read_secret
+from trolley_tasks.transports.http import SessionOrFactory
 
 if TYPE_CHECKING:
     from trolley_tasks.transports.dimse import DimseTLS
@@ -265,8 +267,14 @@ def _dimse_tls(profile: SourceProfile) -> DimseTLS | None:
     return DimseTLS(ca_file=profile.ca_bundle, cert_file=profile.client_cert, key_file=profile.client_key)
 
 
+def _own_session(profile: SourceProfile) -> SessionOrFactory:
+    """A way to make the profile's session, so that the client built with it owns it (and closes it on close())."""
+    return functools.partial(session_for_profile, profile)
+
+
 def build_searcher(profile: SourceProfile, name: str, session: requests.Session | None = None) -> Searcher:
-    """The searcher ``profile.searcher`` names, over ``session`` (built from the profile when not given)."""
+    """The searcher ``profile.searcher`` names, over ``session`` (built from the profile when not given; then the
+    searcher owns it and its ``close()`` closes it)."""
     timeout = profile.timeout
     if profile.searcher == "dicom-qr":
         from trolley_tasks.searchers.dicom_qr import DICOMQR
@@ -280,18 +288,18 @@ def build_searcher(profile: SourceProfile, name: str, session: requests.Session 
             timeout=timeout,
             tls=_dimse_tls(profile),
         )
-    session = session or session_for_profile(profile)
+    http_session: SessionOrFactory = session or _own_session(profile)
     if profile.searcher == "qido-rs":
         from trolley_tasks.searchers.qido_rs import QidoRS
 
-        return QidoRS(session, _need(profile.url, "url", name), source=name, timeout=timeout)
+        return QidoRS(http_session, _need(profile.url, "url", name), source=name, timeout=timeout)
     if profile.searcher == "wado-rs-metadata":
         from trolley_tasks.searchers.wado_rs_metadata import WadoRSMetadata
 
-        return WadoRSMetadata(session, _need(profile.url, "url", name), source=name, timeout=timeout)
+        return WadoRSMetadata(http_session, _need(profile.url, "url", name), source=name, timeout=timeout)
     from trolley_tasks.searchers.mint import Mint
 
-    return Mint(session, _need(profile.mint_url, "mint_url", name), source=name, timeout=timeout)
+    return Mint(http_session, _need(profile.mint_url, "mint_url", name), source=name, timeout=timeout)
 
 
 def build_downloader(
@@ -301,7 +309,10 @@ def build_downloader(
     *,
     run_receiver: bool = True,
 ) -> Downloader:
-    """The downloader ``profile.downloader`` names.
+    """The downloader ``profile.downloader`` names, over ``session`` as for :func:`build_searcher`.
+
+    ``profile.transfer_syntax`` is honoured where the protocol can ask for a syntax (WADO-RS, WADO-URI, RAD-69);
+    C-GET and C-MOVE take what the PACS negotiates, so a profile that names a syntax for them is refused.
 
     Parameters
     ----------
@@ -309,43 +320,15 @@ def build_downloader(
         C-MOVE only: start this downloader's own storage receiver (library use, one process), or rely on the one
         receiver that runs per worker host and writes to ``profile.spool_dir`` (engine use).
     """
-    timeout = profile.timeout
     if profile.downloader in ("c-get", "c-move"):
-        host, port = _need(profile.host, "host", name), int(_need(profile.port, "port", name))
-        if profile.downloader == "c-get":
-            from trolley_tasks.downloaders.dicom_qr import CGet
-
-            return CGet(
-                host,
-                port,
-                profile.calling_aet,
-                profile.called_aet,
-                source=name,
-                timeout=timeout,
-                tls=_dimse_tls(profile),
-            )
-        from trolley_tasks.downloaders.dicom_qr import CMove
-
-        return CMove(
-            host,
-            port,
-            profile.calling_aet,
-            profile.called_aet,
-            destination_aet=_need(profile.move_destination, "move_destination", name),
-            receiver_port=int(_need(profile.receiver_port, "receiver_port", name)),
-            receiver_host=profile.receiver_host,
-            spool_dir=Path(profile.spool_dir) if profile.spool_dir else None,
-            run_receiver=run_receiver,
-            source=name,
-            timeout=timeout,
-            tls=_dimse_tls(profile),
-        )
-    session = session or session_for_profile(profile)
+        return _dimse_downloader(profile, name, run_receiver)
+    timeout = profile.timeout
+    http_session: SessionOrFactory = session or _own_session(profile)
     if profile.downloader == "wado-rs":
         from trolley_tasks.downloaders.wado_rs import WadoRS
 
         return WadoRS(
-            session,
+            http_session,
             _need(profile.url, "url", name),
             source=name,
             timeout=timeout,
@@ -354,7 +337,59 @@ def build_downloader(
     if profile.downloader == "wado-uri":
         from trolley_tasks.downloaders.wado_uri import WadoURI
 
-        return WadoURI(session, _need(profile.wado_uri_url, "wado_uri_url", name), source=name, timeout=timeout)
-    from trolley_tasks.downloaders.rad69 import Rad69
+        return WadoURI(
+            http_session,
+            _need(profile.wado_uri_url, "wado_uri_url", name),
+            source=name,
+            timeout=timeout,
+            transfer_syntax=profile.transfer_syntax,
+        )
+    from trolley_tasks.downloaders.rad69 import DEFAULT_TRANSFER_SYNTAXES, Rad69
 
-    return Rad69(session, _need(profile.rad69_url, "rad69_url", name), source=name, timeout=timeout)
+    syntaxes = DEFAULT_TRANSFER_SYNTAXES if profile.transfer_syntax == AS_STORED else (profile.transfer_syntax,)
+    return Rad69(
+        http_session,
+        _need(profile.rad69_url, "rad69_url", name),
+        source=name,
+        timeout=timeout,
+        transfer_syntaxes=syntaxes,
+    )
+
+
+def _dimse_downloader(profile: SourceProfile, name: str, run_receiver: bool) -> Downloader:
+    """C-GET or C-MOVE for ``profile``; they take what the PACS negotiates, so a named transfer syntax is refused."""
+    timeout = profile.timeout
+    if profile.transfer_syntax != AS_STORED:
+        raise ConfigurationError(
+            f"profile {name}: the {profile.downloader} downloader cannot ask for transfer syntax "
+            f"{profile.transfer_syntax} (the PACS chooses among the syntaxes we accept); use '*'"
+        )
+    host, port = _need(profile.host, "host", name), int(_need(profile.port, "port", name))
+    if profile.downloader == "c-get":
+        from trolley_tasks.downloaders.dicom_qr import CGet
+
+        return CGet(
+            host,
+            port,
+            profile.calling_aet,
+            profile.called_aet,
+            source=name,
+            timeout=timeout,
+            tls=_dimse_tls(profile),
+        )
+    from trolley_tasks.downloaders.dicom_qr import CMove
+
+    return CMove(
+        host,
+        port,
+        profile.calling_aet,
+        profile.called_aet,
+        destination_aet=_need(profile.move_destination, "move_destination", name),
+        receiver_port=int(_need(profile.receiver_port, "receiver_port", name)),
+        receiver_host=profile.receiver_host,
+        spool_dir=Path(profile.spool_dir) if profile.spool_dir else None,
+        run_receiver=run_receiver,
+        source=name,
+        timeout=timeout,
+        tls=_dimse_tls(profile),
+    )

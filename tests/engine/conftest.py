@@ -55,6 +55,8 @@ def write_config(path: Path, broker_url: str, orthanc: Any, proxy: PacsProxy, st
 state_dir = "{state_dir}"
 [broker]
 url = "{broker_url}"
+[engine]
+sweep_interval = 0.5
 [sources.wado-rs]
 url = "{web}"
 [sources.wado-uri]

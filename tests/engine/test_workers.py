@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def stored(out: Path) -> list[Path]:
-    return sorted(p for p in out.rglob("*.dcm") if ".trolley" not in p.parts and "quarantine" not in p.parts)
+    return sorted(p for p in out.rglob("*.dcm") if ".trolley" not in p.parts)
 
 
 def check_complete(out: Path, cohort, identical: bool = True) -> None:  # type: ignore[no-untyped-def]

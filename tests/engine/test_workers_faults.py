@@ -88,7 +88,7 @@ def test_503_with_retry_after_and_500_are_retried_then_succeed(env: EngineEnv, t
     assert time.monotonic() - started >= 2  # two Retry-After: 1 waits, honoured
     job = status.job_id
     assert {r.attempts for r in records(env, job, SERIES[1])} == {3}  # 500 counts every try
-    assert {r.attempts for r in records(env, job, SERIES[0])} == {2}  # busy counts once a minute, then the success
+    assert {r.attempts for r in records(env, job, SERIES[0])} == {1}  # Retry-After held the source: only the success
 
 
 def test_404_fails_at_once(env: EngineEnv, tmp_path: Path) -> None:
@@ -119,7 +119,8 @@ def test_truncated_multipart_is_retried_then_quarantined(env: EngineEnv, tmp_pat
     failed = [r for r in records(env, status.job_id, SERIES[3]) if r.state.value == "failed"]
     assert failed and all(r.error_class == "payload-invalid" and r.attempts == 3 for r in failed)
     assert cut.served == 3
-    assert list((tmp_path / "quarantine").glob("*.bad"))  # the instance cut in the middle, kept for a person
+    # the instance cut in the middle, kept for a person, out of the export tree
+    assert list((tmp_path / ".trolley" / "quarantine").glob("*.bad"))
 
 
 def test_throttle_caps_concurrency_across_four_worker_processes(env: EngineEnv, tmp_path: Path) -> None:

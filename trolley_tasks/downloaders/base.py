@@ -1,13 +1,15 @@
 """The Downloader protocol and the behaviour all downloaders share.
 
 The raw path, :meth:`Downloader.iter_raw`, is what the engine uses: it yields each instance's bytes as they came
-from the server (a ``bytes`` object, or an iterator of chunks for large parts), without decoding pixel data.
+from the server, without decoding pixel data: a :class:`~trolley_tasks.formats.part10.Part10Stream` (HTTP: the
+chunks with the header already read from them, so storage does not walk them again), ``bytes`` (C-GET) or a
+:class:`~trolley_tasks.formats.part10.Part10File` (C-MOVE: a spooled file that storage renames into place).
 
 Contract of ``iter_raw(objects)``:
 
 - It raises :class:`~trolley_tasks.errors.NonInstanceParameterError` (or ``NonSeriesParameterError``) *before
   yielding anything* when it cannot fetch an object at the level given (for example a StudyReference to WADO-URI).
-- It yields ``(InstanceReference, payload)``. A chunk iterator must be consumed entirely before the next item is
+- It yields ``(InstanceReference, payload)``. A stream must be consumed entirely before the next item is
   requested (as with ``itertools.groupby``).
 - It either delivers every instance it was asked for, or raises a :class:`~trolley_tasks.errors.TrolleyError`
   after delivering what it could. A server that answers "success" with instances missing is an error, never a
@@ -24,11 +26,20 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
-from trolley_tasks.core import Downloadable, Instance, InstanceReference
-from trolley_tasks.errors import PayloadInvalidError
+from trolley_tasks.core import Downloadable, Instance, InstanceReference, is_valid_uid
+from trolley_tasks.errors import ConfigurationError, PayloadInvalidError
+from trolley_tasks.formats.part10 import Part10Header, RawPayload, check_identity
 
-RawPayload = bytes | Iterator[bytes]
-"""One instance's DICOM Part 10 bytes: whole, or as chunks to be consumed in order."""
+AS_STORED = "*"
+"""The ``transfer_syntax`` that asks for each instance as the archive stored it: byte-identical files (WADO-RS
+``transfer-syntax=*``, PS3.18 8.7.3.5.2; WADO-URI without a ``transferSyntax`` parameter)."""
+
+
+def checked_transfer_syntax(value: str, downloader: str) -> str:
+    """``value`` when it is :data:`AS_STORED` or a transfer syntax UID; ConfigurationError naming ``downloader``."""
+    if value != AS_STORED and not is_valid_uid(value):
+        raise ConfigurationError(f"{downloader}: transfer_syntax {value!r} is neither '*' (as stored) nor a UID")
+    return value
 
 
 @runtime_checkable
@@ -50,7 +61,18 @@ class Downloader(Protocol):
         ...
 
     def close(self) -> None:
-        """Release sessions, associations and receivers. The downloader may not be used afterwards."""
+        """Release what the downloader opened (its own sessions, associations, receivers). A session the caller
+        passed in stays open. The downloader may not be used afterwards."""
+        ...
+
+    @property
+    def whole_series(self) -> bool:
+        """True when several instances of one series are fetched by one request for the *whole* series.
+
+        A caller that batches instances (the engine) should then put a series in one batch: a batch smaller than
+        the series would download the series once per batch. False when each instance asked for is fetched alone
+        or by an exact list (WADO-URI, RAD-69, C-GET, C-MOVE).
+        """
         ...
 
 
@@ -60,19 +82,13 @@ def payload_bytes(payload: RawPayload) -> bytes:
 
 
 def parse_dataset(data: bytes, reference: InstanceReference, source: str | None = None) -> Dataset:
-    """Parse a Part 10 file (or a bare dataset), raising PayloadInvalidError when it is not DICOM or is another
-    instance than the one expected."""
+    """Parse a Part 10 file, raising PayloadInvalidError when it is not DICOM or is another instance than the one
+    expected (:func:`~trolley_tasks.formats.part10.check_identity`, the check storage makes)."""
     try:
         dataset = pydicom.dcmread(BytesIO(data), force=False)
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
         raise PayloadInvalidError(f"not a DICOM file: {exc}", source=source, reference=reference) from exc
-    uid = dataset.get("SOPInstanceUID")
-    if uid != reference.instance_uid:
-        raise PayloadInvalidError(
-            f"server sent SOPInstanceUID {uid!r} where {reference.instance_uid} was asked for",
-            source=source,
-            reference=reference,
-        )
+    check_identity(Part10Header.from_dataset(dataset), reference, source=source)
     return dataset
 
 
@@ -80,6 +96,11 @@ class DownloaderBase:
     """``datasets`` and ``get_dataset`` in terms of ``iter_raw``, so every downloader parses and checks alike."""
 
     source: str | None = None
+
+    @property
+    def whole_series(self) -> bool:
+        """See :attr:`Downloader.whole_series`; False unless a downloader fetches series whole."""
+        return False
 
     def iter_raw(
         self, objects: Downloadable | Iterable[Downloadable]

@@ -2,8 +2,9 @@
 
 Both send one retrieve request per series (IMAGE level, with the asked SOPInstanceUIDs as a list of UIDs, PS3.4
 C.4.2.2.1), or per series or study when given a series or study reference (C-GET only), on one association that is
-reused across calls. Instances are handed on as they arrive, each as DICOM Part 10 bytes with a file meta header built
-from the C-STORE sub-operation (PS3.10 7.1), never decoded.
+reused across calls. Instances are handed on as they arrive, never decoded: C-GET's as DICOM Part 10 bytes with a file
+meta header built from the C-STORE sub-operation (PS3.10 7.1); C-MOVE's as the spooled file itself
+(:class:`~trolley_tasks.formats.part10.Part10File`), which storage renames into place.
 
 Completeness is checked twice: the final response's sub-operation counts (completed, failed, warning) against what
 actually arrived, and the UIDs asked for against the UIDs received. A retrieve that reports success while instances are
@@ -31,13 +32,14 @@ from pynetdicom.presentation import PresentationContext
 
 from trolley_tasks.core import Downloadable, InstanceReference, is_valid_uid
 from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
-from trolley_tasks.downloaders.dimse_retrieve import RetrieveRequest, RetrieveRun, plan_requests
+from trolley_tasks.downloaders.dimse_retrieve import RetrieveLoop, RetrieveRequest, plan_requests
 from trolley_tasks.errors import (
     ConfigurationError,
     NonInstanceParameterError,
     RequestRejectedError,
     TransientNetworkError,
 )
+from trolley_tasks.formats.part10 import Part10File
 from trolley_tasks.transports.dimse import (
     STUDY_ROOT_FIND,
     STUDY_ROOT_GET,
@@ -56,7 +58,7 @@ _BROAD_STORAGE = frozenset(str(cx.abstract_syntax) for cx in StoragePresentation
 """pynetdicom's 120 most common storage SOP classes: what C-GET proposes when the SOP classes are unknown."""
 
 
-class CGet(RetrieveRun, DownloaderBase):
+class CGet(RetrieveLoop, DownloaderBase):
     """Download with C-GET: the PACS sends the instances back on our own association (PS3.4 C.4.3).
 
     The association proposes, besides the GET and FIND contexts, one storage context per SOP class we expect, each
@@ -166,7 +168,7 @@ class CGet(RetrieveRun, DownloaderBase):
         finally:
             self._current = None
 
-    def collect(self, request: RetrieveRequest, delivered: set[str]) -> Iterator[tuple[InstanceReference, bytes]]:
+    def collect(self, request: RetrieveRequest, delivered: set[str]) -> Iterator[tuple[InstanceReference, RawPayload]]:
         while self._arrivals:
             yield self._arrivals.popleft()
 
@@ -197,7 +199,7 @@ class CGet(RetrieveRun, DownloaderBase):
         return 0x0000
 
 
-class CMove(RetrieveRun, DownloaderBase):
+class CMove(RetrieveLoop, DownloaderBase):
     """Download with C-MOVE: the PACS sends the instances to ``destination_aet``, whose storage SCP writes them to a
     spool folder, where we pick them up by SOPInstanceUID (PS3.4 C.4.2).
 
@@ -293,9 +295,13 @@ class CMove(RetrieveRun, DownloaderBase):
         for status, _ in responses:
             yield status
 
-    def collect(self, request: RetrieveRequest, delivered: set[str]) -> Iterator[tuple[InstanceReference, bytes]]:
-        """Claim the spool files of the instances asked for: rename first, so that two processes sharing the spool
-        never both take one file, then read and delete."""
+    def collect(self, request: RetrieveRequest, delivered: set[str]) -> Iterator[tuple[InstanceReference, RawPayload]]:
+        """Claim the spool files of the instances asked for, and hand each on as a file, not as bytes: storage
+        checks it in place and renames it into the output (:class:`~trolley_tasks.formats.part10.Part10File`).
+
+        The claim is a rename, so that two processes sharing the spool never both take one file. A claimed file
+        left behind (the consumer stopped) keeps its ``.claimed`` name and is never handed on twice.
+        """
         assert request.series_uid is not None
         for uid in request.instance_uids:
             if uid in delivered:
@@ -306,11 +312,7 @@ class CMove(RetrieveRun, DownloaderBase):
                 os.rename(path, claimed)
             except FileNotFoundError:
                 continue
-            try:
-                data = claimed.read_bytes()
-            finally:
-                claimed.unlink(missing_ok=True)
-            yield InstanceReference(request.study_uid, request.series_uid, uid), data
+            yield InstanceReference(request.study_uid, request.series_uid, uid), Part10File(claimed)
 
     def subop_failure_error(self, request: RetrieveRequest, failed: int) -> TransientNetworkError:
         """C-MOVE sub-operations fail most often on the way to the receiver (busy, restarting, unreachable), which

@@ -36,6 +36,7 @@ from trolley_tasks.core import (
     Study,
     StudyReference,
 )
+from trolley_tasks.downloaders.base import RawPayload
 from trolley_tasks.downloaders.shortfall import Shortfall
 from trolley_tasks.errors import NotFoundError, PayloadInvalidError, TrolleyError
 from trolley_tasks.transports.dimse import AssociationManager, error_for_status
@@ -156,8 +157,10 @@ def plan_requests(objects: Downloadable | Iterable[Downloadable]) -> tuple[list[
     return planned, frozenset(sop_classes)
 
 
-class RetrieveRun:
-    """The request loop of CGet and CMove. Subclasses provide ``send``, ``collect`` and ``subop_failure_error``."""
+class RetrieveLoop:
+    """The request loop that CGet and CMove share: send each retrieve request, hand on what arrives, judge the
+    outcome (the rules in the module docstring). Subclasses provide ``send``, ``collect`` and
+    ``subop_failure_error``."""
 
     operation: str
     associations: AssociationManager
@@ -166,7 +169,7 @@ class RetrieveRun:
     def send(self, request: RetrieveRequest) -> Iterator[Dataset]:
         raise NotImplementedError
 
-    def collect(self, request: RetrieveRequest, delivered: set[str]) -> Iterator[tuple[InstanceReference, bytes]]:
+    def collect(self, request: RetrieveRequest, delivered: set[str]) -> Iterator[tuple[InstanceReference, RawPayload]]:
         raise NotImplementedError
 
     def subop_failure_error(self, request: RetrieveRequest, failed: int) -> Exception:
@@ -176,7 +179,7 @@ class RetrieveRun:
         """The C-MOVE destination, named in configuration errors; None for C-GET."""
         return None
 
-    def run(self, requests: list[RetrieveRequest]) -> Iterator[tuple[InstanceReference, bytes]]:
+    def run(self, requests: list[RetrieveRequest]) -> Iterator[tuple[InstanceReference, RawPayload]]:
         shortfall = Shortfall(self.source)
         for request in requests:
             yield from self._retrieve(request, shortfall, probe=True)
@@ -184,7 +187,7 @@ class RetrieveRun:
 
     def _retrieve(
         self, request: RetrieveRequest, shortfall: Shortfall, *, probe: bool
-    ) -> Iterator[tuple[InstanceReference, bytes]]:
+    ) -> Iterator[tuple[InstanceReference, RawPayload]]:
         expected = request.expected()
         delivered: set[str] = set()
         final: Dataset | None = None
@@ -202,14 +205,7 @@ class RetrieveRun:
                 self.associations.abort()
         assert final is not None  # request() yields at least the final response or raises
         code = int(final.Status)
-        completed, failed, warning = (
-            int(final.get(name, 0) or 0)
-            for name in (
-                "NumberOfCompletedSuboperations",
-                "NumberOfFailedSuboperations",
-                "NumberOfWarningSuboperations",
-            )
-        )
+        completed, failed, warning = _subop_counts(final)
         error = error_for_status(
             code,
             operation=self.operation,
@@ -248,7 +244,7 @@ class RetrieveRun:
 
     def _sort_out_refusal(
         self, request: RetrieveRequest, shortfall: Shortfall, error: TrolleyError
-    ) -> Iterator[tuple[InstanceReference, bytes]]:
+    ) -> Iterator[tuple[InstanceReference, RawPayload]]:
         """A request refused with nothing sent: not found, or refused for its own reasons? Ask with a C-FIND."""
         key = _LEVEL_KEYS[request.level]
         present = {str(ds.get(key)) for ds in self.associations.find(request.probe(), request.reference)}
@@ -283,3 +279,10 @@ class RetrieveRun:
         return [
             InstanceReference(request.study_uid, series_uid, uid) for uid in request.instance_uids if uid in set(uids)
         ]
+
+
+def _subop_counts(final: Dataset) -> tuple[int, int, int]:
+    """The final response's completed, failed and warning sub-operation counts (PS3.4 C.4.2.1.4.3); absent is 0."""
+    names = ("NumberOfCompletedSuboperations", "NumberOfFailedSuboperations", "NumberOfWarningSuboperations")
+    completed, failed, warning = (int(final.get(name, 0) or 0) for name in names)
+    return completed, failed, warning

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Unpack
 
 import requests
 
-from trolley_tasks.core import Downloadable, InstanceReference
+from trolley_tasks.core import Downloadable, InstanceReference, group_by_series
 from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
 from trolley_tasks.downloaders.rad69_soap import (
     ACTION,
@@ -36,7 +37,7 @@ from trolley_tasks.downloaders.rad69_soap import (
 from trolley_tasks.downloaders.shortfall import Shortfall, instance_refs_or_raise
 from trolley_tasks.errors import NotFoundError, PayloadInvalidError
 from trolley_tasks.formats.multipart import iter_parts, parse_content_type
-from trolley_tasks.formats.peek import check_identity, peek_header
+from trolley_tasks.formats.part10 import check_identity, read_header
 from trolley_tasks.transports import http
 
 __all__ = [
@@ -76,10 +77,10 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
 
     Parameters
     ----------
-    session, url
-        A ``requests.Session`` (possibly logged in, e.g. Vitrea) and the RAD-69 endpoint.
-    source, timeout
-        As for the other HTTP downloaders.
+    session, source, timeout
+        As for every HTTP client (:class:`~trolley_tasks.transports.http.HTTPEndpoint`).
+    url
+        The RAD-69 endpoint.
     errors_to_ignore
         Exception classes (from :mod:`~trolley_tasks.downloaders.rad69_soap`, e.g. ``XDSMissingDocumentError``)
         that skip the documents they concern instead of raising.
@@ -91,16 +92,15 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
 
     def __init__(
         self,
-        session: requests.Session,
+        session: http.SessionOrFactory,
         url: str,
         *,
-        source: str | None = None,
-        timeout: float | tuple[float, float] | None = None,
         errors_to_ignore: Sequence[type[Exception]] = (),
         repository_unique_id: str = DEFAULT_REPOSITORY_UNIQUE_ID,
         transfer_syntaxes: Sequence[str] = DEFAULT_TRANSFER_SYNTAXES,
+        **endpoint: Unpack[http.EndpointOptions],
     ) -> None:
-        super().__init__(session, url, source=source, timeout=timeout)
+        super().__init__(session, url, **endpoint)
         self.errors_to_ignore = tuple(errors_to_ignore)
         self.repository_unique_id = repository_unique_id
         self.transfer_syntaxes = tuple(transfer_syntaxes)
@@ -115,10 +115,7 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
         """Stream each instance, one SOAP request per series. NonInstanceParameterError is raised now, before any
         request, for objects without instance information."""
         references = instance_refs_or_raise(objects, source=self.source, what="RAD-69")
-        series: dict[tuple[str, str], list[InstanceReference]] = {}
-        for ref in references:
-            series.setdefault((ref.study_uid, ref.series_uid), []).append(ref)
-        return self._fetch(list(series.values()))
+        return self._fetch(list(group_by_series(references).values()))
 
     def _fetch(self, groups: list[list[InstanceReference]]) -> Iterator[tuple[InstanceReference, RawPayload]]:
         shortfall = Shortfall(self.source)
@@ -186,7 +183,9 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
                 if reference is None or reference in delivered:
                     logger.warning("skipping RAD-69 part %s: no DocumentResponse asked for it", part.content_id)
                     continue
-                header, payload = peek_header(part, source=self.source, reference=reference)
+                payload = read_header(part, source=self.source, reference=reference)
+                header = payload.header
+                assert header is not None  # read_header sets it
                 check_identity(header, reference, source=self.source)
                 if header.transfer_syntax_uid not in self.transfer_syntaxes:
                     raise PayloadInvalidError(
@@ -239,7 +238,3 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
         for error in failures:
             if error not in used:
                 logger.warning("RAD-69 %s for documents that were delivered: %s", error.error_code, error.code_context)
-
-    def close(self) -> None:
-        """Close the session's pooled connections."""
-        self.session.close()

@@ -4,7 +4,8 @@ RAD-69 (IHE RAD TF-3 4.69, built on ITI-43 Retrieve Document Set) is a SOAP 1.2 
 large (a Vitrea answer lists every document, and vendors add their own elements), so it is never held whole: it is fed
 chunk by chunk to an expat parser whose target keeps only what we need -- the RegistryResponse status, the
 RegistryErrors, each DocumentResponse's ids and ``xop:Include`` reference, and a SOAP Fault -- and drops every other
-byte of text as it arrives.
+byte of text as it arrives. The answer comes from a server we do not control, so the parser is defusedxml's: DTDs,
+entities and external references are refused (no entity expansion bombs, no reads of local files), as for MINT.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote
-from xml.etree.ElementTree import ParseError, XMLParser
+from xml.etree.ElementTree import ParseError
 from xml.sax.saxutils import escape, quoteattr
 
-from trolley_tasks.core import InstanceReference
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import XMLParser
+
+from trolley_tasks.core import InstanceReference, group_by_series
 from trolley_tasks.errors import (
     NotFoundError,
     PayloadInvalidError,
@@ -213,7 +217,7 @@ class _AnswerTarget:
 def read_answer(chunks: Iterable[bytes], *, source: str | None = None, reference: object = None) -> SoapAnswer:
     """Parse a SOAP answer fed as chunks; memory is one chunk plus what :class:`SoapAnswer` keeps."""
     target = _AnswerTarget()
-    parser = XMLParser(target=target)
+    parser = XMLParser(target=target, forbid_dtd=True)
     try:
         for chunk in chunks:
             parser.feed(chunk)
@@ -221,6 +225,10 @@ def read_answer(chunks: Iterable[bytes], *, source: str | None = None, reference
     except ParseError as exc:
         raise PayloadInvalidError(
             f"RAD-69 SOAP answer is not valid XML: {exc}", source=source, reference=reference
+        ) from exc
+    except DefusedXmlException as exc:
+        raise PayloadInvalidError(
+            f"RAD-69 SOAP answer uses a forbidden XML feature: {exc!r}", source=source, reference=reference
         ) from exc
     except PayloadInvalidError as exc:
         raise PayloadInvalidError(exc.message, source=source, reference=reference) from exc
@@ -239,8 +247,8 @@ def request_envelope(
     Documents are grouped under one StudyRequest and SeriesRequest per study and series, in the order given.
     """
     studies: dict[str, dict[str, list[str]]] = {}
-    for ref in references:
-        studies.setdefault(ref.study_uid, {}).setdefault(ref.series_uid, []).append(ref.instance_uid)
+    for series_ref, refs in group_by_series(references).items():
+        studies.setdefault(series_ref.study_uid, {})[series_ref.series_uid] = [ref.instance_uid for ref in refs]
     repository = escape(repository_unique_id)
     body: list[str] = []
     for study_uid, series in studies.items():

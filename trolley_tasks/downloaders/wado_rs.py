@@ -9,7 +9,7 @@ transcode; each part is then checked to carry it.
 The answer is parsed incrementally (:mod:`trolley_tasks.formats.multipart`): memory is one part's headers plus one
 chunk,
 whatever the series weighs. Each part is identified by the SOPInstanceUID in its first bytes
-(:mod:`~trolley_tasks.formats.peek`) and handed on as a chunk stream, unparsed beyond its header.
+(:func:`~trolley_tasks.formats.part10.read_header`) and handed on as a Part10Stream, its header with it.
 
 What was asked is checked against what came: parts not asked for (a series request made for some of its
 instances) are skipped, and instances asked for and not delivered are raised once the rest was delivered.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Unpack
 
 import requests
 
@@ -31,10 +32,11 @@ from trolley_tasks.core import (
     InstanceReference,
     SeriesReference,
     StudyReference,
+    group_by_series,
     to_instance_refs,
     to_series_level_refs,
 )
-from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
+from trolley_tasks.downloaders.base import AS_STORED, DownloaderBase, RawPayload, checked_transfer_syntax
 from trolley_tasks.downloaders.shortfall import Shortfall
 from trolley_tasks.errors import (
     NonSeriesParameterError,
@@ -45,13 +47,10 @@ from trolley_tasks.errors import (
     ServerError,
 )
 from trolley_tasks.formats.multipart import iter_parts, parse_content_type
-from trolley_tasks.formats.peek import check_identity, peek_header
+from trolley_tasks.formats.part10 import check_identity, read_header
 from trolley_tasks.transports import http
 
 logger = logging.getLogger("trolley.downloaders.wado_rs")
-
-AS_STORED = "*"
-"""``transfer-syntax=*``: the server sends each instance in the syntax it stored (PS3.18 8.7.3.5.2)."""
 
 
 @dataclass(frozen=True)
@@ -67,14 +66,10 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
 
     Parameters
     ----------
-    session
-        A ``requests.Session``, possibly logged in; reused for keep-alive.
+    session, source, timeout
+        As for every HTTP client (:class:`~trolley_tasks.transports.http.HTTPEndpoint`).
     url
         The DICOMweb root under which ``/studies/...`` lives.
-    source
-        Name used in errors and logs; defaults to the URL without credentials.
-    timeout
-        ``(connect, read)`` seconds, or one number; defaults to :data:`trolley_tasks.transports.http.DEFAULT_TIMEOUT`.
     request_per_series
         True (dicomtrolley's default): one request per series, which keeps each answer to a size the PACS serves
         comfortably. Studies must then come with their series (a searched Study, or SeriesReferences):
@@ -88,18 +83,23 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
 
     def __init__(
         self,
-        session: requests.Session,
+        session: http.SessionOrFactory,
         url: str,
         *,
-        source: str | None = None,
-        timeout: float | tuple[float, float] | None = None,
         request_per_series: bool = True,
         transfer_syntax: str = AS_STORED,
+        **endpoint: Unpack[http.EndpointOptions],
     ) -> None:
-        super().__init__(session, url.rstrip("/"), source=source, timeout=timeout)
+        super().__init__(session, url, **endpoint)
         self.request_per_series = request_per_series
-        self.transfer_syntax = transfer_syntax
+        self.transfer_syntax = checked_transfer_syntax(transfer_syntax, "WADO-RS")
         self.accept = f'multipart/related; type="application/dicom"; transfer-syntax={transfer_syntax}'
+
+    @property
+    def whole_series(self) -> bool:
+        """True with ``request_per_series``: a batch of several instances of a series is one request for the whole
+        series (PS3.18 10.4.1.1.2), the instances not asked for skipped on the way."""
+        return self.request_per_series
 
     def __repr__(self) -> str:
         return (
@@ -123,13 +123,12 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
             [objects] if isinstance(objects, DICOMObject | DICOMObjectReference) else list(objects)
         )
         planned: list[_Request] = []
-        instances: dict[SeriesReference, list[InstanceReference]] = {}
+        instance_refs: list[InstanceReference] = []
         for item in items:
             if isinstance(item, InstanceReference) or (
                 isinstance(item, DICOMObject) and item.max_object_depth() == DICOMObjectLevels.INSTANCE
             ):
-                for ref in to_instance_refs(item):  # searched down to instances: we know what to expect
-                    instances.setdefault(ref.series(), []).append(ref)
+                instance_refs.extend(to_instance_refs(item))  # searched down to instances: we know what to expect
             elif not self.request_per_series:
                 reference = item.reference() if isinstance(item, DICOMObject) else item
                 assert isinstance(reference, StudyReference | SeriesReference)
@@ -147,7 +146,7 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
                 for series_ref in series_refs:
                     if isinstance(series_ref, SeriesReference):
                         planned.append(_Request(series_ref, None))
-        for series, refs in instances.items():
+        for series, refs in group_by_series(instance_refs).items():
             unique = tuple(dict.fromkeys(refs))
             if self.request_per_series and len(unique) > 1:
                 planned.append(_Request(series, unique))
@@ -225,7 +224,9 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
         try:
             body = http.iter_body(response, source=self.source, reference=target)
             for part in iter_parts(body, response.headers.get("Content-Type"), source=self.source, reference=target):
-                header, payload = peek_header(part, source=self.source, reference=target)
+                payload = read_header(part, source=self.source, reference=target)
+                header = payload.header
+                assert header is not None  # read_header sets it
                 reference = header.reference(target.study_uid, getattr(target, "series_uid", None))
                 check_identity(header, self._in_target(reference, target), source=self.source)
                 if reference in delivered or (wanted is not None and reference not in wanted):
@@ -267,7 +268,3 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
                 source=self.source,
                 reference=reference,
             )
-
-    def close(self) -> None:
-        """Close the session's pooled connections."""
-        self.session.close()

@@ -7,20 +7,20 @@ by the references), so nothing else in the query needs escaping.
 
 Each answer is streamed: the engine gets ``(InstanceReference, chunk iterator)`` and writes the chunks as they come,
 so a 500 MB enhanced multi-frame instance never sits in memory. The first bytes are parsed (file meta and dataset up
-to SeriesInstanceUID, :mod:`~trolley_tasks.formats.peek`) to make sure the server sent the instance asked for.
+to SeriesInstanceUID, :func:`~trolley_tasks.formats.part10.read_header`) to make sure the server sent the instance asked
+for; that header travels with the chunks to storage (:class:`~trolley_tasks.formats.part10.Part10Stream`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-
-import requests
+from typing import Unpack
 
 from trolley_tasks.core import Downloadable, InstanceReference
-from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
+from trolley_tasks.downloaders.base import AS_STORED, DownloaderBase, RawPayload, checked_transfer_syntax
 from trolley_tasks.downloaders.shortfall import Shortfall, instance_refs_or_raise
-from trolley_tasks.errors import NotFoundError
-from trolley_tasks.formats.peek import check_identity, peek_header
+from trolley_tasks.errors import NotFoundError, PayloadInvalidError
+from trolley_tasks.formats.part10 import check_identity, read_header
 from trolley_tasks.transports import http
 
 
@@ -29,29 +29,29 @@ class WadoURI(http.HTTPEndpoint, DownloaderBase):
 
     Parameters
     ----------
-    session
-        A ``requests.Session``, possibly logged in (see :mod:`trolley_tasks.transports.auth`); reused for keep-alive.
+    session, source, timeout
+        As for every HTTP client (:class:`~trolley_tasks.transports.http.HTTPEndpoint`).
     url
         The WADO-URI endpoint, without query string.
-    source
-        Name used in errors and logs; defaults to the URL without credentials.
-    timeout
-        ``(connect, read)`` seconds, or one number for both; defaults to
-        :data:`trolley_tasks.transports.http.DEFAULT_TIMEOUT`.
+    transfer_syntax
+        ``"*"`` (the default: no ``transferSyntax`` parameter, and Orthanc and most archives send the file as stored)
+        or a transfer syntax UID, sent as the ``transferSyntax`` query parameter (PS3.18 chapter 9); a file that
+        comes back in another syntax is an invalid payload.
     """
 
     def __init__(
         self,
-        session: requests.Session,
+        session: http.SessionOrFactory,
         url: str,
         *,
-        source: str | None = None,
-        timeout: float | tuple[float, float] | None = None,
+        transfer_syntax: str = AS_STORED,
+        **endpoint: Unpack[http.EndpointOptions],
     ) -> None:
-        super().__init__(session, url, source=source, timeout=timeout)
+        super().__init__(session, url, **endpoint)
+        self.transfer_syntax = checked_transfer_syntax(transfer_syntax, "WADO-URI")
 
     def __repr__(self) -> str:
-        return f"WadoURI(url={http.redact_url(self.url)!r})"
+        return f"WadoURI(url={http.redact_url(self.url)!r}, transfer_syntax={self.transfer_syntax!r})"
 
     def instance_url(self, reference: InstanceReference) -> str:
         """The request URL for one instance, with ``contentType=application/dicom`` left unescaped."""
@@ -59,6 +59,7 @@ class WadoURI(http.HTTPEndpoint, DownloaderBase):
         return (
             f"{self.url}{separator}requestType=WADO&studyUID={reference.study_uid}"
             f"&seriesUID={reference.series_uid}&objectUID={reference.instance_uid}&contentType=application/dicom"
+            + (f"&transferSyntax={self.transfer_syntax}" if self.transfer_syntax != AS_STORED else "")
         )
 
     def iter_raw(
@@ -87,13 +88,18 @@ class WadoURI(http.HTTPEndpoint, DownloaderBase):
                 continue
             try:
                 body = http.iter_body(response, source=self.source, reference=reference)
-                header, payload = peek_header(body, source=self.source, reference=reference)
+                payload = read_header(body, source=self.source, reference=reference)
+                header = payload.header
+                assert header is not None  # read_header sets it
                 check_identity(header, reference, source=self.source)
+                if self.transfer_syntax not in (AS_STORED, header.transfer_syntax_uid):
+                    raise PayloadInvalidError(
+                        f"asked for transfer syntax {self.transfer_syntax}, the file meta TransferSyntaxUID is "
+                        f"{header.transfer_syntax_uid}",
+                        source=self.source,
+                        reference=reference,
+                    )
                 yield reference, payload
             finally:
                 response.close()
         shortfall.raise_if_any()
-
-    def close(self) -> None:
-        """Close the session's pooled connections."""
-        self.session.close()

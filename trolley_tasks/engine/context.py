@@ -80,7 +80,7 @@ class SourceRuntime:
     @property
     def whole_series(self) -> bool:
         """The downloader fetches a whole series per request (WADO-RS): publish a series as one message."""
-        return self.profile.downloader == "wado-rs"
+        return self.downloader.whole_series
 
     def reset_downloader(self) -> None:
         """Drop the downloader after a transport failure, so the next fetch opens fresh connections."""

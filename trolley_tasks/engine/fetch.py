@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from tenacity import RetryCallState, Retrying, stop_after_attempt, wait_random_exponential
 
 from trolley_tasks.core import InstanceReference
-from trolley_tasks.downloaders.base import RawPayload
 from trolley_tasks.engine.context import EngineContext, SourceRuntime
 from trolley_tasks.engine.heartbeat import Heartbeat
 from trolley_tasks.engine.ledger import ClaimCode, Outcome, Settled
@@ -38,9 +35,9 @@ from trolley_tasks.engine.outcomes import Plan, apply_policy, carry_out, host_co
 from trolley_tasks.engine.policy import Action
 from trolley_tasks.engine.throttle import ThrottleBusy
 from trolley_tasks.errors import ErrorClass, NotFoundError, TrolleyError, UnsafePathError
-from trolley_tasks.storage.disk import QUARANTINE_DIR, DICOMDiskStorage, QuarantinedPayloadError, SaveResult
+from trolley_tasks.formats.part10 import RawPayload
+from trolley_tasks.storage.disk import DICOMDiskStorage, QuarantinedPayloadError, SaveResult
 from trolley_tasks.storage.durable import Committer
-from trolley_tasks.storage.layouts import path_component
 
 log = logging.getLogger("trolley.engine.fetch")
 
@@ -76,40 +73,6 @@ def relative_path(storage: DICOMDiskStorage, result: SaveResult, output: str) ->
     if storage.template is not None and not storage.template.needs_dataset:
         return ""
     return os.path.relpath(result.path, output)
-
-
-class _KeptChunks:
-    """Passes a chunked payload through, holding references to its chunks (no copy) until the instance is stored,
-    so that the part of an instance whose stream broke can still be kept in quarantine."""
-
-    def __init__(self, payload: RawPayload) -> None:
-        self.payload = payload
-        self.chunks: list[bytes] = []
-
-    def stream(self) -> RawPayload:
-        if isinstance(self.payload, bytes):
-            return self.payload
-        return self._chunks(self.payload)
-
-    def _chunks(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        for chunk in chunks:
-            self.chunks.append(chunk)
-            yield chunk
-
-
-def quarantine_partial(output: str, instance_uid: str, chunks: list[bytes]) -> Path:
-    """Write the bytes of a broken instance to ``<out>/quarantine/<SOPInstanceUID>.bad`` (atomically), like the
-    storage does for whole payloads that are not the instance asked for."""
-    directory = Path(output) / QUARANTINE_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{path_component(instance_uid, 'SOPInstanceUID', is_uid=True)}.bad"
-    temp = directory / f".{target.name}.{os.getpid()}.tmp"
-    with open(temp, "wb") as handle:
-        for chunk in chunks:
-            handle.write(chunk)
-    os.replace(temp, target)
-    log.warning("kept the %d bytes received of %s in %s", sum(map(len, chunks)), instance_uid, target)
-    return target
 
 
 def _drain(payload: RawPayload) -> None:
@@ -159,18 +122,10 @@ class _Download:
             if uid not in wanted or uid in self.saved:
                 _drain(payload)
                 continue
-            kept = _KeptChunks(payload)
             try:
-                self.saved[uid] = self.storage.save_raw(
-                    wanted[uid], kept.stream(), self.output, committer=self.committer
-                )
+                self.saved[uid] = self.storage.save_raw(wanted[uid], payload, self.output, committer=self.committer)
             except (QuarantinedPayloadError, UnsafePathError) as exc:  # this instance only; the stream goes on
                 self.bad[uid] = exc
-            except TrolleyError as exc:
-                # the stream broke inside this instance (a truncated multipart): keep what came, for a person
-                if exc.error_class is ErrorClass.PAYLOAD_INVALID and kept.chunks:
-                    quarantine_partial(self.output, uid, kept.chunks)
-                raise
 
 
 def _quick_retry(runtime: SourceRuntime, prior: int, probe: bool) -> Retrying:

@@ -11,7 +11,7 @@ timeout           retry    8          300 s        like transient with a longer 
 server-busy       retry    8          300 s        honour Retry-After; shrink the source's concurrency (AIMD);
                                                    counts against the budget at most once a minute
 server-error      retry    4          120 s        backoff
-payload-invalid   retry    3          10 s         retry twice, then fail; the bad bytes stay in quarantine/
+payload-invalid   retry    3          10 s         retry twice, then fail; the bad bytes stay in .trolley/quarantine/
 not-found         fail     1          -            no retry: the PACS does not have it
 auth              pause    -          -            pause the whole job until someone resumes it
 request-rejected  fail     1          -            retrying the same request cannot help

@@ -15,7 +15,6 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,10 +88,9 @@ def _records(ledger: Ledger, job_id: str, layout: str, output: str) -> Iterator[
 
 
 def _atomic(path: Path) -> tuple[Any, Path]:
-    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed by the caller's with, renamed after
-        "w", dir=path.parent, prefix=f".{path.name}.", delete=False, newline="", encoding="utf-8"
-    )
-    return handle, Path(handle.name)
+    from trolley_tasks.storage.durable import open_temp  # the one atomic writer's temp file
+
+    return open_temp(path.parent, text=True)
 
 
 def write_report(ledger: Ledger, job_id: str) -> tuple[Path, Path]:

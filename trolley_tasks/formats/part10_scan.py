@@ -1,15 +1,16 @@
 """A fast structural walk of a DICOM Part 10 file, for the export's hot path.
 
-Every instance an export writes is checked twice: the downloader identifies a streamed part from its first bytes,
-and storage checks the whole file before it gets its final name. pydicom's reader does both correctly but costs about
-a millisecond per instance in Python objects, which at hundreds of instances a second is most of a worker's CPU.
-This module walks the element headers only (PS3.5 section 7: tag, VR, length), seeking over values, and keeps the
-raw bytes of the few top-level elements asked for. It covers the transfer syntaxes that make up nearly all archives:
-implicit VR little endian and every explicit VR little endian syntax, native or encapsulated (PS3.5 A.4). For the
-rest (big endian, deflate) it answers :data:`UNSUPPORTED` and the caller uses pydicom.
+Every instance an export writes is walked once: the :class:`Walker` is fed the bytes as they pass (the downloader's
+first chunks tell which instance a part is; the rest are walked while storage writes them), and at the end it knows
+whether the file is whole. pydicom's reader would do this correctly but costs about a millisecond per instance in
+Python objects, which at hundreds of instances a second is most of a worker's CPU. This module walks the element
+headers only (PS3.5 section 7: tag, VR, length), counting its way over values, and keeps the raw bytes of the small
+top-level elements (and any asked for). It covers the transfer syntaxes that make up nearly all archives: implicit VR
+little endian and every explicit VR little endian syntax, native or encapsulated (PS3.5 A.4). For the rest (big
+endian, deflate) it raises :class:`Unsupported` and the caller uses pydicom.
 
-It never allocates a value it was not asked for, so a file of any size is walked in constant memory (the buffer is
-an ``mmap`` or the peeked bytes).
+It never holds more than one element header or one kept value, so a stream or file of any size is walked in constant
+memory; :func:`scan` feeds a buffer held whole (an ``mmap``) to the same walker.
 """
 
 from __future__ import annotations
@@ -86,86 +87,35 @@ class NotDicom(Exception):
     """The bytes are not a Part 10 file, or its structure is broken. The message says how."""
 
 
+FEED_SIZE = 64 * 1024
+"""A buffer held whole (an mmap) is fed to the :class:`Walker` in slices of this size: pixel data is then counted
+over, never copied."""
+
+
 def scan(buffer: bytes | memoryview, wanted: frozenset[int] | set[int] = frozenset(), stop: int | None = None) -> Scan:
-    """Walk a Part 10 file held in ``buffer`` (bytes, or a memoryview of an mmap).
+    """Walk a Part 10 file held in ``buffer`` (bytes, or a memoryview of an mmap) with a :class:`Walker`.
 
     Parameters
     ----------
     wanted
-        Top-level tags whose raw values to keep (as ``0xGGGGEEEE`` ints).
+        Top-level tags whose raw values to keep whatever their size (as ``0xGGGGEEEE`` ints); values up to
+        :data:`KEEP_SIZE` bytes are kept anyway.
     stop
-        Stop at the first top-level tag greater than this (the file need not be whole before it).
+        Stop once a top-level tag greater than this was reached (the file need not be whole before it).
 
     Raises
     ------
     NotDicom, Truncated, Unsupported
     """
+    walker = Walker(wanted=wanted)
     with memoryview(buffer) as view:  # released on the way out, so the caller can close an mmap even after a raise
-        return _scan(view, wanted, stop)
-
-
-def _scan(view: memoryview, wanted: frozenset[int] | set[int], stop: int | None) -> Scan:
-    size = len(view)
-    if size < PREAMBLE_AND_MAGIC:
-        raise Truncated("shorter than the 128-byte preamble and DICM prefix")
-    if bytes(view[128:132]) != b"DICM":
-        raise NotDicom("no DICM prefix after the 128-byte preamble (PS3.10 7.1)")
-    offset = PREAMBLE_AND_MAGIC
-    transfer_syntax: str | None = None
-    try:
-        # File meta information: group 0002, always explicit VR little endian.
-        while offset + 4 <= size:
-            group = _U16.unpack_from(view, offset)[0]
-            if group != 0x0002:
-                break
-            tag, vr, length, value_at = _explicit_header(view, offset, size)
-            if value_at + length > size:
-                raise _Short
-            if tag == _TRANSFER_SYNTAX:
-                transfer_syntax = bytes(view[value_at : value_at + length]).decode("latin-1").rstrip("\x00 ")
-            offset = value_at + length
-    except _Short:
-        raise Truncated("the file meta information is cut short") from None
-    if not transfer_syntax:
-        raise NotDicom("no TransferSyntaxUID in the file meta information")
-    if transfer_syntax == _EXPLICIT_BE or transfer_syntax in _DEFLATED:
-        raise Unsupported(transfer_syntax)
-    result = Scan(transfer_syntax=transfer_syntax, implicit=transfer_syntax == _IMPLICIT_LE)
-    if offset >= size:
-        raise Truncated("file meta information but no dataset")
-    try:
-        while offset < size:
-            if offset + 4 > size:
-                raise _Short
-            tag = (_U16.unpack_from(view, offset)[0] << 16) | _U16.unpack_from(view, offset + 2)[0]
-            if stop is not None and tag > stop:
-                result.end = offset
-                return result
-            if tag >> 16 == 0xFFFE:
-                raise _Malformed(f"item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) at top level, offset {offset}")
-            if result.implicit:
-                tag, vr, length, value_at = _implicit_header(view, offset, size)
-            else:
-                tag, vr, length, value_at = _explicit_header(view, offset, size)
-            if tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):
-                result.pixel_data = True
-            if length == _UNDEFINED:
-                nested_implicit = result.implicit or vr == "UN"  # PS3.5 6.2.2: UN of undefined length is implicit
-                offset = _skip_undefined(view, value_at, size, vr == "SQ" or vr is None or vr == "UN", nested_implicit)
-                continue
-            end = value_at + length
-            if end > size:
-                raise _Short
-            if tag in wanted:
-                result.values[tag] = (vr, bytes(view[value_at:end]))
-            offset = end
-    except _Short:
-        raise Truncated(f"an element starting before byte {offset} runs past the end ({size} bytes)") from None
-    except _Malformed as exc:
-        raise NotDicom(str(exc)) from None
-    result.end = offset
-    result.complete = True
-    return result
+        for start in range(0, len(view), FEED_SIZE):
+            walker.feed(view[start : start + FEED_SIZE])
+            if stop is not None and walker.passed(stop):
+                assert walker.found is not None
+                walker.found.end = walker.size - walker.buffered
+                return walker.found
+    return walker.finish()
 
 
 def _explicit_header(view: memoryview, offset: int, size: int) -> tuple[int, str | None, int, int]:
@@ -234,3 +184,186 @@ def _skip_item_dataset(view: memoryview, offset: int, size: int, implicit: bool)
             offset = value_at + length
             if offset > size:
                 raise _Short
+
+
+KEEP_SIZE = 256
+""":class:`Walker` keeps the raw value of every top-level element up to this many bytes (UIDs, codes, names, dates:
+whatever a path template may ask for) and seeks over the rest."""
+
+
+class Walker:
+    """The same walk as :func:`scan`, fed chunk by chunk as a stream passes on its way to disk.
+
+    The walker keeps the bytes of at most one element header or one kept value, and counts its way over everything
+    else (pixel data, large values, fragments), so memory stays flat whatever the instance size. An undefined-length
+    sequence is buffered until its delimiter (sequences in image headers are small). It never raises from
+    :meth:`feed`: a stream that is not DICOM is still written whole (to quarantine), and :meth:`finish` says what was
+    wrong with it.
+
+    Attributes
+    ----------
+    size
+        Bytes fed so far.
+    """
+
+    def __init__(self, wanted: frozenset[int] | set[int] = frozenset(), keep: int = KEEP_SIZE) -> None:
+        self.wanted = wanted
+        self.keep = keep
+        self.size = 0
+        self.found: Scan | None = None
+        self.last_tag = -1
+        """The last top-level tag whose value was read or skipped (-1 before the dataset)."""
+        self.error: NotDicom | None = None
+        self.unsupported: str | None = None
+        self._buffer = bytearray()
+        self._skip = 0
+        self._state = "preamble"  # -> meta -> dataset <-> fragments
+        self._syntax: str | None = None
+
+    def feed(self, chunk: bytes | memoryview) -> None:
+        """Walk ``chunk``, the next bytes of the stream."""
+        self.size += len(chunk)
+        if self.error is not None or self.unsupported is not None:
+            return
+        if self._skip:
+            taken = min(self._skip, len(chunk))
+            self._skip -= taken
+            if taken == len(chunk):
+                return
+            chunk = memoryview(chunk)[taken:]
+        self._buffer += chunk
+        try:
+            self._advance()
+        except _Malformed as exc:
+            self.error = NotDicom(str(exc))
+        except NotDicom as exc:
+            self.error = exc
+        except Unsupported as exc:
+            self.unsupported = str(exc)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held back: the start of an element not yet whole."""
+        return len(self._buffer)
+
+    def passed(self, tag: int) -> bool:
+        """True once the walk is past ``tag``: every top-level element up to it was read (or the stream is bad)."""
+        return self.error is not None or self.unsupported is not None or self.last_tag >= tag
+
+    def finish(self) -> Scan:
+        """What the walk found, once the stream has ended.
+
+        Raises
+        ------
+        NotDicom, Unsupported
+            As :func:`scan`.
+        Truncated
+            The stream ended inside an element (or before the dataset).
+        """
+        if self.error is not None:
+            raise self.error
+        if self.unsupported is not None:
+            raise Unsupported(self.unsupported)
+        if self.size < PREAMBLE_AND_MAGIC:
+            raise Truncated("shorter than the 128-byte preamble and DICM prefix")
+        if self.found is None:
+            raise Truncated("file meta information but no dataset")
+        if self._state != "dataset" or self._buffer or self._skip:
+            raise Truncated(f"an element runs past the end of the stream ({self.size} bytes)")
+        self.found.end = self.size
+        self.found.complete = True
+        return self.found
+
+    def _advance(self) -> None:
+        with memoryview(self._buffer) as view:
+            consumed = self._walk(view)
+        del self._buffer[:consumed]
+
+    def _walk(self, view: memoryview) -> int:
+        """Walk whole elements as far as ``view`` allows; return where the first incomplete one starts."""
+        size = len(view)
+        offset = 0
+        try:
+            if self._state == "preamble":
+                if size < PREAMBLE_AND_MAGIC:
+                    raise _Short
+                if bytes(view[128:132]) != b"DICM":
+                    raise NotDicom("no DICM prefix after the 128-byte preamble (PS3.10 7.1)")
+                offset = PREAMBLE_AND_MAGIC
+                self._state = "meta"
+            while offset < size:
+                if self._state == "meta":
+                    offset = self._meta_element(view, offset, size)
+                elif self._state == "fragments":
+                    offset = self._fragment(view, offset, size)
+                else:
+                    offset = self._element(view, offset, size)
+        except _Short:
+            pass
+        return min(offset, size)
+
+    def _meta_element(self, view: memoryview, offset: int, size: int) -> int:
+        if offset + 4 > size:
+            raise _Short
+        if _U16.unpack_from(view, offset)[0] != 0x0002:
+            if not self._syntax:
+                raise NotDicom("no TransferSyntaxUID in the file meta information")
+            if self._syntax == _EXPLICIT_BE or self._syntax in _DEFLATED:
+                raise Unsupported(self._syntax)
+            self.found = Scan(transfer_syntax=self._syntax, implicit=self._syntax == _IMPLICIT_LE)
+            self._state = "dataset"
+            return offset
+        tag, _, length, value_at = _explicit_header(view, offset, size)
+        if value_at + length > size:
+            raise _Short
+        if tag == _TRANSFER_SYNTAX:
+            self._syntax = bytes(view[value_at : value_at + length]).decode("latin-1").rstrip("\x00 ")
+        return value_at + length
+
+    def _element(self, view: memoryview, offset: int, size: int) -> int:
+        found = self.found
+        assert found is not None
+        if offset + 4 > size:
+            raise _Short
+        tag = (_U16.unpack_from(view, offset)[0] << 16) | _U16.unpack_from(view, offset + 2)[0]
+        if tag >> 16 == 0xFFFE:
+            raise _Malformed(f"item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) at top level, offset {self._at(offset)}")
+        header = _implicit_header if found.implicit else _explicit_header
+        tag, vr, length, value_at = header(view, offset, size)
+        pixels = tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)
+        found.pixel_data = found.pixel_data or pixels
+        if length == _UNDEFINED:
+            if pixels and vr != "SQ":  # encapsulated pixel data (PS3.5 A.4): count over its fragments
+                self.last_tag = tag
+                self._state = "fragments"
+                return value_at
+            nested_implicit = found.implicit or vr == "UN"  # PS3.5 6.2.2: UN of undefined length is implicit
+            end = _skip_undefined(view, value_at, size, vr == "SQ" or vr is None or vr == "UN", nested_implicit)
+            self.last_tag = tag
+            return end
+        end = value_at + length
+        if length <= self.keep or tag in self.wanted:
+            if end > size:
+                raise _Short
+            found.values[tag] = (vr, bytes(view[value_at:end]))
+        self.last_tag = tag
+        return self._skip_to(end, size)
+
+    def _fragment(self, view: memoryview, offset: int, size: int) -> int:
+        tag, _, length, value_at = _implicit_header(view, offset, size)
+        if tag == _SEQ_END:
+            self._state = "dataset"
+            return value_at
+        if tag != _ITEM or length == _UNDEFINED:
+            raise _Malformed(f"expected a pixel data fragment at offset {self._at(offset)}")
+        return self._skip_to(value_at + length, size)
+
+    def _skip_to(self, end: int, size: int) -> int:
+        """Go to ``end``; what lies past the buffer is counted off the next chunks instead of buffered."""
+        if end > size:
+            self._skip = end - size
+            return size
+        return end
+
+    def _at(self, offset: int) -> int:
+        return self.size - len(self._buffer) + offset

@@ -28,6 +28,11 @@ class Searcher(Protocol):
         """One study by StudyInstanceUID, with series and instances filled to ``query_level``."""
         ...
 
+    def close(self) -> None:
+        """Release what the searcher opened (a DICOM-QR association, its own HTTP session). A session the caller
+        passed in stays open. The searcher may not be used afterwards."""
+        ...
+
 
 class SearcherBase:
     """``find_study`` and ``find_study_by_id`` in terms of ``find_studies``. Subclasses override where they can do
@@ -51,3 +56,6 @@ class SearcherBase:
     def find_study_by_id(self, study_uid: str, query_level: QueryLevels = QueryLevels.STUDY) -> Study:
         validate_uid(study_uid, "StudyInstanceUID")
         return self.find_study(Query(StudyInstanceUID=study_uid, query_level=query_level))
+
+    def close(self) -> None:
+        """Nothing to release by default."""

@@ -111,6 +111,10 @@ class CachedSearcher(SearcherBase):
     def __repr__(self) -> str:
         return f"CachedSearcher({self.searcher!r})"
 
+    def close(self) -> None:
+        """Close the wrapped searcher; the cache stays usable by others."""
+        self.searcher.close()
+
     def find_studies(self, query: Query) -> list[Study]:
         key = f"{type(query).__qualname__}:{query.model_dump_json()}"
         level = QueryLevels(query.query_level)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from typing import Any
 
-import requests
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import XMLParser
 from pydantic import ValidationError, field_validator
@@ -170,25 +169,11 @@ class Mint(HTTPEndpoint, SearcherBase):
 
     Parameters
     ----------
-    session
-        A ``requests.Session``, logged in where the server needs it (Vitrea: see ``trolley_tasks.transports.auth``).
+    session, source, timeout
+        As for every HTTP client (:class:`~trolley_tasks.transports.http.HTTPEndpoint`).
     url
         The MINT root, for example ``https://server/mint``; searches go to ``{url}/studies``.
-    source
-        A name for errors and logs; defaults to the URL without credentials.
-    timeout
-        ``(connect, read)`` seconds per call; default :data:`trolley_tasks.transports.http.DEFAULT_TIMEOUT`.
     """
-
-    def __init__(
-        self,
-        session: requests.Session,
-        url: str,
-        *,
-        source: str | None = None,
-        timeout: float | tuple[float, float] | None = None,
-    ) -> None:
-        super().__init__(session, url.rstrip("/"), source=source, timeout=timeout)
 
     def ensure_query_type(self, query: Query) -> MintQuery:
         """``query`` as a MintQuery; UnSupportedParameterError when a value would be lost or is invalid for MINT."""

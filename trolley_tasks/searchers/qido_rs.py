@@ -17,7 +17,8 @@ dicomtrolley.
 
 from __future__ import annotations
 
-import requests
+from typing import Unpack
+
 from pydicom import Dataset
 
 from trolley_tasks.core import Query, QueryLevels, Study, StudyReference, validate_uid
@@ -32,7 +33,7 @@ from trolley_tasks.searchers.qido_rs_query import (
     to_qido_query,
 )
 from trolley_tasks.searchers.tree import TreeBuilder, build_tree
-from trolley_tasks.transports.http import HTTPEndpoint
+from trolley_tasks.transports.http import EndpointOptions, HTTPEndpoint, SessionOrFactory
 
 __all__ = ["HierarchicalQuery", "IncompleteResultError", "QidoRS", "QidoRSQueryBase", "RelationalQuery"]
 
@@ -59,14 +60,10 @@ class QidoRS(HTTPEndpoint, SearcherBase):
 
     Parameters
     ----------
-    session
-        A ``requests.Session`` (logged in if the server needs it); reused for keep-alive.
+    session, source, timeout
+        As for every HTTP client (:class:`~trolley_tasks.transports.http.HTTPEndpoint`).
     url
         The QIDO-RS root, for example ``http://server:8042/dicom-web``.
-    source
-        A name for errors and logs; defaults to the URL without credentials.
-    timeout
-        ``(connect, read)`` seconds per call; default :data:`trolley_tasks.transports.http.DEFAULT_TIMEOUT`.
     page_size
         Ask for at most this many results per call and page with ``offset``; None lets the server decide.
     relational
@@ -75,17 +72,16 @@ class QidoRS(HTTPEndpoint, SearcherBase):
 
     def __init__(
         self,
-        session: requests.Session,
+        session: SessionOrFactory,
         url: str,
         *,
-        source: str | None = None,
-        timeout: float | tuple[float, float] | None = None,
         page_size: int | None = None,
         relational: bool = True,
+        **endpoint: Unpack[EndpointOptions],
     ) -> None:
         if page_size is not None and page_size < 1:
             raise ValueError("page_size must be at least 1, or None")
-        super().__init__(session, url.rstrip("/"), source=source, timeout=timeout)
+        super().__init__(session, url, **endpoint)
         self.page_size = page_size
         self.relational = relational
 

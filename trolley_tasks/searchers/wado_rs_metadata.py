@@ -12,8 +12,6 @@ study", and every other failure maps to the error tree through :mod:`trolley_tas
 
 from __future__ import annotations
 
-import requests
-
 from trolley_tasks.core import Query, QueryLevels, Study, StudyReference, validate_uid
 from trolley_tasks.errors import NotFoundError, StudyNotFoundError, UnSupportedParameterError
 from trolley_tasks.formats.dicom_json import datasets_from_json
@@ -29,25 +27,11 @@ class WadoRSMetadata(HTTPEndpoint, SearcherBase):
 
     Parameters
     ----------
-    session
-        A ``requests.Session``, reused for keep-alive.
+    session, source, timeout
+        As for every HTTP client (:class:`~trolley_tasks.transports.http.HTTPEndpoint`).
     url
         The WADO-RS root, for example ``http://server:8042/dicom-web``.
-    source
-        A name for errors and logs; defaults to the URL without credentials.
-    timeout
-        ``(connect, read)`` seconds per call; default :data:`trolley_tasks.transports.http.DEFAULT_TIMEOUT`.
     """
-
-    def __init__(
-        self,
-        session: requests.Session,
-        url: str,
-        *,
-        source: str | None = None,
-        timeout: float | tuple[float, float] | None = None,
-    ) -> None:
-        super().__init__(session, url.rstrip("/"), source=source, timeout=timeout)
 
     def find_studies(self, query: Query) -> list[Study]:
         """The study ``query.StudyInstanceUID`` (limited to ``query.SeriesInstanceUID`` if given), or ``[]``.

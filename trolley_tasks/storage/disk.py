@@ -9,13 +9,17 @@ Layouts (see :mod:`trolley_tasks.storage.layouts` for the path rules):
 
 How a file is written (:meth:`DICOMDiskStorage.save_raw`, the engine's path):
 
-1. the payload is streamed, chunk by chunk, to ``<out>/.trolley/tmp/.trolley-tmp-<random>`` and fsynced;
-2. its header is parsed without pixel data (:func:`trolley_tasks.formats.part10.read_part10_header`): it must be a whole
-   Part 10 file whose SOPInstanceUID is the one asked for, else the bytes go to ``<out>/quarantine/<UID>.bad`` and
+1. the payload is streamed, chunk by chunk, to ``<out>/.trolley/tmp/.trolley-tmp-<random>``
+   (:class:`~trolley_tasks.storage.durable.AtomicFile`), while its header walk goes on over the chunks
+   (:class:`~trolley_tasks.formats.part10.Part10Stream`: the walk the downloader started, or a new one for bytes);
+   a C-MOVE arrival (:class:`~trolley_tasks.formats.part10.Part10File`) is already a file and is walked in place;
+2. it must be a whole Part 10 file of the instance asked for
+   (:func:`~trolley_tasks.formats.part10.check_identity`), else the bytes go to
+   ``<out>/.trolley/quarantine/<UID>.bad`` and
    :class:`QuarantinedPayloadError` is raised;
 3. the final path is built from the layout and checked to lie inside ``<out>``;
-4. an identical file already there is left alone (``already_present``); otherwise ``os.replace`` puts the new file
-   under its final name in one step and the directory is fsynced.
+4. an identical file already there is left alone (``already_present``); otherwise the file is fsynced and renamed
+   under its final name in one step, and the directory is fsynced (:mod:`trolley_tasks.storage.durable`).
 
 A crash at any point leaves either the old file, the new file, or no file under the final name, never half a file;
 stray temp files are removed by :func:`clean_temp_files`.
@@ -26,7 +30,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,17 +39,26 @@ from typing import Any, BinaryIO
 from pydicom import Dataset
 
 from trolley_tasks.core import InstanceReference
-from trolley_tasks.downloaders.base import RawPayload
 from trolley_tasks.errors import ConfigurationError, PayloadInvalidError, UnsafePathError
-from trolley_tasks.formats.part10 import FileHeader, dataset_value, read_part10_header
-from trolley_tasks.storage.durable import TEMP_PREFIX, Committer, commit_now, fsync_path, replace
+from trolley_tasks.formats.part10 import (
+    Part10File,
+    Part10Header,
+    Part10Stream,
+    RawPayload,
+    check_identity,
+    dataset_value,
+    read_part10_header,
+)
+from trolley_tasks.storage.durable import TEMP_PREFIX, AtomicFile, Committer, commit_now, fsync_path, replace
 from trolley_tasks.storage.layouts import PathTemplate, path_component
 
 logger = logging.getLogger("trolley.storage")
 
 WORK_DIR = ".trolley"
 TEMP_DIR = f"{WORK_DIR}/tmp"
-QUARANTINE_DIR = "quarantine"
+QUARANTINE_DIR = f"{WORK_DIR}/quarantine"
+"""Inside the hidden work folder: the export tree holds the export (instances and the report), nothing a verifier or
+a pipeline walking it would take for data."""
 STALE_TEMP_SECONDS = 3600.0
 _COMPARE_CHUNK = 1024 * 1024
 
@@ -116,14 +128,14 @@ class DICOMDiskStorage:
         root = self._root(path)
         template = self._template()
         final = self._confined(root, template.render(lambda keyword: _dataset_value(dataset, keyword)))
-        with _TempFile(root) as temp:
+        with AtomicFile(root / TEMP_DIR) as temp:
             try:
                 dataset.save_as(temp.handle, enforce_file_format=True)
             except (AttributeError, ValueError, TypeError, KeyError) as exc:
                 uid = dataset.get("SOPInstanceUID")
                 raise PayloadInvalidError(f"dataset {uid} cannot be written as a DICOM file: {exc}") from exc
-            temp.finish()
-            return _commit(temp, final, root)
+            temp.close()
+            return _place(temp, final, root)
 
     def save_raw(
         self,
@@ -135,43 +147,74 @@ class DICOMDiskStorage:
     ) -> SaveResult:
         """Write one instance's bytes as they came, after checking them. The engine's fast path.
 
-        ``payload`` (bytes, or an iterator of chunks) is streamed to disk and never joined in memory. The three UIDs
-        in the path come from ``reference``, so that :meth:`existing_valid` finds the file again; other keywords
-        come from the file's header.
+        ``payload`` is streamed to disk and never joined in memory; its header is walked once, as it passes (see
+        the module docstring). A :class:`~trolley_tasks.formats.part10.Part10File` is renamed into place instead
+        (copied only when it lies on another filesystem). The three UIDs in the path come from ``reference``, so
+        that :meth:`existing_valid` finds the file again; other keywords come from the file's header.
 
         Raises
         ------
         QuarantinedPayloadError
-            Not a whole DICOM Part 10 file, or another SOPInstanceUID than ``reference``'s. The bytes are kept in
-            ``<out>/quarantine/<SOPInstanceUID>.bad`` (overwritten per instance), given as ``quarantine_path``.
+            Not a whole DICOM Part 10 file, or another instance than ``reference``. The bytes are kept in
+            ``<out>/.trolley/quarantine/<SOPInstanceUID>.bad`` (overwritten per instance), given as
+            ``quarantine_path``.
         UnsafePathError
             A value used in the path would escape the output directory. Nothing is written.
         TrolleyError
-            Whatever the payload iterator raises (a broken stream); the temp file is removed.
+            Whatever the payload iterator raises (a broken stream); the temp file is removed, or, when the stream
+            broke as invalid with bytes already written, kept in quarantine like a bad payload.
 
         With a ``committer`` (:class:`trolley_tasks.storage.durable.Committer`), the fsync and the rename run in the
         background and the file is under its final name only once ``committer.flush()`` returned without naming
         ``reference.instance_uid``; the engine uses it to overlap disk waits with the next instance's download.
         """
         root = self._root(path)
-        template = self._template()
-        with _TempFile(root) as temp:
-            chunks = (payload,) if isinstance(payload, bytes | bytearray | memoryview) else payload
-            for chunk in chunks:
-                temp.handle.write(chunk)
-            temp.finish()
+        if isinstance(payload, Part10File):
+            return self._save_file(reference, payload.path, root, committer)
+        stream = Part10Stream.of(payload)
+        with AtomicFile(root / TEMP_DIR) as temp:
             try:
-                dataset = read_part10_header(temp.path, template.keywords)
-                _check_identity(dataset, reference)
+                for chunk in stream:
+                    temp.handle.write(chunk)
+            except PayloadInvalidError:
+                # the stream broke inside this instance (a truncated part): keep what came, from the temp file
+                # already on disk (never from memory), for a person to look at; the caller retries the stream
+                temp.close()
+                if temp.path.stat().st_size:
+                    _quarantine(temp.detach(), root, reference)
+                raise
+            temp.close()
+            try:
+                header = stream.finish(temp.path)
+                check_identity(header, reference)
             except PayloadInvalidError as exc:
-                target = _quarantine(temp.path, root, reference)
+                target = _quarantine(temp.detach(), root, reference)
                 raise QuarantinedPayloadError(exc.message, quarantine_path=target, reference=reference) from exc
+            return _place(temp, self._final(reference, header, root), root, committer, reference.instance_uid)
 
-            def lookup(keyword: str) -> object:
-                return _reference_value(reference, keyword) or _dataset_value(dataset, keyword)
+    def _save_file(
+        self, reference: InstanceReference, source: Path, root: Path, committer: Committer | None
+    ) -> SaveResult:
+        """:meth:`save_raw` for a file already on disk: checked in place, then renamed (never read into memory)."""
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            header = read_part10_header(source)
+            check_identity(header, reference)
+        except PayloadInvalidError as exc:
+            target = _quarantine(source, root, reference)
+            raise QuarantinedPayloadError(exc.message, quarantine_path=target, reference=reference) from exc
+        result = _place_file(source, self._final(reference, header, root), root, committer, reference.instance_uid)
+        if result.already_present:
+            source.unlink(missing_ok=True)
+        return result
 
-            final = self._confined(root, template.render(lookup))
-            return _commit(temp, final, root, committer, reference.instance_uid)
+    def _final(self, reference: InstanceReference, header: Part10Header, root: Path) -> Path:
+        """The final path: the UIDs from the reference, any other keyword from the file's header."""
+
+        def lookup(keyword: str) -> object:
+            return _reference_value(reference, keyword) or header.get(keyword)
+
+        return self._confined(root, self._template().render(lookup))
 
     def reference_path(self, reference: InstanceReference, path: PathLike | None = None) -> Path | None:
         """The final path of ``reference``, or None when the layout needs attributes from the file itself (a
@@ -185,21 +228,19 @@ class DICOMDiskStorage:
         """A SaveResult (``already_present``) when a valid file for ``reference`` is already in place, else None.
 
         Lets the engine count an instance as done without fetching it. Valid means: a whole Part 10 file (see
-        :func:`read_part10_header`) holding that SOPInstanceUID. Always None when :meth:`reference_path` is None.
+        :func:`read_part10_header`) of that instance (:func:`check_identity`). Always None when
+        :meth:`reference_path` is None.
         """
         final = self.reference_path(reference, path)
         if final is None:
             return None
         try:
             size = final.stat().st_size
-            dataset = read_part10_header(final)
+            check_identity(read_part10_header(final), reference)
         except FileNotFoundError:
             return None
         except PayloadInvalidError as exc:
             logger.warning("existing file %s is not valid (%s); it will be fetched again", final, exc.message)
-            return None
-        if dataset.get("SOPInstanceUID") != reference.instance_uid:
-            logger.warning("existing file %s holds another SOPInstanceUID; it will be fetched again", final)
             return None
         return SaveResult(final, size, already_present=True)
 
@@ -281,41 +322,6 @@ def clean_temp_files(root: PathLike, older_than: float = STALE_TEMP_SECONDS) -> 
 # ---------------------------------------------------------------------------------------------------- internals
 
 
-class _TempFile:
-    """A new file in ``<root>/.trolley/tmp`` (same filesystem as the output), removed on exit unless renamed."""
-
-    def __init__(self, root: Path) -> None:
-        directory = root / TEMP_DIR
-        self.path = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-        # os.open with 0o666, not mkstemp: the final files get the user's umask, as any file they write would.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        try:
-            fd = os.open(self.path, flags, 0o666)
-        except FileNotFoundError:  # first file under this output (the folder is made once, not per file)
-            directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, flags, 0o666)
-        self.handle: BinaryIO = os.fdopen(fd, "wb")
-
-        self.detached = False
-
-    def finish(self) -> None:
-        """All bytes written; the file is fsynced when it is committed (:mod:`trolley_tasks.storage.durable`)."""
-        self.handle.close()
-
-    def detach(self) -> Path:
-        """Hand the file over (to a background commit): it is no longer removed on exit."""
-        self.detached = True
-        return self.path
-
-    def __enter__(self) -> _TempFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.close()
-        if not self.detached:
-            self.path.unlink(missing_ok=True)
-
-
 def _defining_class(cls: type, name: str) -> type:
     return next(klass for klass in cls.__mro__ if name in vars(klass))
 
@@ -328,23 +334,8 @@ def _reference_value(reference: InstanceReference, keyword: str) -> str | None:
     }.get(keyword)
 
 
-def _dataset_value(dataset: Dataset | FileHeader, keyword: str) -> object:
-    if isinstance(dataset, FileHeader):
-        return dataset.get(keyword)
+def _dataset_value(dataset: Dataset, keyword: str) -> object:
     return dataset_value(dataset, keyword)
-
-
-def _check_identity(dataset: FileHeader, reference: InstanceReference) -> None:
-    uid = dataset.get("SOPInstanceUID")
-    if uid != reference.instance_uid:
-        raise PayloadInvalidError(f"file holds SOPInstanceUID {str(uid)[:80]!r}, not {reference.instance_uid}")
-    for keyword, expected in (("StudyInstanceUID", reference.study_uid), ("SeriesInstanceUID", reference.series_uid)):
-        if keyword not in dataset:  # type 1 in every composite IOD (PS3.3 C.7.2.1, C.7.3.1): a cut file
-            raise PayloadInvalidError(f"file has no {keyword}: not a whole composite instance (truncated?)")
-        if dataset.get(keyword) != expected:
-            logger.warning(
-                "%s: file says %s %s; stored under the reference's", reference, keyword, dataset.get(keyword)
-            )
 
 
 def _quarantine(temp: Path, root: Path, reference: InstanceReference) -> Path:
@@ -355,19 +346,28 @@ def _quarantine(temp: Path, root: Path, reference: InstanceReference) -> Path:
     return target
 
 
-def _commit(temp: _TempFile, final: Path, root: Path, committer: Committer | None = None, key: str = "") -> SaveResult:
-    size = temp.path.stat().st_size
+def _place(temp: AtomicFile, final: Path, root: Path, committer: Committer | None = None, key: str = "") -> SaveResult:
+    """Commit a checked temp file under ``final``, unless the same bytes are there already (then it is removed)."""
+    result = _place_file(temp.path, final, root, committer, key)
+    if not result.already_present:
+        temp.detach()  # renamed, or being renamed by the committer: no longer ours to remove
+    return result
+
+
+def _place_file(source: Path, final: Path, root: Path, committer: Committer | None, key: str) -> SaveResult:
+    """Rename the checked file ``source`` to ``final`` (durably), unless an identical file is there already."""
+    size = source.stat().st_size
     _make_dirs(final.parent, root)
     try:
         existing = final.stat().st_size
     except FileNotFoundError:
         existing = None
-    if existing == size and _same_bytes(temp.path, final):
+    if existing == size and _same_bytes(source, final):
         return SaveResult(final, size, already_present=True)
     if committer is None:
-        commit_now(temp.path, final)
+        commit_now(source, final)
     else:
-        committer.submit(key, temp.detach(), final)
+        committer.submit(key, source, final)
     if existing is not None:
         logger.warning("replaced %s: the server sent different bytes than the file already there", final)
     return SaveResult(final, size, replaced=existing is not None)
@@ -387,12 +387,8 @@ def _make_dirs(directory: Path, root: Path) -> None:
             level.mkdir()
         except FileExistsError:
             continue  # another worker made it
-        _fsync_dir(level.parent)
+        fsync_path(level.parent)
     directory.mkdir(parents=True, exist_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fsync_path(directory)
 
 
 def _same_bytes(first: Path, second: Path) -> bool:

@@ -1,4 +1,12 @@
-"""Putting a checked temp file under its final name so that it survives a crash, inline or in the background.
+"""The one atomic writer: every file the library and the engine write goes through here.
+
+A new file is written as a temp file in the directory of its final name (so that the rename stays on one
+filesystem), created with ``O_CREAT | O_EXCL`` under a random name (two writers never share one), then put under its
+final name in one step. A reader sees the old file, the new file or no file, never half of one:
+
+- :func:`open_temp` / :class:`AtomicFile`: the temp file;
+- :func:`write_file`: bytes or chunks to a final path, durable on return (the C-MOVE spool, quarantine);
+- :func:`commit_now` and :class:`Committer`: fsync, rename, directory fsync, inline or in the background.
 
 A file is durable once its bytes are fsynced *before* the rename (otherwise a power cut can leave an empty file
 under the final name) and its directory is fsynced *after* it (otherwise the new name itself can be lost). Those two
@@ -18,8 +26,10 @@ import os
 import secrets
 import shutil
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import IO, Any, BinaryIO
 
 TEMP_PREFIX = ".trolley-tmp-"
 """Temp files start with this; a crash may leave some, which ``storage.clean_temp_files`` removes later."""
@@ -30,6 +40,72 @@ COMMIT_THREADS = 4
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
 _pool_lock = threading.Lock()
+
+
+def open_temp(directory: Path, *, text: bool = False) -> tuple[IO[Any], Path]:
+    """A new, empty temp file in ``directory`` (made if missing), open for writing, and its path.
+
+    ``os.open`` with ``O_EXCL`` and mode 0o666 rather than ``mkstemp``: the final files get the user's umask, as any
+    file they write would. ``text`` opens it as UTF-8 text with ``newline=""`` (the csv module's requirement).
+    """
+    path = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(path, flags, 0o666)
+    except FileNotFoundError:  # first file in this directory (made once, not per file)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags, 0o666)
+    if text:
+        return os.fdopen(fd, "w", encoding="utf-8", newline=""), path
+    return os.fdopen(fd, "wb"), path
+
+
+class AtomicFile:
+    """A temp file that becomes a final file in one step, or is removed.
+
+    >>> with AtomicFile(directory) as temp:
+    ...     temp.handle.write(data)
+    ...     temp.commit(final)          # fsync, rename, directory fsync; without commit the temp file is removed
+    """
+
+    def __init__(self, directory: Path) -> None:
+        handle, self.path = open_temp(directory)
+        self.handle: BinaryIO = handle  # type: ignore[assignment]  # binary unless text=True
+        self.detached = False
+
+    def close(self) -> None:
+        """All bytes written; they are fsynced when the file is committed."""
+        self.handle.close()
+
+    def detach(self) -> Path:
+        """Hand the file over (to a background commit or a quarantine): it is no longer removed on exit."""
+        self.handle.close()
+        self.detached = True
+        return self.path
+
+    def commit(self, final: Path, committer: Committer | None = None, key: str = "") -> None:
+        """Put the file under ``final``: durable on return, or on ``committer.flush()`` (``key`` names it there)."""
+        path = self.detach()
+        if committer is None:
+            commit_now(path, final)
+        else:
+            committer.submit(key, path, final)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
+        if not self.detached:
+            self.path.unlink(missing_ok=True)
+
+
+def write_file(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write ``data`` (bytes, or chunks in order) to ``path`` atomically and durably, through a temp file beside it."""
+    with AtomicFile(path.parent) as temp:
+        for chunk in (data,) if isinstance(data, bytes | bytearray | memoryview) else data:
+            temp.handle.write(chunk)
+        temp.commit(path)
 
 
 def fsync_path(path: Path) -> None:

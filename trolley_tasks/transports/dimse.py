@@ -10,7 +10,8 @@ goes through an :class:`AssociationManager`, so that:
   all on some paths, and a stalled PACS would hang a worker);
 - a rejected association, an abort, a timeout or a failure status maps to exactly one class of the error tree
   (:mod:`trolley_tasks.errors`), with the rules of PS3.8 (A-ASSOCIATE-RJ result, source, reason) and PS3.4 Annex C
-  (C-FIND/C-GET/C-MOVE statuses) and PS3.7 Annex C (status classes).
+  (C-FIND/C-GET/C-MOVE statuses) and PS3.7 Annex C (status classes), written in
+  :mod:`~trolley_tasks.transports.dimse_status`.
 
 Nothing secret passes through DIMSE; the only sensitive items are the TLS key paths, which never reach a message.
 """
@@ -24,38 +25,38 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, evt, sop_class
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.status import STATUS_PENDING, code_to_category
 
 from trolley_tasks.errors import (
-    AuthError,
     ConfigurationError,
     PacsTimeoutError,
     PayloadInvalidError,
     RequestRejectedError,
     RetrievalError,
-    ServerBusyError,
-    ServerError,
     TransientNetworkError,
-    TrolleyError,
 )
+from trolley_tasks.transports.dimse_status import DimseCancelledError, error_for_rejection, error_for_status
 
-STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
-STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
-"""Study Root Query/Retrieve Information Model SOP classes (PS3.4 C.6.2.1, PS3.6 Annex A)."""
+# pynetdicom.sop_class makes its SOP class names at import time, so mypy cannot see them.
+STUDY_ROOT_FIND: str = sop_class.StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+STUDY_ROOT_MOVE: str = sop_class.StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
+STUDY_ROOT_GET: str = sop_class.StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
+"""Study Root Query/Retrieve Information Model SOP classes (PS3.4 C.6.2.1, PS3.6 Annex A), as pynetdicom names them."""
 
-PENDING_STATUSES = frozenset({0xFF00, 0xFF01})
-SUCCESS = 0x0000
-CANCEL = 0xFE00
-MOVE_DESTINATION_UNKNOWN = 0xA801
-
-
-class DimseCancelledError(TransientNetworkError):
-    """The PACS ended a request with status 0xFE00 (cancelled). We never send C-CANCEL, so someone else (an operator,
-    a gateway) stopped it; it is worth trying again later."""
+__all__ = [
+    "STUDY_ROOT_FIND",
+    "STUDY_ROOT_GET",
+    "STUDY_ROOT_MOVE",
+    "AssociationManager",
+    "DimseCancelledError",
+    "DimseTLS",
+    "error_for_rejection",
+    "error_for_status",
+]
 
 
 @dataclass(frozen=True)
@@ -95,83 +96,6 @@ class DimseTLS:
         except (ssl.SSLError, OSError) as exc:
             raise ConfigurationError(f"DICOM TLS: cannot load the certificates: {exc.__class__.__name__}") from exc
         return context
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Outcome -> error tree
-
-
-def error_for_rejection(result: int, result_source: int, diagnostic: int, *, source: str | None) -> RetrievalError:
-    """The error an A-ASSOCIATE-RJ means (PS3.8 section 9.3.4, table 9-21).
-
-    - rejected-permanent by the service user for "calling AE title not recognised" (source 1, reason 3): the PACS
-      does not know us, which is an :class:`AuthError` (pause the job until someone registers our AE);
-    - rejected-transient for "local limit exceeded" or "temporary congestion" (source 3, reasons 1-2): the PACS has
-      too many associations, which is :class:`ServerBusyError` so that the engine lowers its concurrency;
-    - any other rejected-transient: :class:`TransientNetworkError`;
-    - any other rejected-permanent (unknown called AE, unsupported application context or protocol version):
-      :class:`RequestRejectedError`.
-    """
-    text = f"association rejected (result {result}, source {result_source}, reason {diagnostic})"
-    if result == 0x01 and result_source == 0x01 and diagnostic == 0x03:
-        return AuthError(f"{text}: the PACS does not recognise our calling AE title", source=source)
-    if result == 0x02 and result_source == 0x03 and diagnostic in (0x01, 0x02):
-        return ServerBusyError(f"{text}: the PACS is congested or at its association limit", source=source)
-    if result == 0x02:
-        return TransientNetworkError(f"{text}: transient, try again later", source=source)
-    if result == 0x01 and result_source == 0x01 and diagnostic == 0x07:
-        return RequestRejectedError(f"{text}: the PACS does not recognise the called AE title", source=source)
-    return RequestRejectedError(f"{text}: permanent", source=source)
-
-
-def error_for_status(
-    status: int,
-    *,
-    operation: str,
-    source: str | None,
-    reference: Any = None,
-    destination: str | None = None,
-    comment: str | None = None,
-) -> TrolleyError | None:
-    """The error a final DIMSE status means, or None for success, pending and warnings (PS3.4 C.4, PS3.7 C).
-
-    Warnings (0x0001, 0x0107, 0x0116, 0xBxxx) return None: for C-GET and C-MOVE the caller compares the sub-operation
-    counts with what arrived, which is the only trustworthy measure of a partial answer.
-
-    Orthanc answers 0xC000 to a C-MOVE towards a destination it does not know, where the standard says 0xA801; the
-    caller first rules out missing instances (with a C-FIND) and then asks for ``operation="C-MOVE"`` with
-    ``destination`` set, which maps 0xC000 to the same :class:`ConfigurationError` as 0xA801.
-    """
-    if (
-        status in PENDING_STATUSES
-        or status == SUCCESS
-        or status in (0x0001, 0x0107, 0x0116)
-        or 0xB000 <= status <= 0xBFFF
-    ):
-        return None
-    text = f"{operation} failed with status 0x{status:04X}"
-    if comment:
-        text += f" ({comment})"
-    kwargs: dict[str, Any] = {"source": source, "reference": reference}
-    if status == CANCEL:
-        return DimseCancelledError(f"{text}: the request was cancelled on the PACS side", **kwargs)
-    if 0xA700 <= status <= 0xA7FF or status == 0x0213:
-        return ServerBusyError(f"{text}: the PACS is out of resources", **kwargs)
-    if operation == "C-MOVE" and destination is not None and (status == MOVE_DESTINATION_UNKNOWN or status == 0xC000):
-        return ConfigurationError(
-            f"{text}: the PACS does not know or cannot reach the move destination AE {destination!r}; register it on "
-            "the PACS with this host's address and receiver port",
-            **kwargs,
-        )
-    if status == 0x0124:
-        return AuthError(f"{text}: not authorised", **kwargs)
-    if status == 0x0110:
-        return ServerError(f"{text}: processing failure on the PACS", **kwargs)
-    if 0xA900 <= status <= 0xA9FF:
-        return RequestRejectedError(f"{text}: the identifier does not match the SOP class", **kwargs)
-    if 0xC000 <= status <= 0xCFFF or status == MOVE_DESTINATION_UNKNOWN or status in (0x0122, 0x0211, 0x0212):
-        return RequestRejectedError(f"{text}: the PACS cannot process this request", **kwargs)
-    return ServerError(f"{text}: unknown failure status", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -259,6 +183,11 @@ class AssociationManager:
         self._ssl_context = tls.ssl_context() if tls is not None else None
         self._assoc: Association | None = None
         self._watch = _Watch()
+
+    @property
+    def is_open(self) -> bool:
+        """True while an association is established (between a first request and :meth:`release` or an abort)."""
+        return self._assoc is not None and self._assoc.is_established
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.aet} -> {self.source}, tls={self.tls is not None})"
@@ -390,7 +319,7 @@ class AssociationManager:
             )
             if error is not None:
                 raise error
-            if code in PENDING_STATUSES:
+            if code_to_category(code) == STATUS_PENDING:
                 if found is None:
                     raise PayloadInvalidError(
                         "C-FIND pending response without an identifier", source=self.source, reference=reference

@@ -9,16 +9,17 @@ reads bodies through :func:`iter_body` or :func:`read_body`, so that:
 - a status or an exception maps to exactly one class of the error tree (:mod:`trolley_tasks.errors`);
 - no URL credentials reach an error message.
 
-Callers pass any ``requests.Session`` (the seeds' examples make a plain one); it is reused for keep-alive.
+Callers pass any ``requests.Session`` (the seeds' examples make a plain one); it is reused for keep-alive, and
+closed only by a client that made it (:class:`HTTPEndpoint`).
 """
 
 from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -184,24 +185,61 @@ def read_body(response: requests.Response, *, source: str | None = None, referen
     return b"".join(iter_body(response, source=source, reference=reference))
 
 
+SessionOrFactory = requests.Session | Callable[[], requests.Session] | None
+"""What an HTTP client is given: a session the caller owns, or a way to make one (then the client owns it)."""
+
+
+class EndpointOptions(TypedDict, total=False):
+    """The keyword options every HTTP searcher and downloader takes, passed on to :class:`HTTPEndpoint`."""
+
+    source: str | None
+    timeout: float | tuple[float, float] | None
+
+
 class HTTPEndpoint:
     """What every HTTP searcher and downloader holds: the session it reuses (keep-alive), its root URL, a name for
-    errors and logs without credentials, and its ``(connect, read)`` timeout (None: :data:`DEFAULT_TIMEOUT`)."""
+    errors and logs without credentials, and its ``(connect, read)`` timeout.
+
+    This is the one constructor of the six HTTP clients (QIDO-RS, WADO-RS metadata, MINT, WADO-RS, WADO-URI,
+    RAD-69); those with options of their own take them and hand the rest on as :class:`EndpointOptions`.
+
+    Parameters
+    ----------
+    session
+        A ``requests.Session`` the caller made (possibly logged in, see :mod:`trolley_tasks.transports.auth`): it is
+        reused and never closed here, since the caller may share it. Or a callable that makes one, or None for a
+        plain ``requests.Session()``: that session is this client's own and :meth:`close` closes it.
+    url
+        The service root; a trailing ``/`` is dropped, since every path is appended with one.
+    source
+        Name used in errors and logs; defaults to the URL without credentials.
+    timeout
+        ``(connect, read)`` seconds, or one number for both; None means :data:`DEFAULT_TIMEOUT`.
+    """
 
     source: str | None
 
     def __init__(
         self,
-        session: requests.Session,
+        session: SessionOrFactory,
         url: str,
         *,
         source: str | None = None,
         timeout: float | tuple[float, float] | None = None,
     ) -> None:
-        self.session = session
-        self.url = url
+        self.owns_session = not isinstance(session, requests.Session)
+        if isinstance(session, requests.Session):
+            self.session = session
+        else:
+            self.session = session() if session is not None else requests.Session()
+        self.url = url.rstrip("/")
         self.source = source or redact_url(url)
         self.timeout = timeout
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source!r})"
+
+    def close(self) -> None:
+        """Close the session's pooled connections if this client made the session; a caller's session stays open."""
+        if self.owns_session:
+            self.session.close()

@@ -6,31 +6,34 @@ the **worker host**, not to a worker process: several Celery processes on one ho
 and each picks out the instances it asked for by SOPInstanceUID (:class:`~trolley_tasks.downloaders.dicom_qr.CMove`).
 
 Each instance is written as ``<spool_dir>/<SOPInstanceUID>.dcm``, a DICOM Part 10 file with the file meta header
-(PS3.10 7.1) built from the C-STORE request, through a temporary file and :func:`os.replace`, so a reader never sees
-a half-written file under the final name. The name comes from the request's Affected SOP Instance UID, validated
-against the UID grammar before it touches a path.
+(PS3.10 7.1) built from the C-STORE request, through the one atomic writer
+(:func:`trolley_tasks.storage.durable.write_file`: temp file, fsync, rename), so a reader never sees a half-written
+file under the final name and a claimed arrival can be renamed straight into the output. The name comes from the
+request's Affected SOP Instance UID, validated against the UID grammar before it touches a path.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
 
 from trolley_tasks.core import is_valid_uid
 from trolley_tasks.errors import ConfigurationError
+from trolley_tasks.storage.durable import write_file
 
 logger = logging.getLogger("trolley.dimse")
 
-STATUS_SUCCESS = 0x0000
+STATUS_SUCCESS = int(Status.SUCCESS)
 STATUS_OUT_OF_RESOURCES = 0xA700
+"""C-STORE "Refused: Out of Resources" (PS3.4 B.2.3); pynetdicom's ``STORAGE_SERVICE_CLASS_STATUS`` lists it."""
 STATUS_CANNOT_UNDERSTAND = 0xC000
+"""C-STORE "Error: Cannot understand" (PS3.4 B.2.3)."""
 
 
 def spool_path(spool_dir: Path, sop_instance_uid: str) -> Path:
@@ -114,22 +117,10 @@ class StorageReceiver:
             logger.warning("receiver %s refused an instance with SOPInstanceUID %r", self.aet, uid[:80])
             return STATUS_CANNOT_UNDERSTAND
         try:
-            write_atomically(spool_path(self.spool_dir, uid), event.encoded_dataset(include_meta=True))
+            write_file(spool_path(self.spool_dir, uid), event.encoded_dataset(include_meta=True))
         except OSError as exc:
             logger.error("receiver %s could not write %s: %s", self.aet, uid, exc)
             return STATUS_OUT_OF_RESOURCES
         with self._lock:
             self.received += 1
         return STATUS_SUCCESS
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

@@ -1,12 +1,12 @@
-"""The DICOM object model shared by searchers, downloaders, storage and the engine.
+"""The DICOM object model: levels, UIDs, references and the study -> series -> instance tree.
 
 - :class:`DICOMObjectLevels` (ordered: STUDY > SERIES > INSTANCE) and :class:`QueryLevels`.
 - Frozen, hashable references: :class:`StudyReference`, :class:`SeriesReference`, :class:`InstanceReference`.
   Their UIDs are validated on creation, so a reference that exists is safe to put in a path or a URL.
 - The object tree that searchers return: :class:`Study`, :class:`Series`, :class:`Instance`, each with ``.data``
   (a pydicom Dataset of what the server returned) and parent/child links.
-- :func:`to_references` and its kin, which downloaders use to ask "what exactly am I to fetch?".
-- :class:`Query`, the backend-agnostic query, and :class:`ExtendedQuery`, its base for strict backends.
+- :func:`to_references` and its kin, which downloaders use to ask "what exactly am I to fetch?", and
+  :func:`group_by_series`, which batches instance references the way series-level requests need them.
 """
 
 from __future__ import annotations
@@ -14,20 +14,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from enum import Enum, IntEnum, StrEnum
-from typing import Any, ClassVar, Protocol, Self, runtime_checkable
+from enum import IntEnum, StrEnum
+from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from pydicom import Dataset
-from pydicom.datadict import tag_for_keyword
 
-from trolley_tasks.errors import (
-    InvalidUIDError,
-    NoReferencesFoundError,
-    UnSupportedParameterError,
-)
-from trolley_tasks.fields import invalid_fields_for_level
+from trolley_tasks.errors import InvalidUIDError, NoReferencesFoundError
 
 # --------------------------------------------------------------------------------------------------------------------
 # UIDs
@@ -98,15 +90,6 @@ class QueryLevels(StrEnum):
 
 # --------------------------------------------------------------------------------------------------------------------
 # Downloadables and references
-
-
-@runtime_checkable
-class DICOMDownloadable(Protocol):
-    """Anything a downloader can take: a reference, or an object from the tree."""
-
-    def contained_references(self, max_level: DICOMObjectLevels) -> tuple[DICOMObjectReference, ...]:
-        """References of ``max_level`` or lower contained in this object."""
-        ...
 
 
 class DICOMObjectReference:
@@ -365,99 +348,13 @@ def to_series_level_refs(
     ]
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Queries
+def group_by_series(references: Iterable[InstanceReference]) -> dict[SeriesReference, list[InstanceReference]]:
+    """``references`` grouped by their series, series and instances in first-seen order.
 
-
-class Query(BaseModel):
-    """A query every searcher accepts.
-
-    DICOM attributes keep their DICOM keyword (CamelCase); meta-parameters are snake_case. A searcher with its own
-    query type converts a plain Query with :meth:`init_from_query`, which refuses to drop information.
+    Series-level requests (WADO-RS ``/series/{uid}``, one RAD-69 document set per series, a C-GET at SERIES level)
+    and the engine's fetch batches all need the same grouping; this is the one place it is written.
     """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    StudyInstanceUID: str = ""
-    AccessionNumber: str = ""
-    PatientName: str = ""
-    PatientID: str = ""
-    ModalitiesInStudy: str = ""
-    SeriesInstanceUID: str = ""
-    query_level: QueryLevels = QueryLevels.STUDY
-    min_study_date: datetime | None = None
-    max_study_date: datetime | None = None
-    include_fields: list[str] = []
-
-    @field_validator("include_fields")
-    @classmethod
-    def _include_fields_are_keywords(cls, value: list[str]) -> list[str]:
-        bad = [name for name in value if tag_for_keyword(name) is None]
-        if bad:
-            raise ValueError(f"include_fields {bad} are not DICOM keywords (for example 'PatientBirthDate')")
-        return value
-
-    @model_validator(mode="after")
-    def _study_dates_both_or_neither(self) -> Self:
-        if (self.min_study_date is None) != (self.max_study_date is None):
-            raise ValueError("give both min_study_date and max_study_date, or neither")
-        if self.min_study_date and self.max_study_date and self.min_study_date > self.max_study_date:
-            raise ValueError("min_study_date is after max_study_date")
-        return self
-
-    def non_default_values(self) -> dict[str, Any]:
-        """The fields set to something other than their default."""
-        out: dict[str, Any] = {}
-        for name, info in type(self).model_fields.items():
-            value = getattr(self, name)
-            if value != info.get_default(call_default_factory=True):
-                out[name] = value
-        return out
-
-    @classmethod
-    def init_from_query(cls, query: Query) -> Self:
-        """A ``cls`` query holding every non-default value of ``query``.
-
-        Raises
-        ------
-        UnSupportedParameterError
-            If ``query`` has a non-default value for a field that ``cls`` does not have.
-        """
-        if type(query) is cls:
-            return query
-        values = query.non_default_values()
-        lost = sorted(set(values) - set(cls.model_fields))
-        if lost:
-            raise UnSupportedParameterError(
-                f"{cls.__name__} cannot express {', '.join(lost)} of {type(query).__name__}; these values would be lost"
-            )
-        return cls(**values)
-
-    def to_short_string(self) -> str:
-        """A dense one-line form for people and logs: only the non-default values."""
-        parts = []
-        for name, value in self.non_default_values().items():
-            if isinstance(value, datetime):
-                value = value.strftime("%Y-%m-%d")
-            elif isinstance(value, Enum):
-                value = value.value
-            parts.append(f"{name}={value}")
-        return f"{type(self).__name__}({', '.join(parts)})"
-
-
-class ExtendedQuery(Query):
-    """Base of the queries of strict backends (MINT, DICOM-QR).
-
-    ``include_fields`` must be valid return fields for the query level, as :mod:`trolley_tasks.fields` lists them,
-    so that a server never silently ignores a requested field.
-    """
-
-    @model_validator(mode="after")
-    def _include_fields_valid_for_level(self) -> Self:
-        bad = invalid_fields_for_level(self.include_fields, self.query_level)
-        if bad:
-            raise ValueError(
-                f"include_fields {bad} cannot be returned at query_level {self.query_level.value}; "
-                "see trolley_tasks.fields"
-            )
-        return self
+    groups: dict[SeriesReference, list[InstanceReference]] = {}
+    for reference in references:
+        groups.setdefault(reference.series(), []).append(reference)
+    return groups
