@@ -32,10 +32,11 @@ TIMEOUT = (2.0, 0.5)
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 
 SEARCHERS: list[tuple[str, Callable[[str], Searcher]]] = [
-    ("qido_rs", lambda url: QidoRS(requests.Session(), url, timeout=TIMEOUT)),
-    ("mint", lambda url: Mint(requests.Session(), url + "/mint", timeout=TIMEOUT)),
-    ("wado_rs_metadata", lambda url: WadoRSMetadata(requests.Session(), url, timeout=TIMEOUT)),
+    ("qido_rs", lambda url: QidoRS(requests.Session(), url, timeout=TIMEOUT, request_tries=1)),
+    ("mint", lambda url: Mint(requests.Session(), url + "/mint", timeout=TIMEOUT, request_tries=1)),
+    ("wado_rs_metadata", lambda url: WadoRSMetadata(requests.Session(), url, timeout=TIMEOUT, request_tries=1)),
 ]
+"""Asked once (``request_tries=1``): these tests pin the error mapping; retrying has its own tests below."""
 
 FAILURES: list[tuple[str, Reply, type[TrolleyError]]] = [
     ("401", Reply(401, b"who are you", {"WWW-Authenticate": 'Basic realm="pacs"'}), AuthError),
@@ -75,3 +76,41 @@ def test_connection_refused_is_transient(name: str, factory: Callable[[str], Sea
     with pytest.raises(TransientNetworkError) as info:
         searcher.find_studies(Query(StudyInstanceUID=STUDY_UID))
     assert type(info.value) is TransientNetworkError  # refused, not a timeout
+
+
+def _qido_answer(study_uid: str) -> bytes:
+    return (
+        b'[{"0020000D": {"vr": "UI", "Value": ["' + study_uid.encode() + b'"]},'
+        b' "00201206": {"vr": "IS", "Value": [0]}, "00201208": {"vr": "IS", "Value": [0]}}]'
+    )
+
+
+@pytest.mark.parametrize(
+    ("flaky", "retried"),
+    [
+        (Reply(503, b"busy", {"Retry-After": "0"}), True),
+        (Reply(502, b"bad gateway"), True),
+        (Reply(200, b'[{"0020000D": {"vr": "UI", "Val', {"Content-Type": "application/dicom+json"}), True),
+        (Reply(404, b"no such resource"), False),
+    ],
+    ids=["busy", "bad-gateway", "cut-json", "not-found"],
+)
+def test_each_search_request_is_retried_on_its_own(flaky: Reply, retried: bool) -> None:
+    """One flaky request costs one more request, not the whole search; a 4xx is the caller's to judge."""
+    calls = {"n": 0}
+
+    def handler(request: FakeRequest) -> Reply:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            return flaky
+        return Reply(200, _qido_answer(STUDY_UID), {"Content-Type": "application/dicom+json"})
+
+    with FakeHTTPServer(handler) as server:
+        searcher = QidoRS(requests.Session(), server.url, timeout=TIMEOUT, request_tries=3)
+        if retried:
+            [study] = searcher.find_studies(Query(StudyInstanceUID=STUDY_UID))
+            assert study.uid == STUDY_UID and calls["n"] == 3
+        else:
+            with pytest.raises(NotFoundError):
+                searcher.find_studies(Query(StudyInstanceUID=STUDY_UID))
+            assert calls["n"] == 1

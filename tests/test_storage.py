@@ -247,7 +247,8 @@ def test_invalid_payload_is_quarantined(tmp_path: Path, payload: bytes, why: str
     assert error.reference == FIRST.reference()
     assert error.quarantine_path == tmp_path / ".trolley" / "quarantine" / f"{FIRST.sop_instance_uid}.bad"
     assert error.quarantine_path.read_bytes() == payload
-    assert files_under(tmp_path) == [error.quarantine_path]
+    assert files_under(tmp_path) == []  # nothing in the export tree
+    assert sorted((tmp_path / ".trolley" / "quarantine").iterdir()) == [error.quarantine_path]
 
 
 def test_quarantine_is_overwritten_per_instance(tmp_path: Path) -> None:

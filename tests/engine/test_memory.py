@@ -38,13 +38,16 @@ class Synthetic(SearcherBase):
                 series.add_instance(Instance(f"{uid}.{se + 1}.{i + 1}"))
         return study
 
+class NoDownloads:
+    whole_series = False  # expansion asks; nothing is fetched in this probe
+
 client = redis_client(ledger_url)
 before = client.info("memory")["used_memory"]
 settings = Settings(broker=BrokerConfig(url=broker),
                     sources={"pacs": SourceProfile(downloader="wado-uri", url="http://127.0.0.1:9/d",
                                                    wado_uri_url="http://127.0.0.1:9/wado")})
 ctx = EngineContext(settings=settings, ledger=Ledger(client), publisher=CeleryPublisher(make_app(settings)),
-                    build_clients=lambda p, n: (Synthetic, lambda: None))
+                    build_clients=lambda p, n: (Synthetic, NoDownloads))
 studies = [StudyReference(f"{ROOT}.{st + 1}") for st in range(STUDIES)]
 job = submit(ctx, studies, source="pacs", output=out)
 for row in list(ctx.ledger.r.smembers(ctx.ledger.key(job, "rows"))):

@@ -206,6 +206,7 @@ class Throttle:
         try:
             yield held
         finally:
+            held.released = True
             self.release(token)
 
     def take(self, n: int = 1) -> None:
@@ -242,7 +243,9 @@ class Slot:
     def __init__(self, throttle: Throttle, token: str) -> None:
         self.throttle = throttle
         self.token = token
+        self.released = False
 
     def renew(self) -> bool:
-        """Extend the slot's lease; False when it had lapsed (and may be another worker's now)."""
-        return self.throttle.renew(self.token)
+        """Extend the slot's lease; False when it had lapsed (and may be another worker's now). A slot given back
+        has nothing to renew."""
+        return self.released or self.throttle.renew(self.token)

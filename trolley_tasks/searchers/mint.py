@@ -22,11 +22,11 @@ from pydicom import DataElement, Dataset
 from pydicom.sequence import Sequence
 
 from trolley_tasks.core import ExtendedQuery, Query, QueryLevels, Study
-from trolley_tasks.errors import PayloadInvalidError, UnSupportedParameterError
+from trolley_tasks.errors import PayloadInvalidError, RequestRejectedError, UnSupportedParameterError
 from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.qido_rs_query import query_string
 from trolley_tasks.searchers.tree import TreeBuilder, dataset_uid
-from trolley_tasks.transports.http import HTTPEndpoint, iter_body, redact_url, request
+from trolley_tasks.transports.http import HTTPEndpoint, iter_body, redact_url, request, retrying
 
 MINT_NAMESPACE = "http://medical.nema.org/mint"
 MAX_ANSWER_BYTES = 512 * 1024 * 1024
@@ -185,18 +185,28 @@ class Mint(HTTPEndpoint, SearcherBase):
     def find_studies(self, query: Query) -> list[Study]:
         mint_query = self.ensure_query_type(query)
         url = f"{self.url}/studies?{query_string(mint_query.search_params())}"
-        response = request(
-            self.session, "GET", url, source=self.source, headers={"Accept": "application/xml"}, timeout=self.timeout
-        )
-        chunks: list[bytes] = []
-        size = 0
-        for chunk in iter_body(response, source=self.source):
-            size += len(chunk)
-            if size > MAX_ANSWER_BYTES:
-                response.close()
-                raise PayloadInvalidError(
-                    f"MINT answer from {redact_url(url)} exceeds {MAX_ANSWER_BYTES} bytes; refusing to parse it",
-                    source=self.source,
-                )
-            chunks.append(chunk)
-        return parse_mint_xml(chunks, mint_query.query_level, source=self.source)
+
+        def once() -> list[Study]:
+            response = request(
+                self.session,
+                "GET",
+                url,
+                source=self.source,
+                headers={"Accept": "application/xml"},
+                timeout=self.timeout,
+            )
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in iter_body(response, source=self.source):
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    response.close()
+                    # too broad a question: asking again cannot help (request-rejected, never retried)
+                    raise RequestRejectedError(
+                        f"MINT answer from {redact_url(url)} exceeds {MAX_ANSWER_BYTES} bytes; refusing to parse it",
+                        source=self.source,
+                    )
+                chunks.append(chunk)
+            return parse_mint_xml(chunks, mint_query.query_level, source=self.source)
+
+        return retrying(once, tries=self.request_tries)

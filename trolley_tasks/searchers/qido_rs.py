@@ -102,6 +102,7 @@ class QidoRS(HTTPEndpoint, SearcherBase):
             expected=expected,
             source=self.source,
             timeout=self.timeout,
+            tries=self.request_tries,
         )
 
     def find_studies(self, query: Query) -> list[Study]:

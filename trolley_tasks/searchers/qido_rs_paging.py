@@ -25,7 +25,7 @@ from pydicom import Dataset
 from trolley_tasks.errors import PayloadInvalidError
 from trolley_tasks.formats.dicom_json import datasets_from_json
 from trolley_tasks.searchers.tree import dataset_uid
-from trolley_tasks.transports.http import read_body, redact_url, request
+from trolley_tasks.transports.http import read_body, redact_url, request, retrying
 
 DICOM_JSON = "application/dicom+json"
 
@@ -45,15 +45,25 @@ def warning_says_truncated(headers: Mapping[str, str]) -> bool:
 
 
 def _get_page(
-    session: requests.Session, url: str, *, source: str | None, timeout: float | tuple[float, float] | None
+    session: requests.Session,
+    url: str,
+    *,
+    source: str | None,
+    timeout: float | tuple[float, float] | None,
+    tries: int,
 ) -> tuple[list[Dataset], bool]:
-    response = request(session, "GET", url, source=source, headers={"Accept": DICOM_JSON}, timeout=timeout)
-    truncated = warning_says_truncated(response.headers)
-    if response.status_code == 204:  # PS3.18 8.3.4.4: no matches
-        response.close()
-        return [], truncated
-    body = read_body(response, source=source)
-    return datasets_from_json(body, source=source, what=f"QIDO-RS answer from {redact_url(url)}"), truncated
+    """One page, asked again on its own when it fails in a way another try may cure (:func:`retrying`)."""
+
+    def once() -> tuple[list[Dataset], bool]:
+        response = request(session, "GET", url, source=source, headers={"Accept": DICOM_JSON}, timeout=timeout)
+        truncated = warning_says_truncated(response.headers)
+        if response.status_code == 204:  # PS3.18 8.3.4.4: no matches
+            response.close()
+            return [], truncated
+        body = read_body(response, source=source)
+        return datasets_from_json(body, source=source, what=f"QIDO-RS answer from {redact_url(url)}"), truncated
+
+    return retrying(once, tries=tries)
 
 
 def paged_search(
@@ -68,8 +78,9 @@ def paged_search(
     expected: int | None = None,
     source: str | None = None,
     timeout: float | tuple[float, float] | None = None,
+    tries: int = 1,
 ) -> list[Dataset]:
-    """Every result of one QIDO-RS search, fetched page by page.
+    """Every result of one QIDO-RS search, fetched page by page, each page tried up to ``tries`` times.
 
     Parameters
     ----------
@@ -100,7 +111,7 @@ def paged_search(
             paging.append(f"offset={offset}")
         full_query = "&".join(part for part in (query_string, *paging) if part)
         page, truncated = _get_page(
-            session, f"{url}?{full_query}" if full_query else url, source=source, timeout=timeout
+            session, f"{url}?{full_query}" if full_query else url, source=source, timeout=timeout, tries=tries
         )
         if not page:
             if promised_more:

@@ -12,12 +12,14 @@ study", and every other failure maps to the error tree through :mod:`trolley_tas
 
 from __future__ import annotations
 
+from pydicom import Dataset
+
 from trolley_tasks.core import Query, QueryLevels, Study, StudyReference, validate_uid
 from trolley_tasks.errors import NotFoundError, StudyNotFoundError, UnSupportedParameterError
 from trolley_tasks.formats.dicom_json import datasets_from_json
 from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.tree import build_tree, prune_to_level
-from trolley_tasks.transports.http import HTTPEndpoint, read_body, redact_url, request
+from trolley_tasks.transports.http import HTTPEndpoint, read_body, redact_url, request, retrying
 
 _ANSWERABLE = {"StudyInstanceUID", "SeriesInstanceUID", "query_level", "include_fields"}
 
@@ -70,23 +72,27 @@ class WadoRSMetadata(HTTPEndpoint, SearcherBase):
             path += f"/series/{series_uid}"
         url = f"{self.url}{path}/metadata"
         reference = StudyReference(study_uid)
-        try:
-            response = request(
-                self.session,
-                "GET",
-                url,
-                source=self.source,
-                reference=reference,
-                headers={"Accept": "application/dicom+json"},
-                timeout=self.timeout,
-            )
-        except NotFoundError as exc:
-            raise self._missing(reference, url) from exc
-        if response.status_code == 204:
-            response.close()
-            raise self._missing(reference, url)
-        body = read_body(response, source=self.source, reference=reference)
-        datasets = datasets_from_json(body, source=self.source, what=f"WADO-RS metadata from {redact_url(url)}")
+
+        def once() -> list[Dataset]:
+            try:
+                response = request(
+                    self.session,
+                    "GET",
+                    url,
+                    source=self.source,
+                    reference=reference,
+                    headers={"Accept": "application/dicom+json"},
+                    timeout=self.timeout,
+                )
+            except NotFoundError as exc:
+                raise self._missing(reference, url) from exc
+            if response.status_code == 204:
+                response.close()
+                raise self._missing(reference, url)
+            body = read_body(response, source=self.source, reference=reference)
+            return datasets_from_json(body, source=self.source, what=f"WADO-RS metadata from {redact_url(url)}")
+
+        datasets = retrying(once, tries=self.request_tries)
         studies = [s for s in build_tree(datasets, QueryLevels.INSTANCE, source=self.source) if s.uid == study_uid]
         if not studies:
             raise self._missing(reference, url)

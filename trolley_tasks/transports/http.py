@@ -7,7 +7,9 @@ reads bodies through :func:`iter_body` or :func:`read_body`, so that:
 - every call sends ``Accept-Encoding: identity``: DICOM does not compress, and a gzipping server (stock Orthanc)
   costs an order of magnitude in throughput (ORTHANC.md);
 - a status or an exception maps to exactly one class of the error tree (:mod:`trolley_tasks.errors`);
-- no URL credentials reach an error message.
+- no URL credentials reach an error message;
+- a small idempotent answer (a QIDO-RS page, WADO-RS metadata, a MINT answer) is asked again on its own when it
+  fails in a way that another try may cure (:func:`retrying`): one flaky request must not cost a whole expansion.
 
 Callers pass any ``requests.Session`` (the seeds' examples make a plain one); it is reused for keep-alive, and
 closed only by a client that made it (:class:`HTTPEndpoint`).
@@ -16,18 +18,21 @@ closed only by a client that made it (:class:`HTTPEndpoint`).
 from __future__ import annotations
 
 import email.utils
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import urllib3.exceptions
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from trolley_tasks.errors import (
     AuthError,
     ConfigurationError,
+    ErrorClass,
     NotFoundError,
     PacsTimeoutError,
     PayloadInvalidError,
@@ -42,6 +47,51 @@ DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 60.0)
 """(connect, read) seconds. A read timeout is the longest silence between two bytes, not the whole transfer."""
 
 CHUNK_SIZE = 256 * 1024
+
+REQUEST_TRIES = 5
+"""Tries of one small idempotent request (:func:`retrying`) before its error goes to the caller."""
+REQUEST_MAX_WAIT = 30.0
+"""The longest wait between two of those tries, a server's Retry-After included (longer: the caller's policy)."""
+_RETRIED = frozenset(
+    {
+        ErrorClass.TRANSIENT,
+        ErrorClass.TIMEOUT,
+        ErrorClass.SERVER_BUSY,
+        ErrorClass.SERVER_ERROR,
+        ErrorClass.PAYLOAD_INVALID,
+    }
+)
+T = TypeVar("T")
+
+
+def _worth_another_try(error: BaseException) -> bool:
+    return isinstance(error, RetrievalError) and error.error_class in _RETRIED
+
+
+def _wait(state: RetryCallState) -> float:
+    """Half a second, doubling, with jitter; at least what a Retry-After asked for (capped)."""
+    error = state.outcome.exception() if state.outcome else None
+    wait = random.uniform(0.5, 1.0) * 2 ** (state.attempt_number - 1)
+    asked = getattr(error, "retry_after", None)
+    if asked:
+        wait = max(wait, asked)
+    return min(wait, REQUEST_MAX_WAIT)
+
+
+def retrying(call: Callable[[], T], *, tries: int = REQUEST_TRIES) -> T:
+    """``call()`` (one idempotent request AND the reading of its answer), tried up to ``tries`` times.
+
+    Retried: network errors, timeouts, busy and failing servers, and an answer that arrived broken (a cut JSON or
+    XML body is payload-invalid). Not retried: 4xx answers (not found, auth, rejected), which another try cannot
+    change. The last error is raised as it was, for the caller's policy to judge. Downloads of instances are not
+    retried here: their bytes are already on their way to disk, and the engine's fetch decides.
+    """
+    for attempt in Retrying(
+        stop=stop_after_attempt(tries), wait=_wait, retry=retry_if_exception(_worth_another_try), reraise=True
+    ):
+        with attempt:
+            return call()
+    raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
 def redact_url(url: str) -> str:
@@ -194,6 +244,7 @@ class EndpointOptions(TypedDict, total=False):
 
     source: str | None
     timeout: float | tuple[float, float] | None
+    request_tries: int
 
 
 class HTTPEndpoint:
@@ -215,6 +266,9 @@ class HTTPEndpoint:
         Name used in errors and logs; defaults to the URL without credentials.
     timeout
         ``(connect, read)`` seconds, or one number for both; None means :data:`DEFAULT_TIMEOUT`.
+    request_tries
+        Tries of one small idempotent request (a search page, a metadata answer) before its error is raised
+        (:func:`retrying`); 1 asks once. Instance downloads are never retried here.
     """
 
     source: str | None
@@ -226,7 +280,11 @@ class HTTPEndpoint:
         *,
         source: str | None = None,
         timeout: float | tuple[float, float] | None = None,
+        request_tries: int = REQUEST_TRIES,
     ) -> None:
+        if request_tries < 1:
+            raise ValueError("request_tries must be at least 1")
+        self.request_tries = request_tries
         self.owns_session = not isinstance(session, requests.Session)
         if isinstance(session, requests.Session):
             self.session = session
