@@ -195,3 +195,12 @@ def test_extended_query_checks_include_fields_per_level() -> None:
         ExtendedQuery(include_fields=["Rows"])
     with pytest.raises(ValidationError, match="SERIES"):
         ExtendedQuery(include_fields=["Rows"], query_level=QueryLevels.SERIES)
+
+
+def test_the_package_root_names_the_public_api() -> None:
+    import trolley_tasks
+    from trolley_tasks.core import StudyReference as CoreStudyReference
+    from trolley_tasks.trolley import Trolley as TrolleyClass
+
+    assert trolley_tasks.StudyReference is CoreStudyReference and trolley_tasks.Trolley is TrolleyClass
+    assert all(getattr(trolley_tasks, name, None) is not None for name in trolley_tasks.__all__)

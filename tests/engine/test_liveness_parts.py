@@ -4,12 +4,14 @@ Redis, the watchdog and the one TTL. The same mechanisms run under real workers 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
 from testbed.cohort import generate_cohort
 from tests.engine.fakes import FakeDownloader, FakeSearcher, RecordingPublisher, make_context
 from trolley_tasks.engine.breaker import Breaker
+from trolley_tasks.engine.context import EngineContext
 from trolley_tasks.engine.heartbeat import Heartbeat, LeaseLost
 from trolley_tasks.engine.ledger import ClaimCode, Ledger, Outcome, Settled
 from trolley_tasks.engine.messages import FetchMessage
@@ -106,13 +108,19 @@ def test_delayed_work_waits_in_redis_and_goes_out_when_due(redis_db) -> None:  #
     assert inner.fetches[-1] == (message, 0.0) and client.zcard(DELAYED_KEY) == 1
 
 
-def test_watchdog_revives_a_stalled_job_and_leaves_a_moving_one_alone(redis_db, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    cohort = generate_cohort(studies=1, series=1, instances=2, seed=5, rows=8, columns=8)
-    ctx = make_context(redis_db.url, FakeSearcher(cohort), FakeDownloader(cohort))
+def submitted(redis_url: str, out: Path, instances: int) -> tuple[EngineContext, RecordingPublisher, str]:
+    """A one-study job submitted over a context whose publisher parks delayed work in Redis, as in production;
+    ``RecordingPublisher`` stands in for the broker."""
+    cohort = generate_cohort(studies=1, series=1, instances=instances, seed=5, rows=8, columns=8)
+    ctx = make_context(redis_url, FakeSearcher(cohort), FakeDownloader(cohort))
     recorder = ctx.publisher
     assert isinstance(recorder, RecordingPublisher)
     ctx.publisher = DeferringPublisher(recorder, ctx.ledger.r, ctx.ledger.wait_until)
-    job = submit(ctx, cohort.study_refs(), source="pacs", output=tmp_path)
+    return ctx, recorder, submit(ctx, cohort.study_refs(), source="pacs", output=out)
+
+
+def test_watchdog_revives_a_stalled_job_and_leaves_a_moving_one_alone(redis_db, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ctx, recorder, job = submitted(redis_db.url, tmp_path, instances=2)
     assert len(recorder.expands) == 1
     recorder.expands.clear()  # the expansion message is lost (a broker that dropped it, a dead worker)
     watchdog = Watchdog(ctx, stall_seconds=1.0, interval=0.1)
@@ -126,12 +134,7 @@ def test_watchdog_revives_a_stalled_job_and_leaves_a_moving_one_alone(redis_db, 
 
 
 def test_watchdog_asks_again_for_a_missing_report(redis_db, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    cohort = generate_cohort(studies=1, series=1, instances=1, seed=6, rows=8, columns=8)
-    ctx = make_context(redis_db.url, FakeSearcher(cohort), FakeDownloader(cohort))
-    recorder = ctx.publisher
-    assert isinstance(recorder, RecordingPublisher)
-    ctx.publisher = DeferringPublisher(recorder, ctx.ledger.r, ctx.ledger.wait_until)
-    job = submit(ctx, cohort.study_refs(), source="pacs", output=tmp_path)
+    ctx, recorder, job = submitted(redis_db.url, tmp_path, instances=1)
     ctx.ledger.cancel(job)  # ended, and its finalize message was lost
     watchdog = Watchdog(ctx, stall_seconds=0.5, interval=0.1)
     time.sleep(0.6)

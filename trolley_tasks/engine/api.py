@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Unpack
 
 from celery import Celery
 
@@ -40,7 +41,7 @@ from trolley_tasks.engine.context import EngineContext, build_context
 from trolley_tasks.engine.dispatch import publish_series, republish
 from trolley_tasks.engine.embedded import EmbeddedRedis, embedded_redis
 from trolley_tasks.engine.models import Failure, InstanceRecord, JobState, JobStatus, SeriesProgress
-from trolley_tasks.engine.producer import DEFAULT_BATCH_SIZE, Cohort
+from trolley_tasks.engine.producer import DEFAULT_BATCH_SIZE, Cohort, ExportOptions
 from trolley_tasks.engine.settings import BrokerConfig, Settings
 from trolley_tasks.errors import UsageError
 
@@ -100,18 +101,7 @@ class EngineClient:
 
     # -- submitting ------------------------------------------------------------------------------------------------
 
-    def submit(
-        self,
-        cohort: Cohort,
-        *,
-        source: str,
-        output: str | Path,
-        layout: str = "study-series",
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        job_id: str | None = None,
-        new_job: bool = False,
-        skip_bad_rows: bool = False,
-    ) -> str:
+    def submit(self, cohort: Cohort, *, source: str, output: str | Path, **options: Unpack[ExportOptions]) -> str:
         """Validate the cohort and queue the export; return the job id (workers do the rest).
 
         Parameters
@@ -123,16 +113,16 @@ class EngineClient:
             The profile name in ``[sources.NAME]``; workers resolve it in their own configuration.
         output
             The output directory, which every worker must see at the same path.
-        layout
+        layout (option)
             ``study-series`` (default), ``flat``, or a template like ``{PatientID}/{SOPInstanceUID}.dcm``.
-        batch_size
-            Instances of one series per fetch message.
-        job_id
+        batch_size (option)
+            Instances of one series per fetch message (default 50).
+        job_id (option)
             Default: derived from cohort, source, output and layout, so re-running the same export resumes its job.
-        new_job
+        new_job (option)
             Start a separate job even if the same export ran before; valid files already on disk count as done
             without a fetch.
-        skip_bad_rows
+        skip_bad_rows (option)
             Record bad cohort rows in the job (:meth:`bad_rows`, the report) instead of refusing the job.
 
         Raises
@@ -142,17 +132,7 @@ class EngineClient:
         ConfigurationError
             Unknown source, missing secret, bad layout, or a job id taken by another export.
         """
-        return producer.submit(
-            self._ctx,
-            cohort,
-            source=source,
-            output=output,
-            layout=layout,
-            batch_size=batch_size,
-            job_id=job_id,
-            new_job=new_job,
-            skip_bad_rows=skip_bad_rows,
-        )
+        return producer.submit(self._ctx, cohort, source=source, output=output, **options)
 
     # -- reading ---------------------------------------------------------------------------------------------------
 

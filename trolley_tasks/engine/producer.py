@@ -21,6 +21,7 @@ import os
 import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TypedDict
 
 from trolley_tasks.cohort import (
     CohortError,
@@ -40,6 +41,19 @@ Cohort = str | Path | Query | Iterable[StudyReference | SeriesReference | Instan
 """A cohort CSV path, a Query, or references."""
 
 DEFAULT_BATCH_SIZE = 50
+
+
+class ExportOptions(TypedDict, total=False):
+    """The options of an export besides its cohort, source and output (documented on
+    :meth:`~trolley_tasks.engine.api.EngineClient.submit`, which passes them here unchanged)."""
+
+    layout: str
+    batch_size: int
+    job_id: str | None
+    new_job: bool
+    skip_bad_rows: bool
+
+
 CANCEL_CHECK_EVERY = 500
 STAGE_CHUNK = 500
 
