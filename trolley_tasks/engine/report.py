@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from trolley_tasks.core import InstanceReference
 from trolley_tasks.engine.context import storage_for_layout
 from trolley_tasks.engine.ledger import Ledger
 from trolley_tasks.engine.models import InstanceRecord, JobStatus
-from trolley_tasks.errors import TrolleyError
+from trolley_tasks.storage.disk import clean_temp_files
+from trolley_tasks.storage.durable import AtomicFile
 
 log = logging.getLogger("trolley.engine.report")
 
@@ -72,92 +72,64 @@ def job_summary(status: JobStatus) -> dict[str, Any]:
     }
 
 
-def _records(ledger: Ledger, job_id: str, layout: str, output: str) -> Iterator[InstanceRecord]:
-    """The ledger's records with their paths filled in where the layout derives them from the UIDs."""
+def _records(ledger: Ledger, job_id: str, layout: str) -> Iterator[InstanceRecord]:
+    """The ledger's records with their paths filled in where the layout derives them from the UIDs (string work only:
+    no filesystem call per instance)."""
     storage = storage_for_layout(layout)
     for record in ledger.instances(job_id):
         if not record.path and record.state.value in ("done", "skipped"):
             ref = InstanceReference(record.study_uid, record.series_uid, record.instance_uid)
-            try:
-                final = storage.reference_path(ref, output)
-            except TrolleyError:
-                final = None
-            if final is not None:
-                record = record.model_copy(update={"path": os.path.relpath(final, output)})
+            relative = storage.relative_reference_path(ref)
+            if relative is not None:
+                record = record.model_copy(update={"path": str(relative)})
         yield record
 
 
-def _atomic(path: Path) -> tuple[Any, Path]:
-    from trolley_tasks.storage.durable import open_temp  # the one atomic writer's temp file
-
-    return open_temp(path.parent, text=True)
-
-
 def write_report(ledger: Ledger, job_id: str) -> tuple[Path, Path]:
-    """Write both report files into the job's output directory; return their paths."""
+    """Write both report files into the job's output directory, each atomically and durably (the one writer,
+    :mod:`trolley_tasks.storage.durable`); return their paths."""
     status = ledger.status(job_id)
     if status is None:
         raise KeyError(job_id)
     out = Path(status.output)
-    out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / REPORT_JSON, out / REPORT_CSV
-    jh, jtmp = _atomic(json_path)
-    ch, ctmp = _atomic(csv_path)
-    try:
-        with jh, ch:
-            writer = csv.writer(ch)
-            writer.writerow(CSV_COLUMNS)
-            summary = json.dumps(job_summary(status), indent=2)
-            jh.write(summary[:-2] + ',\n  "instances": [')
-            first = True
-            for record in _records(ledger, job_id, status.layout, status.output):
-                item = {
-                    "StudyInstanceUID": record.study_uid,
-                    "SeriesInstanceUID": record.series_uid,
-                    "SOPInstanceUID": record.instance_uid,
-                    "path": record.path,
-                    "size": record.size,
-                    "status": record.state.value,
-                    "attempts": record.attempts,
-                    "error_class": record.error_class,
-                    "error_message": record.message,
-                }
-                jh.write(("\n    " if first else ",\n    ") + json.dumps(item))
-                first = False
-                writer.writerow([item[c] for c in CSV_COLUMNS])
-            jh.write('\n  ],\n  "failed_rows": [')
-            first = True
-            for _, failure in ledger.row_failures(job_id):
-                item = {"row": failure.row, "error_class": failure.error_class, "error_message": failure.message}
-                jh.write(("\n    " if first else ",\n    ") + json.dumps(item))
-                first = False
-                writer.writerow(
-                    [
-                        "",
-                        "",
-                        "",
-                        "",
-                        "",
-                        "row-failed",
-                        failure.attempts,
-                        failure.error_class,
-                        f"{failure.row}: {failure.message}",
-                    ]
-                )
-            jh.write('\n  ],\n  "skipped_rows": ' + json.dumps(ledger.bad_rows(job_id)) + "\n}\n")
-            for bad in ledger.bad_rows(job_id):
-                writer.writerow(["", "", "", "", "", "row-skipped", 0, "request-rejected", bad])
-            jh.flush()
-            os.fsync(jh.fileno())
-            ch.flush()
-            os.fsync(ch.fileno())
-        os.replace(jtmp, json_path)
-        os.replace(ctmp, csv_path)
-    finally:
-        for tmp in (jtmp, ctmp):
-            if tmp.exists():
-                tmp.unlink()
+    with AtomicFile(out, text=True) as json_file, AtomicFile(out, text=True) as csv_file:
+        _write_both(ledger, status, json_file.handle, csv.writer(csv_file.handle))
+        json_file.commit(json_path)
+        csv_file.commit(csv_path)
     return json_path, csv_path
+
+
+def _write_both(ledger: Ledger, status: JobStatus, out: Any, rows: Any) -> None:
+    """Stream the report: one JSON document and one CSV table, an instance (or a row) at a time."""
+    job_id = status.job_id
+    rows.writerow(CSV_COLUMNS)
+    summary = json.dumps(job_summary(status), indent=2)
+    out.write(summary[:-2] + ',\n  "instances": [')
+    for n, record in enumerate(_records(ledger, job_id, status.layout)):
+        item = {
+            "StudyInstanceUID": record.study_uid,
+            "SeriesInstanceUID": record.series_uid,
+            "SOPInstanceUID": record.instance_uid,
+            "path": record.path,
+            "size": record.size,
+            "status": record.state.value,
+            "attempts": record.attempts,
+            "error_class": record.error_class,
+            "error_message": record.message,
+        }
+        out.write(("\n    " if n == 0 else ",\n    ") + json.dumps(item))
+        rows.writerow([item[c] for c in CSV_COLUMNS])
+    out.write('\n  ],\n  "failed_rows": [')
+    for n, (_, failure) in enumerate(ledger.row_failures(job_id)):
+        item = {"row": failure.row, "error_class": failure.error_class, "error_message": failure.message}
+        out.write(("\n    " if n == 0 else ",\n    ") + json.dumps(item))
+        message = f"{failure.row}: {failure.message}"
+        rows.writerow(["", "", "", "", "", "row-failed", failure.attempts, failure.error_class, message])
+    skipped = ledger.bad_rows(job_id)
+    out.write('\n  ],\n  "skipped_rows": ' + json.dumps(skipped) + "\n}\n")
+    for bad in skipped:
+        rows.writerow(["", "", "", "", "", "row-skipped", 0, "request-rejected", bad])
 
 
 def finalize_job(ledger: Ledger, job_id: str) -> bool:
@@ -179,4 +151,5 @@ def finalize_job(ledger: Ledger, job_id: str) -> bool:
         return False
     ledger.mark_reported(job_id)
     ledger.expire_job(job_id)
+    clean_temp_files(status.output)  # what fetches killed mid-write left behind, now that none can be running
     return True

@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,14 @@ from trolley_tasks.formats.part10 import (
     dataset_value,
     read_part10_header,
 )
-from trolley_tasks.storage.durable import TEMP_PREFIX, AtomicFile, Committer, commit_now, fsync_path, replace
+from trolley_tasks.storage.durable import (
+    AtomicFile,
+    Committer,
+    commit_now,
+    fsync_path,
+    remove_stale_temp_files,
+    replace,
+)
 from trolley_tasks.storage.layouts import PathTemplate, path_component
 
 logger = logging.getLogger("trolley.storage")
@@ -216,6 +222,14 @@ class DICOMDiskStorage:
 
         return self._confined(root, self._template().render(lookup))
 
+    def relative_reference_path(self, reference: InstanceReference) -> Path | None:
+        """Where ``reference`` goes, relative to the output directory, by the layout alone: string work, no
+        filesystem call (the report lists a million of them). None when the layout needs the file's attributes."""
+        template = self._template()
+        if template.needs_dataset:
+            return None
+        return Path(template.render(lambda kw: _reference_value(reference, kw)))
+
     def reference_path(self, reference: InstanceReference, path: PathLike | None = None) -> Path | None:
         """The final path of ``reference``, or None when the layout needs attributes from the file itself (a
         template using PatientID, say): then only the engine's ledger knows whether the instance is done."""
@@ -302,24 +316,9 @@ class FlatStorageDir(TemplateStorage):
 
 
 def clean_temp_files(root: PathLike, older_than: float = STALE_TEMP_SECONDS) -> int:
-    """Remove temp files left in ``<root>/.trolley/tmp`` by a crash, if untouched for ``older_than`` seconds.
-
-    A temp file being written is touched continuously, so the age keeps this safe while other workers write to the
-    same directory. Returns how many were removed.
-    """
-    directory = Path(root) / TEMP_DIR
-    if not directory.is_dir():
-        return 0
-    removed = 0
-    limit = time.time() - older_than
-    for entry in os.scandir(directory):
-        if entry.name.startswith(TEMP_PREFIX) and entry.stat(follow_symlinks=False).st_mtime <= limit:
-            Path(entry.path).unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-# ---------------------------------------------------------------------------------------------------- internals
+    """Remove temp files left in ``<root>/.trolley/tmp`` by a crash, if untouched for ``older_than`` seconds
+    (:func:`~trolley_tasks.storage.durable.remove_stale_temp_files`). Returns how many were removed."""
+    return remove_stale_temp_files(Path(root) / TEMP_DIR, older_than)
 
 
 def _defining_class(cls: type, name: str) -> type:

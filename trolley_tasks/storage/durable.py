@@ -26,10 +26,11 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any
 
 TEMP_PREFIX = ".trolley-tmp-"
 """Temp files start with this; a crash may leave some, which ``storage.clean_temp_files`` removes later."""
@@ -68,9 +69,9 @@ class AtomicFile:
     ...     temp.commit(final)          # fsync, rename, directory fsync; without commit the temp file is removed
     """
 
-    def __init__(self, directory: Path) -> None:
-        handle, self.path = open_temp(directory)
-        self.handle: BinaryIO = handle  # type: ignore[assignment]  # binary unless text=True
+    def __init__(self, directory: Path, *, text: bool = False) -> None:
+        handle, self.path = open_temp(directory, text=text)
+        self.handle: IO[Any] = handle  # binary, or text with text=True
         self.detached = False
 
     def close(self) -> None:
@@ -185,3 +186,20 @@ class Committer:
         for directory in directories:
             fsync_path(directory)
         return failed
+
+
+def remove_stale_temp_files(directory: Path, older_than: float) -> int:
+    """Remove this writer's temp files in ``directory`` untouched for ``older_than`` seconds (a crash left them).
+
+    A temp file being written is touched continuously, so the age keeps this safe while other workers write to the
+    same directory. Returns how many were removed.
+    """
+    if not directory.is_dir():
+        return 0
+    removed = 0
+    limit = time.time() - older_than
+    for entry in os.scandir(directory):
+        if entry.name.startswith(TEMP_PREFIX) and entry.stat(follow_symlinks=False).st_mtime <= limit:
+            Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+    return removed
