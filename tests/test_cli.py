@@ -184,6 +184,11 @@ def test_logs_are_scrubbed_and_cut() -> None:
     assert "hunter2" not in scrub("headers={'Authorization': 'Basic aHVudGVyMg=='}")
     assert "hunter2" not in scrub("password=hunter2&user=bob")
     assert len(scrub("x" * 10_000)) < 2100
+    # query strings carry patient data (urllib3 logs request lines at DEBUG); ordinary questions are left alone
+    line = '"GET /dicom-web/studies?PatientID=PAT123&includefield=00100010 HTTP/1.1" 200 None'
+    assert "PAT123" not in scrub(line) and "/dicom-web/studies?***" in scrub(line)
+    assert "PAT123" not in scrub("from http://pacs:8042/dicom-web/studies?PatientID=PAT123")
+    assert scrub("is the PACS up? yes") == "is the PACS up? yes"
     stream = io.StringIO()
     setup_logging("info", as_json=True, stream=stream)
     logging.getLogger("trolley.test").info("fetched %s from %s", "1.2.3", "http://u:secret@h/dicom-web")

@@ -20,6 +20,7 @@ series- or instance-level CSV) become one row with the union of their filters, s
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -52,8 +53,10 @@ class CohortError(UsageError):
 class CohortRow:
     """One unit of expansion: a study (maybe restricted to some series/instances) or a search.
 
-    ``key()`` is the row's canonical JSON: the ledger stores it, so a paused or re-run job can re-queue the rows not
-    yet expanded without the original file.
+    ``key()`` is the row's canonical JSON, and :meth:`row_id` a digest of it. A search row's key holds patient data
+    (a PatientID, an AccessionNumber): so the engine keeps the row itself in one place only (the ledger's row store,
+    :meth:`record`), and everything that travels -- task messages, events, logs -- names the row by its id and its
+    line in the cohort file (:meth:`describe` shows no values of a search).
     """
 
     study_uid: str = ""
@@ -76,6 +79,21 @@ class CohortRow:
             data["q"] = self.query
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
+    def row_id(self) -> str:
+        """A digest of :meth:`key`: the row's name in messages and logs (it reveals nothing of the row)."""
+        return hashlib.sha256(self.key().encode()).hexdigest()[:24]
+
+    def record(self) -> str:
+        """What the ledger's row store keeps: the key and the row's line in the cohort file."""
+        return json.dumps({"key": self.key(), "line": self.line}, separators=(",", ":"))
+
+    @classmethod
+    def from_record(cls, record: str) -> CohortRow:
+        data = json.loads(record)
+        row = cls.from_key(data["key"])
+        row.line = int(data.get("line") or 0)
+        return row
+
     @classmethod
     def from_key(cls, key: str) -> CohortRow:
         data = json.loads(key)
@@ -96,13 +114,16 @@ class CohortRow:
         return Query(**self.query, query_level=QueryLevels.STUDY)
 
     def describe(self) -> str:
+        """The row for logs, failure records and the report: its line and what it names, never a search's values
+        (``cohort line 12: search by AccessionNumber, StudyDate``)."""
+        where = f"cohort line {self.line}: " if self.line else ""
         if self.study_uid:
             if self.instance_uids:
-                return f"StudyInstanceUID={self.study_uid} ({len(self.instance_uids)} instances)"
+                return f"{where}StudyInstanceUID={self.study_uid} ({len(self.instance_uids)} instances)"
             if self.series_uids:
-                return f"StudyInstanceUID={self.study_uid} ({len(self.series_uids)} series)"
-            return f"StudyInstanceUID={self.study_uid}"
-        return ", ".join(f"{k}={v}" for k, v in self.query.items())
+                return f"{where}StudyInstanceUID={self.study_uid} ({len(self.series_uids)} series)"
+            return f"{where}StudyInstanceUID={self.study_uid}"
+        return f"{where}search by {', '.join(sorted(self.query))} (row {self.row_id()})"
 
 
 def _parse_date(value: str) -> date:
@@ -170,8 +191,8 @@ def parse_row(values: dict[str, str]) -> CohortRow:
         value = clean.get(column, "")
         if value:
             if len(value) > _MAX_LENGTH[column] or "\\" in value or "*" in value or "?" in value:
-                raise ValueError(
-                    f"{column}|{value!r} is not a single {column} (at most {_MAX_LENGTH[column]} characters, "
+                raise ValueError(  # the value itself is patient data: the row and column name it well enough
+                    f"{column}|not a single {column} (at most {_MAX_LENGTH[column]} characters, "
                     "no backslash or wildcard)"
                 )
             query[column] = value

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from trolley_tasks.cohort import CohortRow
 from trolley_tasks.engine.ledger import ClaimCode, Ledger, Outcome, Settled
 from trolley_tasks.engine.models import Failure, InstanceState, JobState
 
 JOB = "j-test"
 ST, SE = "1.2.3", "1.2.3.4"
+ROW = CohortRow(study_uid=ST)
 UIDS = ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"]
 
 
 def started(redis_db) -> Ledger:  # type: ignore[no-untyped-def]
     ledger = Ledger(redis_db.client())
     assert ledger.create_job(JOB, {"source": "pacs", "output": "/tmp/x", "layout": "flat"})
-    assert ledger.add_row(JOB, "S:" + ST)
+    assert ledger.add_row(JOB, ROW)
     return ledger
 
 
@@ -23,13 +25,13 @@ def test_expand_counts_each_instance_once(redis_db) -> None:  # type: ignore[no-
     assert ledger.expand(JOB, ST, SE, UIDS) == UIDS  # a re-run publishes pending ones again, counts nothing twice
     status = ledger.status(JOB)
     assert status is not None and status.expected == 3 and status.state is JobState.EXPANDING
-    assert not ledger.add_row(JOB, "S:" + ST)
+    assert not ledger.add_row(JOB, ROW)
 
 
 def test_duplicate_delivery_never_double_counts_and_one_finalizer(redis_db) -> None:  # type: ignore[no-untyped-def]
     ledger = started(redis_db)
     ledger.expand(JOB, ST, SE, UIDS)
-    assert not ledger.row_done(JOB, "S:" + ST)
+    assert not ledger.row_done(JOB, ROW.row_id())
     assert not ledger.producer_done(JOB)
     assert ledger.status(JOB).state is JobState.RUNNING  # type: ignore[union-attr]
     claim = ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3)
@@ -56,7 +58,7 @@ def test_duplicate_delivery_never_double_counts_and_one_finalizer(redis_db) -> N
 def test_redelivery_counter_fails_poison_instance(redis_db) -> None:  # type: ignore[no-untyped-def]
     ledger = started(redis_db)
     ledger.expand(JOB, ST, SE, UIDS[:1])
-    ledger.row_done(JOB, "S:" + ST)
+    ledger.row_done(JOB, ROW.row_id())
     ledger.producer_done(JOB)
     codes = []
     for _ in range(4):
@@ -73,7 +75,7 @@ def test_redelivery_counter_fails_poison_instance(redis_db) -> None:  # type: ig
 def test_pause_blocks_claims_and_resume_finalizes(redis_db) -> None:  # type: ignore[no-untyped-def]
     ledger = started(redis_db)
     ledger.expand(JOB, ST, SE, UIDS[:1])
-    ledger.row_done(JOB, "S:" + ST)
+    ledger.row_done(JOB, ROW.row_id())
     ledger.producer_done(JOB)
     claim = ledger.claim(JOB, SE, UIDS[:1], redelivered=False, lease_seconds=60, max_redeliveries=3)
     assert ledger.pause(JOB, "user")
@@ -90,7 +92,7 @@ def test_pause_blocks_claims_and_resume_finalizes(redis_db) -> None:  # type: ig
 def test_retry_failed_reopens_and_cancel_keeps_done(redis_db) -> None:  # type: ignore[no-untyped-def]
     ledger = started(redis_db)
     ledger.expand(JOB, ST, SE, UIDS)
-    ledger.row_done(JOB, "S:" + ST)
+    ledger.row_done(JOB, ROW.row_id())
     ledger.producer_done(JOB)
     ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3)
     failure = Failure(error_class="not-found", error="NotFoundError", message="gone")

@@ -10,6 +10,7 @@ import pytest
 
 from testbed.cohort import generate_cohort
 from tests.engine.fakes import FakeDownloader, FakeSearcher, RecordingPublisher, make_context
+from trolley_tasks.cohort import CohortRow
 from trolley_tasks.engine.breaker import Breaker
 from trolley_tasks.engine.context import EngineContext
 from trolley_tasks.engine.heartbeat import Heartbeat, LeaseLost
@@ -23,14 +24,15 @@ from trolley_tasks.errors import ErrorClass
 
 JOB = "j-live"
 ST, SE = "1.2.3", "1.2.3.4"
+ROW = CohortRow(study_uid=ST)
 UIDS = ["1.2.3.4.1", "1.2.3.4.2"]
 
 
 def running_job(ledger: Ledger) -> None:
     ledger.create_job(JOB, {"source": "pacs", "output": "/tmp/x", "layout": "flat", "batch_size": 10})
-    ledger.add_row(JOB, "S:" + ST)
+    ledger.add_row(JOB, ROW)
     ledger.expand(JOB, ST, SE, UIDS)
-    ledger.row_done(JOB, "S:" + ST)
+    ledger.row_done(JOB, ROW.row_id())
     ledger.producer_done(JOB)
 
 
@@ -98,7 +100,7 @@ def test_delayed_work_waits_in_redis_and_goes_out_when_due(redis_db) -> None:  #
     deferring = DeferringPublisher(inner, client, ledger.wait_until)
     message = FetchMessage(JOB, "pacs", ST, SE, tuple(UIDS))
     deferring.fetch(message, countdown=0.3)
-    deferring.expand(JOB, "pacs", "S:" + ST, 2, countdown=30)
+    deferring.expand(JOB, "pacs", ROW.row_id(), 2, countdown=30)
     deferring.fetch(message)
     assert inner.fetches == [(message, 0.0)] and deferring.pending() == 2  # nothing became an ETA task
     assert float(client.hget(ledger.key(JOB, "job"), "wait_until")) > time.time() + 25

@@ -44,7 +44,7 @@ class ExpandResult:
     finalized: bool = False
 
 
-def expand_row(ctx: EngineContext, job: str, source: str, row_key: str, attempt: int = 1) -> ExpandResult:
+def expand_row(ctx: EngineContext, job: str, source: str, row_id: str, attempt: int = 1) -> ExpandResult:
     """Expand one row (see the module docstring). ``attempt`` counts the tries of this row so far, this one
     included. Nothing escapes without a decision: any error ends in a retry (parked until due), a failed row, or a
     paused job; an error outside the tree is recorded as a failed row, and the row's message is never lost."""
@@ -64,17 +64,20 @@ def expand_row(ctx: EngineContext, job: str, source: str, row_key: str, attempt:
     hold, probe = runtime.gate()
     if hold > 0:
         result.retry_in = hold
-        ctx.publisher.expand(job, source, row_key, attempt, countdown=hold)
+        ctx.publisher.expand(job, source, row_id, attempt, countdown=hold)
         return result
-    row = CohortRow.from_key(row_key)
+    row = ctx.ledger.row(job, row_id)
+    if row is None:
+        result.dropped = "unknown row"
+        return result
     try:
         with Heartbeat(ctx.ledger, job, ctx.lease_seconds) as beat:
-            finished = _expand(ctx, runtime, beat, job, source, meta.batch_size, row, row_key, attempt, result)
+            finished = _expand(ctx, runtime, beat, job, source, meta.batch_size, row, row_id, attempt, result)
     except BaseException as exc:
         if not isinstance(exc, Exception):
-            ctx.publisher.expand(job, source, row_key, attempt)  # the worker is going away: hand the row back
+            ctx.publisher.expand(job, source, row_id, attempt)  # the worker is going away: hand the row back
             raise
-        finished = _expansion_failed(ctx, runtime, job, source, row, row_key, attempt, exc, probe, result)
+        finished = _expansion_failed(ctx, runtime, job, source, row, row_id, attempt, exc, probe, result)
     if finished:
         result.finalized = True
         ctx.publisher.finalize(job)
@@ -89,7 +92,7 @@ def _expand(
     source: str,
     batch_size: int,
     row: CohortRow,
-    row_key: str,
+    row_id: str,
     attempt: int,
     result: ExpandResult,
 ) -> bool:
@@ -98,7 +101,7 @@ def _expand(
         # the cohort names every instance (an instance-level CSV or references): nothing to ask the PACS; an
         # instance it lacks fails at fetch time as not-found
         _record_instances(ctx, job, source, batch_size, row, result)
-        return ctx.ledger.row_done(job, row_key)
+        return ctx.ledger.row_done(job, row_id)
     try:
         with runtime.throttle.slot(max_wait=SEARCH_SLOT_WAIT) as slot:
             beat.watch(slot)
@@ -108,26 +111,24 @@ def _expand(
                 found = runtime.searcher.find_studies(row.to_query())
     except ThrottleBusy:
         result.retry_in = BUSY_REQUEUE
-        ctx.publisher.expand(job, source, row_key, attempt, countdown=result.retry_in)
+        ctx.publisher.expand(job, source, row_id, attempt, countdown=result.retry_in)
         return False
     runtime.breaker.success()
     if isinstance(found, list):
         if not found:
             raise StudyNotFoundError(f"no study matches {row.describe()}", source=source)
         for study in found:
-            study_row = CohortRow(study_uid=study.uid).key()
+            study_row = CohortRow(study_uid=study.uid, line=row.line)
             if ctx.ledger.add_row(job, study_row):
-                ctx.publisher.expand(job, source, study_row)
+                ctx.publisher.expand(job, source, study_row.row_id())
                 result.studies += 1
-        return ctx.ledger.row_done(job, row_key)
+        return ctx.ledger.row_done(job, row_id)
     missing = _record_study(ctx, job, source, batch_size, found, row, result)
     if missing:
         error = NotFoundError(f"not in the study on the server: {', '.join(missing[:5])}", source=source)
         result.failed = error.message
-        return ctx.ledger.row_done(
-            job, row_key, Failure.of(error, attempt, study_uid=row.study_uid, row=row.describe())
-        )
-    return ctx.ledger.row_done(job, row_key)
+        return ctx.ledger.row_done(job, row_id, Failure.of(error, attempt, study_uid=row.study_uid, row=row.describe()))
+    return ctx.ledger.row_done(job, row_id)
 
 
 def _record_instances(
@@ -165,7 +166,7 @@ def _expansion_failed(
     job: str,
     source: str,
     row: CohortRow,
-    row_key: str,
+    row_id: str,
     attempt: int,
     raw: Exception,
     probe: bool,
@@ -187,13 +188,13 @@ def _expansion_failed(
         runtime.throttle.busy()
     if held > 0 and decision.action is Action.RETRY and not (probe and decision.exhausted(attempt)):
         result.retry_in = held  # the source is held: no attempt spent, unless this was its probe
-        ctx.publisher.expand(job, source, row_key, attempt + 1 if probe else attempt, countdown=held)
+        ctx.publisher.expand(job, source, row_id, attempt + 1 if probe else attempt, countdown=held)
         return False
     if decision.action is Action.RETRY and not decision.exhausted(attempt):
         result.retry_in = decision.delay(attempt, retry_after)
-        ctx.publisher.expand(job, source, row_key, attempt + 1, countdown=result.retry_in)
+        ctx.publisher.expand(job, source, row_id, attempt + 1, countdown=result.retry_in)
         return False
     failure = Failure.of(error, attempt, study_uid=row.study_uid, row=row.describe())
     result.failed = f"{error_class.value}: {failure.message}"
     log.warning("job %s: row %s failed: %s", job, row.describe(), result.failed)
-    return ctx.ledger.row_done(job, row_key, failure)
+    return ctx.ledger.row_done(job, row_id, failure)

@@ -64,7 +64,9 @@ def _rows(cohort: Cohort, skip_bad_rows: bool) -> tuple[Iterator[CohortRow | Coh
         path = Path(cohort)
         return iter_csv_rows(path, skip_bad_rows=skip_bad_rows), f"csv:{path.resolve()}"
     if isinstance(cohort, Query):
-        return iter([row_from_query(cohort)]), f"query:{cohort.to_short_string()}"
+        # the job record names the search by its fields, never their values (patient data)
+        fields = sorted(row_from_query(cohort).query)
+        return iter([row_from_query(cohort)]), f"query:{','.join(fields)}"
     rows = rows_from_references(list(cohort))
     if not rows:
         raise CohortError("the cohort is empty: no references given")
@@ -72,14 +74,14 @@ def _rows(cohort: Cohort, skip_bad_rows: bool) -> tuple[Iterator[CohortRow | Coh
 
 
 def _stage(ledger: Ledger, rows: Iterator[CohortRow | CohortError], seed: str) -> tuple[str, str, list[str]]:
-    """Read the rows once: stage every good row's key, digest everything. Returns (staging token, digest, bad rows).
+    """Read the rows once: stage every good row, digest everything. Returns (staging token, digest, bad rows).
 
     A :class:`CohortError` raised by the reader (a bad row without ``skip_bad_rows``) drops what was staged.
     """
     token = secrets.token_hex(8)
     digest = hashlib.sha256(seed.encode())
     bad: list[str] = []
-    chunk: list[str] = []
+    chunk: list[CohortRow] = []
     try:
         for row in rows:
             text = row.key() if isinstance(row, CohortRow) else f"bad:{row}"
@@ -87,7 +89,7 @@ def _stage(ledger: Ledger, rows: Iterator[CohortRow | CohortError], seed: str) -
             if isinstance(row, CohortError):
                 bad.append(str(row))
                 continue
-            chunk.append(text)
+            chunk.append(row)
             if len(chunk) >= STAGE_CHUNK:
                 ledger.stage_rows(token, chunk)
                 chunk = []
@@ -133,8 +135,8 @@ def submit(
     ledger.adopt_staged_rows(job_id, token)
     for line in bad:
         ledger.record_bad_row(job_id, line)
-    for queued, key in enumerate(ledger.rows(job_id), start=1):
-        ctx.publisher.expand(job_id, source, key)
+    for queued, row_id in enumerate(ledger.rows(job_id), start=1):
+        ctx.publisher.expand(job_id, source, row_id)
         if queued % CANCEL_CHECK_EVERY == 0:
             if ledger.state(job_id) == JobState.CANCELLED.value:
                 break  # cancel stops queueing

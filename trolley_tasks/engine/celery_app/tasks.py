@@ -15,7 +15,14 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from trolley_tasks.engine.celery_app.publisher import CeleryPublisher
 from trolley_tasks.engine.context import EngineContext, build_context
@@ -26,6 +33,7 @@ from trolley_tasks.engine.receiver import HostReceivers
 from trolley_tasks.engine.report import finalize_job
 from trolley_tasks.engine.settings import Settings
 from trolley_tasks.engine.watchdog import Watchdog, WatchdogThread
+from trolley_tasks.redaction import ScrubbingFilter
 
 log = logging.getLogger("trolley.engine.tasks")
 
@@ -52,6 +60,16 @@ def _new_process(**_: Any) -> None:
 def _process_ends(**_: Any) -> None:
     if _context is not None:
         _context.close()
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _scrub_worker_logs(logger: logging.Logger | None = None, **_: Any) -> None:
+    """Celery's own handlers get the same scrubbing as the CLI's: no secret, no query string (patient data), no
+    dataset dump reaches a worker's log, whatever library logged it (urllib3 logs request lines at DEBUG)."""
+    for handler in logger.handlers if logger is not None else []:
+        if not any(isinstance(f, ScrubbingFilter) for f in handler.filters):
+            handler.addFilter(ScrubbingFilter())
 
 
 @worker_ready.connect

@@ -17,11 +17,13 @@ key                               type       content
 ``trolley:{J}:s:<series uid>``    hash       ``#st`` study uid, ``#e #d #f`` expected/done/failed, and one field
                                              per SOPInstanceUID: ``state|attempts|redeliveries|lease|busy|size|path``
 ``trolley:{J}:failures``          hash       SOPInstanceUID -> JSON failure record
-``trolley:{J}:rowfail``           hash       row key -> JSON failure record of a row that could not be expanded
-``trolley:{J}:rows``              set        keys of the cohort rows queued for expansion (canonical JSON)
-``trolley:{J}:expanded``          set        keys of the rows whose expansion finished
+``trolley:{J}:rowfail``           hash       row id -> JSON failure record of a row that could not be expanded
+``trolley:{J}:rows``              set        ids of the cohort rows queued for expansion (digests of the rows)
+``trolley:{J}:rowdata``           hash       row id -> the row (canonical JSON and cohort line): the ONE place that
+                                             holds a search row's values (PatientID, AccessionNumber, dates)
+``trolley:{J}:expanded``          set        ids of the rows whose expansion finished
 ``trolley:{J}:badrows``           list       JSON of rows left out by ``skip_bad_rows``
-``trolley:staging:<token>``       set        row keys of a cohort being read (a day's expiry)
+``trolley:staging:<token>[:rows]`` set, hash ids and rows of a cohort being read (a day's expiry)
 ``trolley:delayed``               zset       deferred messages (retries, holds) -> due time (:mod:`.scheduler`)
 ``trolley:breaker:<source>``      hash       the source's circuit breaker (:mod:`~trolley_tasks.engine.breaker`)
 ``trolley:throttle:<source>:*``   various    concurrency slots, token bucket, AIMD (:mod:`.throttle`)
@@ -41,6 +43,7 @@ from typing import Any
 
 import redis
 
+from trolley_tasks.cohort import CohortRow
 from trolley_tasks.engine.ledger import lua
 from trolley_tasks.engine.ledger.reading import JOBS_KEY, LedgerReader, as_text
 from trolley_tasks.engine.models import (
@@ -177,35 +180,48 @@ class Ledger(LedgerReader):
     def _staging_key(token: str) -> str:
         return f"trolley:staging:{token}"
 
-    def stage_rows(self, token: str, row_keys: Sequence[str]) -> None:
+    def stage_rows(self, token: str, rows: Sequence[CohortRow]) -> None:
         """Hold a cohort's rows under a temporary key while the producer reads the rest of the file (a day's
-        expiry: a producer that dies mid-file leaves nothing behind for long)."""
-        if row_keys:
-            key = self._staging_key(token)
+        expiry: a producer that dies mid-file leaves nothing behind for long). Ids in a set, rows in a hash."""
+        if rows:
+            ids, data = self._staging_key(token), self._staging_key(token) + ":rows"
             pipe = self.r.pipeline()
-            pipe.sadd(key, *row_keys)
-            pipe.expire(key, DAY)
+            pipe.sadd(ids, *(row.row_id() for row in rows))
+            pipe.hset(data, mapping={row.row_id(): row.record() for row in rows})
+            pipe.expire(ids, DAY)
+            pipe.expire(data, DAY)
             pipe.execute()
 
     def staged_count(self, token: str) -> int:
         return int(self.r.scard(self._staging_key(token)))
 
     def drop_staged_rows(self, token: str) -> None:
-        self.r.delete(self._staging_key(token))
+        self.r.delete(self._staging_key(token), self._staging_key(token) + ":rows")
 
     def adopt_staged_rows(self, job_id: str, token: str) -> None:
         """The staged rows become rows of the job (a re-run adds any new ones), and ``rows`` counts them all."""
-        rows, staged = self.key(job_id, "rows"), self._staging_key(token)
+        ids, data = self._staging_key(token), self._staging_key(token) + ":rows"
+        rows, store = self.key(job_id, "rows"), self.key(job_id, "rowdata")
+        page: dict[Any, Any] = {}
+        for row_id, record in self.r.hscan_iter(data, count=1000):  # in pages: a cohort may have a million rows
+            page[row_id] = record
+            if len(page) >= 1000:
+                self.r.hset(store, mapping=page)
+                page = {}
+        if page:
+            self.r.hset(store, mapping=page)
         pipe = self.r.pipeline()
-        pipe.sunionstore(rows, [rows, staged])
-        pipe.delete(staged)
+        pipe.sunionstore(rows, [rows, ids])
+        pipe.delete(ids, data)
         pipe.scard(rows)
         count = pipe.execute()[-1]
         self.r.hset(self.key(job_id, "job"), "rows", count)
 
-    def add_row(self, job_id: str, row_key: str) -> bool:
-        """Register a cohort row for expansion; False when the job already had it (a re-run)."""
-        if self.r.sadd(self.key(job_id, "rows"), row_key):
+    def add_row(self, job_id: str, row: CohortRow) -> bool:
+        """Register a row found while expanding (a study a search found); False when the job already had it."""
+        row_id = row.row_id()
+        self.r.hsetnx(self.key(job_id, "rowdata"), row_id, row.record())
+        if self.r.sadd(self.key(job_id, "rows"), row_id):
             self.r.hincrby(self.key(job_id, "job"), "rows", 1)
             return True
         return False
@@ -332,7 +348,7 @@ class Ledger(LedgerReader):
     def _job_keys(self, job_id: str) -> Iterator[str]:
         for series_uid in self.series_uids(job_id):
             yield self.series_key(job_id, series_uid)
-        for suffix in ("series", "failures", "rowfail", "rows", "expanded", "badrows", "job"):
+        for suffix in ("series", "failures", "rowfail", "rows", "rowdata", "expanded", "badrows", "job"):
             yield self.key(job_id, suffix)
 
     def asked_to_finalize(self, job_id: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 
+from trolley_tasks.cohort import CohortRow
 from trolley_tasks.engine.models import (
     STATE_CODES,
     Failure,
@@ -64,12 +65,17 @@ class LedgerReader:
         return [job_id for job_id, ok in zip(ids, alive, strict=True) if ok]
 
     def rows(self, job_id: str) -> Iterator[str]:
-        """Every row key of the job: the cohort's, and the studies its searches found. Streams."""
+        """Every row id of the job: the cohort's, and the studies its searches found. Streams."""
         for value in self.r.sscan_iter(self.key(job_id, "rows"), count=500):
             yield as_text(value)
 
     def bad_rows(self, job_id: str) -> list[str]:
         return [as_text(v) for v in self.r.lrange(self.key(job_id, "badrows"), 0, -1)]
+
+    def row(self, job_id: str, row_id: str) -> CohortRow | None:
+        """The row a message names by its id, from the job's row store (None for an unknown or expired job)."""
+        record = self.r.hget(self.key(job_id, "rowdata"), row_id)
+        return CohortRow.from_record(as_text(record)) if record is not None else None
 
     def unexpanded_rows(self, job_id: str) -> Iterator[str]:
         """Row keys queued but not expanded yet (to re-queue after a pause)."""
