@@ -108,7 +108,7 @@ class Workers:
 
 
 @contextmanager
-def celery_workers(config: Path, concurrency: int, log_dir: Path) -> Iterator[Workers]:
+def celery_workers(config: Path, concurrency: int, log_dir: Path, loglevel: str = "info") -> Iterator[Workers]:
     """Start a real worker: ``python -m celery -A trolley_tasks.engine.celery_app.app worker -c N -P prefork``."""
     name = f"t{uuid.uuid4().hex[:6]}"
     log = log_dir / f"worker-{name}.log"
@@ -116,7 +116,7 @@ def celery_workers(config: Path, concurrency: int, log_dir: Path) -> Iterator[Wo
     env.pop("TROLLEY_BROKER__URL", None)
     command = [
         sys.executable, "-m", "celery", "-A", "trolley_tasks.engine.celery_app.app", "worker",
-        "-c", str(concurrency), "-P", "prefork", "-n", f"{name}@%h", "-l", "info",
+        "-c", str(concurrency), "-P", "prefork", "-n", f"{name}@%h", "-l", loglevel,
         "--without-heartbeat", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
     with open(log, "wb") as out:

@@ -1,0 +1,197 @@
+"""No secret and no patient data in what leaves the ledger's row store: task messages, task events (what Flower
+shows), Redis keys and values, worker logs at DEBUG, and the reports (issue 11).
+
+An export BY PatientID (the search cohort that used to carry the value in every expansion message) runs through
+real workers against an Orthanc that requires a password; meanwhile every Redis key and value is sampled and every
+task event captured. Each secret and each patient value is then looked for in raw, URL-encoded, JSON-escaped and
+base64 forms. The one place allowed to hold the searched values is the job's row store (``trolley:{J}:rowdata``):
+the search must be able to run. It is asserted to be the only one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed.cohort import generate_cohort
+from tests.engine.conftest import EngineEnv, celery_workers
+from trolley_tasks.core import Query
+from trolley_tasks.engine.api import EngineClient
+from trolley_tasks.engine.models import JobState
+from trolley_tasks.engine.settings import load_settings
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "pw-9f3K-trolley-s3cret"
+TOKEN = "tok-7c1a-never-logged"
+VITREA = "vitrea-Zq8-hush"
+COHORT = generate_cohort(studies=2, series=2, instances=3, seed=41, rows=16, columns=16)
+
+
+def forms(value: str) -> set[str]:
+    """The spellings a value could leak in."""
+    return {
+        value,
+        urllib.parse.quote(value),
+        urllib.parse.quote_plus(value),
+        json.dumps(value)[1:-1],
+        base64.b64encode(value.encode()).decode(),
+    }
+
+
+class RedisSampler:
+    """Every key and value seen in Redis while the export runs (the broker's queues and unacked messages too)."""
+
+    def __init__(self, client) -> None:  # type: ignore[no-untyped-def]
+        self.client = client
+        self.seen: dict[str, set[str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _values(self, key: bytes) -> Iterator[bytes]:
+        kind = self.client.type(key)
+        if kind == b"string":
+            yield self.client.get(key) or b""
+        elif kind == b"hash":
+            for field, value in self.client.hgetall(key).items():
+                yield field
+                yield value
+        elif kind == b"list":
+            yield from self.client.lrange(key, 0, -1)
+        elif kind == b"set":
+            yield from self.client.smembers(key)
+        elif kind == b"zset":
+            yield from self.client.zrange(key, 0, -1)
+
+    def sample(self) -> None:
+        for key in self.client.scan_iter(count=1000):
+            bucket = self.seen.setdefault(key.decode(errors="replace"), set())
+            for value in self._values(key):
+                bucket.add(value.decode(errors="replace") if isinstance(value, bytes) else str(value))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.sample()
+
+    def __enter__(self) -> RedisSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+class EventCapture:
+    """Every Celery task event (what Flower stores and shows), as JSON text."""
+
+    def __init__(self, app) -> None:  # type: ignore[no-untyped-def]
+        self.app = app
+        self.events: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with self.app.connection_for_read() as connection:
+            receiver = self.app.events.Receiver(connection, handlers={"*": lambda e: self.events.append(json.dumps(e))})
+            while not self._stop.is_set():
+                try:
+                    receiver.capture(limit=None, timeout=0.5, wakeup=False)
+                except TimeoutError:
+                    continue
+
+    def __enter__(self) -> EventCapture:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def test_an_export_by_patient_id_leaks_no_secret_and_no_patient_data(  # type: ignore[no-untyped-def]
+    orthanc_factory, redis_service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pacs = orthanc_factory(COHORT, users={"trolley": PASSWORD})
+    for name, value in (("TT_PACS_PASSWORD", PASSWORD), ("TT_TOKEN", TOKEN), ("TT_VITREA_PASSWORD", VITREA)):
+        monkeypatch.setenv(name, value)
+    config = tmp_path / "trolley.toml"
+    config.write_text(
+        f"""
+state_dir = "{tmp_path / "state"}"
+[broker]
+url = "{redis_service.broker_url}"
+[engine]
+sweep_interval = 0.5
+[sources.pacs]
+url = "{pacs.dicomweb_url}"
+[sources.pacs.auth]
+type = "basic"
+username = "trolley"
+password_env = "TT_PACS_PASSWORD"
+[sources.bearer]
+url = "{pacs.dicomweb_url}"
+[sources.bearer.auth]
+type = "bearer"
+token_env = "TT_TOKEN"
+[sources.vitrea]
+url = "{pacs.dicomweb_url}"
+[sources.vitrea.auth]
+type = "vitrea"
+username = "trolley"
+password_env = "TT_VITREA_PASSWORD"
+login_url = "{pacs.url}/login"
+"""
+    )
+    client = redis_service.client()
+    for key in client.scan_iter("trolley*", count=1000):
+        client.delete(key)
+    settings = load_settings(config)
+    first = next(iter(COHORT))
+    out = tmp_path / "out"
+    with celery_workers(config, 2, tmp_path, loglevel="debug") as workers:
+        env = EngineEnv(settings, config, None, tmp_path)  # type: ignore[arg-type]
+        engine: EngineClient = env.engine
+        with RedisSampler(client) as redis_seen, EventCapture(engine.app) as events:
+            job = engine.submit(Query(PatientID=first.patient_id), source="pacs", output=out)
+            status = env.wait(job, timeout=180)
+        engine.close()
+        log_text = workers.log.read_text(errors="replace")
+    assert status.state is JobState.DONE and status.done == 6, status
+    assert events.events and any("trolley.fetch" in e for e in events.events)  # the capture saw our tasks
+    assert "DEBUG" in log_text and "GET /dicom-web" in log_text  # the log really is at DEBUG, requests included
+    row_store = f"trolley:{{{job}}}:rowdata"
+    assert any(first.patient_id in value for value in redis_seen.seen.get(row_store, ()))  # where it must be
+    reports = (out / "trolley-report.json").read_text() + (out / "trolley-report.csv").read_text()
+    places = {
+        "task events (Flower)": "\n".join(events.events),
+        "worker log at DEBUG": log_text,
+        "reports": reports,
+    }
+    for key, values in redis_seen.seen.items():
+        if key != row_store:
+            places[f"redis {key}"] = key + "\n" + "\n".join(values)
+    secrets_and_phi = {
+        "password": PASSWORD,
+        "token": TOKEN,
+        "vitrea password": VITREA,
+        "PatientID": first.patient_id,
+        "PatientName": first.patient_name,
+        "AccessionNumber": first.accession_number,
+    }
+    leaks = [
+        f"{what} in {place}"
+        for what, value in secrets_and_phi.items()
+        for form in forms(value)
+        for place, text in places.items()
+        if form in text
+    ]
+    assert not leaks, leaks
+    assert len(places) > 10  # the sampler saw the ledger and the broker's keys, not an empty Redis
