@@ -154,3 +154,29 @@ def test_every_key_of_an_ended_job_expires_together(redis_db) -> None:  # type: 
     ledger.expire_job(JOB)
     ttls = {client.ttl(key) for key in client.scan_iter(f"trolley:{{{JOB}}}:*")}
     assert len(ttls) == 1 and ttls.pop() > 29 * 24 * 3600
+
+
+def test_a_quiet_job_waiting_behind_a_busy_queue_is_left_alone(redis_db, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ctx, recorder, waiting = submitted(redis_db.url, tmp_path / "a", instances=1)
+    recorder.expands.clear()
+    time.sleep(1.2)
+    running_job(ctx.ledger)  # another job, moving right now
+    queued = {"messages": 7}
+    watchdog = Watchdog(ctx, stall_seconds=1.0, interval=0.1, backlog=lambda: queued["messages"])
+    assert watchdog.tick().republished == {}  # its messages are in the broker behind the other job's
+    queued["messages"] = 0
+    assert watchdog.tick().republished == {waiting: 1}  # nothing queued any more: it really is stranded
+
+
+def test_broker_backlog_counts_the_engine_queues(redis_db) -> None:  # type: ignore[no-untyped-def]
+    from trolley_tasks.engine.celery_app.app import make_app
+    from trolley_tasks.engine.celery_app.publisher import CeleryPublisher
+    from trolley_tasks.engine.celery_app.tasks import broker_backlog
+    from trolley_tasks.engine.settings import BrokerConfig, Settings
+
+    app = make_app(Settings(broker=BrokerConfig(url=redis_db.broker_url)))
+    assert broker_backlog(app) == 0
+    CeleryPublisher(app).fetch(FetchMessage(JOB, "pacs", ST, SE, tuple(UIDS)))
+    CeleryPublisher(app).expand(JOB, "pacs", ROW.row_id())
+    assert broker_backlog(app) == 2
+    app.close()

@@ -18,7 +18,8 @@ Each tick, one worker on one host (a Redis lock) does three things:
 2. for every active job with no activity (claim, heartbeat, settle, expansion) for ``stall_seconds`` past the time
    its deferred work was due, re-publishes its pending instances, lapsed leases and unexpanded rows (a duplicate is
    harmless: the ledger's claim decides who fetches); a job whose producer died before it said "all rows queued" is
-   told so, so that it can end;
+   told so, so that it can end. While some job moves and the broker's queues hold messages, a quiet job is only
+   waiting its turn behind them, and is left alone;
 3. for every job that ended ``stall_seconds`` ago without its report on disk, asks for the report again
    (``trolley.finalize``).
 
@@ -67,13 +68,21 @@ class Watchdog:
         ``[engine] stall_seconds`` and ``sweep_interval``.
     """
 
-    def __init__(self, ctx: EngineContext, *, stall_seconds: float, interval: float) -> None:
+    def __init__(
+        self,
+        ctx: EngineContext,
+        *,
+        stall_seconds: float,
+        interval: float,
+        backlog: Callable[[], int] = lambda: 0,
+    ) -> None:
         if not isinstance(ctx.publisher, DeferringPublisher):
             raise TypeError("the watchdog needs the context's DeferringPublisher")
         self.ctx = ctx
         self.deferred: DeferringPublisher = ctx.publisher
         self.stall_seconds = stall_seconds
         self.interval = interval
+        self.backlog = backlog
         self.token = uuid.uuid4().hex
 
     def _lock(self) -> bool:
@@ -96,12 +105,16 @@ class Watchdog:
         ledger = self.ctx.ledger
         seconds, micros = ledger.r.time()
         now = seconds + micros / 1e6
-        for job in ledger.job_ids():
-            fields = ledger.job_fields(job)
+        jobs = {job: ledger.job_fields(job) for job in ledger.job_ids()}
+        active = {job: f for job, f in jobs.items() if f.get("state") in (JobState.EXPANDING, JobState.RUNNING)}
+        # A job may be quiet only because its messages wait behind another job's in the broker: while the workers
+        # are busy and the queues hold messages, that is no stall (reviving it would only pile up duplicates).
+        busy = any(now - _quiet_since(f) < self.stall_seconds for f in active.values()) and self.backlog() > 0
+        for job, fields in jobs.items():
             state = fields.get("state", "")
-            if state in (JobState.EXPANDING.value, JobState.RUNNING.value):
-                quiet_since = max(float(fields.get(name) or 0) for name in ("updated_at", "wait_until", "created_at"))
-                if now - quiet_since < self.stall_seconds:
+            if job in active:
+                quiet_since = _quiet_since(fields)
+                if busy or now - quiet_since < self.stall_seconds:
                     continue
                 if fields.get("producer_done") != "1" and ledger.producer_done(job):
                     log.warning("job %s: its producer stopped before it said every row was queued", job)
@@ -125,6 +138,11 @@ class Watchdog:
                     self.ctx.publisher.finalize(job)
                     result.finalize.append(job)
         return result
+
+
+def _quiet_since(fields: dict[str, str]) -> float:
+    """When the job last moved, or the time its deferred work is due, whichever is later."""
+    return max(float(fields.get(name) or 0) for name in ("updated_at", "wait_until", "created_at"))
 
 
 class WatchdogThread:

@@ -82,7 +82,12 @@ def _start_watchdog(sender: Any = None, **_: Any) -> None:
     receivers = HostReceivers(settings)
     receivers.ensure()
     ctx = build_context(settings, CeleryPublisher(app))
-    watchdog = Watchdog(ctx, stall_seconds=settings.engine.stall_seconds, interval=settings.engine.sweep_interval)
+    watchdog = Watchdog(
+        ctx,
+        stall_seconds=settings.engine.stall_seconds,
+        interval=settings.engine.sweep_interval,
+        backlog=lambda: broker_backlog(app),
+    )
     _watchdog = (WatchdogThread(watchdog, also=receivers.ensure).start(), receivers)
 
 
@@ -94,6 +99,19 @@ def _stop_watchdog(**_: Any) -> None:
         thread.stop()
         receivers.stop()
         _watchdog = None
+
+
+def broker_backlog(app: Celery) -> int:
+    """Messages waiting in the engine's queues (Redis or RabbitMQ: kombu's passive declare counts them)."""
+    total = 0
+    with app.connection_for_read() as connection:
+        for queue in app.conf.task_queues:
+            with connection.channel() as channel:  # a failed passive declare closes its channel (AMQP)
+                try:
+                    total += int(channel.queue_declare(queue=queue.name, passive=True).message_count)
+                except connection.channel_errors:  # never declared yet: nothing in it
+                    continue
+    return total
 
 
 def register_tasks(app: Celery) -> None:
