@@ -15,7 +15,7 @@ from collections.abc import Callable
 import typer
 
 from trolley_tasks import __version__
-from trolley_tasks.cli import jobs, services
+from trolley_tasks.cli import jobs, metrics, services
 from trolley_tasks.cli.common import with_global_options
 from trolley_tasks.cli.export import export
 from trolley_tasks.cli.search import search
@@ -60,6 +60,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "report": jobs.report,
     "worker": services.worker,
     "flower": services.flower,
+    "metrics": metrics.metrics,
 }
 """Every command, by name. Each gets the global options from :func:`with_global_options` as it is registered."""
 for _name, _command in COMMANDS.items():

@@ -34,13 +34,21 @@ from typing import Unpack
 
 from celery import Celery
 
-from trolley_tasks.engine import producer, report
+from trolley_tasks.engine import fleet, producer, report
 from trolley_tasks.engine.celery_app.app import make_app
 from trolley_tasks.engine.celery_app.publisher import CeleryPublisher
 from trolley_tasks.engine.context import EngineContext, build_context
 from trolley_tasks.engine.dispatch import publish_series, republish
 from trolley_tasks.engine.embedded import EmbeddedRedis, embedded_redis
-from trolley_tasks.engine.models import Failure, InstanceRecord, JobState, JobStatus, SeriesProgress
+from trolley_tasks.engine.models import (
+    Failure,
+    InstanceRecord,
+    JobState,
+    JobStatus,
+    SeriesProgress,
+    SourceHealth,
+    WorkerInfo,
+)
 from trolley_tasks.engine.producer import DEFAULT_BATCH_SIZE, Cohort, ExportOptions
 from trolley_tasks.engine.settings import BrokerConfig, Settings
 from trolley_tasks.errors import UsageError
@@ -172,6 +180,25 @@ class EngineClient:
         """(Re)write ``<output>/trolley-report.json`` and ``.csv``; return their paths."""
         self._known(job_id)
         return report.write_report(self.ledger, job_id)
+
+    # -- the fleet (read-only: metrics, trolley-tasks workers) ------------------------------------------------------
+
+    def source_health(self) -> list[SourceHealth]:
+        """Each configured source's effective concurrency, slots in use and breaker state (no secret needed)."""
+        return fleet.source_health(self.ledger.r, self.settings)
+
+    def queue_lengths(self) -> dict[str, int]:
+        """Messages waiting in ``trolley.fetch`` and ``trolley.expand``, and parked in ``trolley:delayed``."""
+        return fleet.queue_lengths(self._celery("queue lengths"), self.ledger.r)
+
+    def workers(self, timeout: float = 2.0) -> list[WorkerInfo]:
+        """The workers answering Celery's control broadcast within ``timeout`` seconds (host, pool, queues, tasks)."""
+        return fleet.live_workers(self._celery("the worker list"), timeout)
+
+    def _celery(self, what: str) -> Celery:
+        if self.app is None:
+            raise UsageError(f"{what} needs a broker; this client runs over a bare engine context")
+        return self.app
 
     # -- control ---------------------------------------------------------------------------------------------------
 

@@ -204,3 +204,32 @@ def status_from_fields(job_id: str, f: dict[str, str], by_class: dict[str, int],
         failures_by_class=by_class,
         reported_at=from_epoch(f.get("reported_at")),
     )
+
+
+class SourceHealth(BaseModel):
+    """How one source profile is doing right now, as every worker on every host sees it through the ledger Redis.
+
+    ``effective_concurrency`` is the throttle's AIMD limit (``max_concurrency`` halved by server-busy answers and
+    grown back by clean fetches); ``slots_in_use`` counts live leases of its semaphore; ``breaker`` is ``closed``,
+    ``open`` or ``half-open`` (:meth:`~trolley_tasks.engine.breaker.Breaker.state`).
+    """
+
+    name: str
+    max_concurrency: int
+    effective_concurrency: int
+    slots_in_use: int
+    breaker: str
+
+
+class WorkerInfo(BaseModel):
+    """One live Celery worker (a node: one main process and its pool), as its control replies describe it."""
+
+    name: str
+    """The node name, ``name@host``."""
+    host: str
+    pid: int
+    processes: int
+    """Pool processes (``-c``)."""
+    queues: list[str]
+    active: list[str]
+    """What it holds right now, one readable line per task (task name, job, series, instance count)."""
