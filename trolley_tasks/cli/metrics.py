@@ -91,8 +91,8 @@ class LedgerCollector(Collector):
             limit.add_metric([health.name], health.max_concurrency)
             effective.add_metric([health.name], health.effective_concurrency)
             in_use.add_metric([health.name], health.slots_in_use)
-            for value in BREAKER_STATES:
-                breaker.add_metric([health.name, value], int(health.breaker == value))
+            for breaker_state in BREAKER_STATES:
+                breaker.add_metric([health.name, breaker_state], int(health.breaker == breaker_state))
         yield from (limit, effective, in_use, breaker)
 
         queues = GaugeMetricFamily(
