@@ -5,7 +5,8 @@ The global options ``--config PATH``, ``--log-level`` and ``--log-json`` are dec
 ``trolley-tasks --config f export ...`` and ``trolley-tasks export ... --config f`` (the nearer wins). Exit codes are in
 :mod:`trolley_tasks.cli.common`. The commands live in one module per seam: :mod:`~trolley_tasks.cli.search`,
 :mod:`~trolley_tasks.cli.export`, :mod:`~trolley_tasks.cli.jobs` (status, jobs, cancel, pause, resume,
-retry-failed) and :mod:`~trolley_tasks.cli.services` (worker, flower).
+retry-failed), :mod:`~trolley_tasks.cli.services` (worker, flower), :mod:`~trolley_tasks.cli.metrics` (the
+Prometheus endpoint) and :mod:`~trolley_tasks.cli.fleet` (workers).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import typer
 
 from trolley_tasks import __version__
-from trolley_tasks.cli import jobs, metrics, services
+from trolley_tasks.cli import fleet, jobs, metrics, services
 from trolley_tasks.cli.common import with_global_options
 from trolley_tasks.cli.export import export
 from trolley_tasks.cli.search import search
@@ -61,6 +62,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "worker": services.worker,
     "flower": services.flower,
     "metrics": metrics.metrics,
+    "workers": fleet.workers,
 }
 """Every command, by name. Each gets the global options from :func:`with_global_options` as it is registered."""
 for _name, _command in COMMANDS.items():
