@@ -24,6 +24,7 @@ from trolley_tasks.cli.common import (
 )
 from trolley_tasks.cli.export import run_with_workers, wait_for
 from trolley_tasks.cli.progress import failure_table, format_eta, progress_line, rate_text
+from trolley_tasks.cli.tables import fit_table
 from trolley_tasks.engine.api import EngineClient, open_engine
 from trolley_tasks.engine.models import JobStatus
 
@@ -106,24 +107,24 @@ def jobs(
     if as_json:
         console.print_json(json.dumps([json.loads(status_json(item)) for item in found]))
         return
-    table = Table(caption=f"{len(found)} jobs", caption_justify="left")
-    table.add_column("job", no_wrap=True, min_width=16)
-    for column in ("state", "source", "done", "failed", "expected"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("output", overflow="fold")
-    table.add_column("created", no_wrap=True)
-    for item in found:
-        table.add_row(
-            item.job_id,
-            item.state.value,
-            item.source,
-            str(item.done),
-            str(item.failed),
-            str(item.expected),
-            item.output,
-            item.created_at.astimezone().strftime("%Y-%m-%d %H:%M") if item.created_at else "",
-        )
-    console.print(table)
+    columns = ("job", "state", "done", "failed", "expected", "source", "output", "created")
+    rows = [
+        {
+            "job": item.job_id,
+            "state": item.state.value,
+            "done": str(item.done),
+            "failed": str(item.failed),
+            "expected": str(item.expected),
+            "source": item.source,
+            "output": item.output,
+            "created": item.created_at.astimezone().strftime("%Y-%m-%d %H:%M") if item.created_at else "",
+        }
+        for item in found
+    ]
+    fitted = fit_table(columns, rows, console.width, whole=("job", "state"), caption=f"{len(found)} jobs")
+    console.print(fitted.table)
+    if fitted.left_out:
+        notice(f"left out at {console.width} columns: {', '.join(fitted.left_out)} (see --json)")
 
 
 @handles_errors

@@ -19,15 +19,16 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from rich.table import Table
 
 from trolley_tasks.cli.common import (
     CliUsageError,
     console,
     handles_errors,
+    notice,
     option_group,
     start,
 )
+from trolley_tasks.cli.tables import fit_table
 from trolley_tasks.core import Query, QueryLevels, Study, validate_uid
 
 EARLIEST = date(1900, 1, 1)
@@ -188,6 +189,20 @@ def columns_for(level: Level) -> tuple[str, ...]:
     )
 
 
+def choose_columns(text: str, level: Level) -> tuple[str, ...]:
+    """The columns ``--columns`` names (all of the level's when empty); CliUsageError for one the level lacks."""
+    available = columns_for(level)
+    if not text.strip():
+        return available
+    chosen = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in available]
+    if unknown:
+        raise CliUsageError(
+            f"--columns: {', '.join(unknown)} not shown at level {level.value} (choose from {', '.join(available)})"
+        )
+    return chosen
+
+
 def _value(data: Any, keyword: str) -> str:
     value = getattr(data, keyword, "")
     if value is None:
@@ -225,6 +240,14 @@ def search(
     filters: Filters = NO_FILTERS,
     level: Annotated[Level, typer.Option("--level", help="Depth of the answer.")] = Level.study,
     output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
+    columns: Annotated[
+        str,
+        typer.Option(
+            "--columns",
+            metavar="LIST",
+            help="Comma-separated attributes to show, in order (default: every one of the level; see --help).",
+        ),
+    ] = "",
 ) -> None:
     """Find studies, series or instances on a source.
 
@@ -235,6 +258,7 @@ def search(
             --date-to 2024-01-31 --format csv > cohort.csv
     """
     settings = start(ctx)
+    chosen = choose_columns(columns, level)
     depth = {Level.study: QueryLevels.STUDY, Level.series: QueryLevels.SERIES, Level.instance: QueryLevels.INSTANCE}
     queries = filters.queries(depth[level])  # bad filters are refused before the PACS is asked anything
     profile = settings.source(source)
@@ -245,20 +269,22 @@ def search(
     for query in queries:
         for study in searcher.find_studies(query):
             studies.setdefault(study.uid, study)
-    write_rows(list(rows(list(studies.values()), level)), columns_for(level), output_format)
+    write_rows(list(rows(list(studies.values()), level)), chosen, output_format)
 
 
 def write_rows(found: list[dict[str, str]], columns: tuple[str, ...], output_format: OutputFormat) -> None:
     if output_format is OutputFormat.csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(found)
     elif output_format is OutputFormat.json:
-        sys.stdout.write(json.dumps(found, indent=2) + "\n")
+        sys.stdout.write(json.dumps([{c: row.get(c, "") for c in columns} for row in found], indent=2) + "\n")
     else:
-        table = Table(caption=f"{len(found)} found", caption_justify="left")
-        for column in columns:
-            table.add_column(column, overflow="fold")
-        for row in found:
-            table.add_row(*(row.get(column, "") for column in columns))
-        console.print(table)
+        uids = [column for column in columns if column.endswith("UID")]
+        fitted = fit_table(columns, found, console.width, whole=uids, caption=f"{len(found)} found")
+        console.print(fitted.table)
+        if fitted.left_out:
+            notice(
+                f"left out at {console.width} columns: {', '.join(fitted.left_out)} "
+                "(choose with --columns, or --format csv)"
+            )
