@@ -7,7 +7,6 @@ places outside the engine's own machinery that look at its Redis keys and at Cel
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import redis
@@ -18,9 +17,6 @@ from trolley_tasks.engine.models import SourceHealth, WorkerInfo
 from trolley_tasks.engine.scheduler import DELAYED_KEY
 from trolley_tasks.engine.settings import Settings
 from trolley_tasks.engine.throttle import Throttle
-
-BROKER_QUEUES = ("trolley.fetch", "trolley.expand")
-"""The engine's two queues (:mod:`~trolley_tasks.engine.celery_app.celeryconfig`)."""
 
 
 def source_health(client: redis.Redis, settings: Settings) -> list[SourceHealth]:
@@ -51,26 +47,28 @@ def source_health(client: redis.Redis, settings: Settings) -> list[SourceHealth]
     return found
 
 
-def queue_lengths(app: Celery, client: redis.Redis) -> dict[str, int]:
-    """Messages waiting in each broker queue, and ``delayed``: parked work in ``trolley:delayed`` (ledger Redis).
+def broker_queue_lengths(app: Celery) -> dict[str, int]:
+    """Messages waiting in each of the engine's broker queues (``app.conf.task_queues``).
 
-    The broker is asked through kombu's passive ``queue_declare``, which answers for Redis (LLEN of the list, across
-    its priority lists) and RabbitMQ alike; a queue no producer declared yet holds nothing, and says so with an error
-    that is read as 0. Each queue gets its own channel because RabbitMQ closes a channel on a passive miss.
+    Kombu's passive ``queue_declare`` counts them on Redis (the list and its priority lists) and RabbitMQ alike; a
+    queue no producer declared yet holds nothing, and says so with the transport's channel error, read as 0. Each
+    queue gets its own channel because RabbitMQ closes a channel on a passive miss. The watchdog's backlog check
+    (:func:`~trolley_tasks.engine.celery_app.tasks.broker_backlog`) is the sum of these.
     """
     lengths: dict[str, int] = {}
     with app.connection_for_read() as connection:
-        for queue in BROKER_QUEUES:
-            channel = connection.channel()
-            try:
-                lengths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
-            except connection.channel_errors:  # the transport's own "no such queue" (kombu, py-amqp)
-                lengths[queue] = 0
-            finally:
-                with contextlib.suppress(*connection.channel_errors, *connection.connection_errors):
-                    channel.close()
-    lengths["delayed"] = int(client.zcard(DELAYED_KEY))
+        for queue in app.conf.task_queues:
+            with connection.channel() as channel:
+                try:
+                    lengths[queue.name] = int(channel.queue_declare(queue=queue.name, passive=True).message_count)
+                except connection.channel_errors:  # never declared yet: nothing in it
+                    lengths[queue.name] = 0
     return lengths
+
+
+def queue_lengths(app: Celery, client: redis.Redis) -> dict[str, int]:
+    """The broker queues' lengths, and ``delayed``: parked work in ``trolley:delayed`` (ledger Redis)."""
+    return {**broker_queue_lengths(app), "delayed": int(client.zcard(DELAYED_KEY))}
 
 
 def _describe_task(task: dict[str, Any]) -> str:

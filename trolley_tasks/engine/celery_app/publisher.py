@@ -16,7 +16,10 @@ class CeleryPublisher:
 
     def fetch(self, message: FetchMessage, countdown: float = 0.0) -> None:
         self._now(countdown)
-        self.app.send_task(FETCH, kwargs=message.kwargs())
+        kwargs = message.kwargs()
+        # what task events (Flower) show: the batch's size, not its UID list, which can be hundreds of UIDs long
+        shown = dict(kwargs, instances=len(message.instances))
+        self.app.send_task(FETCH, kwargs=kwargs, kwargsrepr=repr(shown))
 
     def expand(self, job: str, source: str, row: str, attempt: int = 1, countdown: float = 0.0) -> None:
         self._now(countdown)

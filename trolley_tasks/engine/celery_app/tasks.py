@@ -28,6 +28,7 @@ from trolley_tasks.engine.celery_app.publisher import CeleryPublisher
 from trolley_tasks.engine.context import EngineContext, build_context
 from trolley_tasks.engine.expand import expand_row
 from trolley_tasks.engine.fetch import fetch_batch
+from trolley_tasks.engine.fleet import broker_queue_lengths
 from trolley_tasks.engine.messages import EXPAND, FETCH, FINALIZE, FetchMessage
 from trolley_tasks.engine.receiver import HostReceivers
 from trolley_tasks.engine.report import finalize_job
@@ -103,15 +104,7 @@ def _stop_watchdog(**_: Any) -> None:
 
 def broker_backlog(app: Celery) -> int:
     """Messages waiting in the engine's queues (Redis or RabbitMQ: kombu's passive declare counts them)."""
-    total = 0
-    with app.connection_for_read() as connection:
-        for queue in app.conf.task_queues:
-            with connection.channel() as channel:  # a failed passive declare closes its channel (AMQP)
-                try:
-                    total += int(channel.queue_declare(queue=queue.name, passive=True).message_count)
-                except connection.channel_errors:  # never declared yet: nothing in it
-                    continue
-    return total
+    return sum(broker_queue_lengths(app).values())
 
 
 def register_tasks(app: Celery) -> None:
