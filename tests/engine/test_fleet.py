@@ -25,6 +25,16 @@ def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
 
 
+def healthcheck(config: Path) -> subprocess.CompletedProcess[str]:
+    """The container's health check (workers/healthcheck.py), run as its HEALTHCHECK runs it."""
+    env = dict(os.environ, TROLLEY_CONFIG=str(config))
+    env.pop("TROLLEY_BROKER__URL", None)
+    script = Path(__file__).resolve().parents[2] / "workers" / "healthcheck.py"
+    return subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
 def test_workers_says_so_when_none_answers(fresh: EngineEnv) -> None:
     # first in the module, before the module's `workers` fixture starts one: nobody listens on the broker yet
     listed = run_cli(fresh.config, "workers", "--json", "--timeout", "0.5")
@@ -33,6 +43,7 @@ def test_workers_says_so_when_none_answers(fresh: EngineEnv) -> None:
     assert listed.returncode == 1
     assert json.loads(listed.stdout) == []
     assert "no worker answered" in listed.stderr
+    assert healthcheck(fresh.config).returncode == 1
 
 
 def test_workers_lists_the_live_worker(workers: Workers, fresh: EngineEnv, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -43,6 +54,8 @@ def test_workers_lists_the_live_worker(workers: Workers, fresh: EngineEnv, ortha
     assert node["pid"] == workers.process.pid
     assert node["processes"] == 2
     assert node["queues"] == ["trolley.expand", "trolley.fetch"]
+    healthy = healthcheck(fresh.config)
+    assert healthy.returncode == 0 and node["name"] in healthy.stdout, healthy.stdout + healthy.stderr
 
     fresh.proxy.delay = 0.5  # a fetch stays in hand long enough to be seen
     job = fresh.engine.submit(orthanc.cohort.study_refs(), source="proxied", output=tmp_path / "out", batch_size=3)
