@@ -1,5 +1,7 @@
 """A local HTTP proxy in front of Orthanc, written for the engine tests: it counts concurrent requests (what the
-PACS sees) and injects faults (statuses with Retry-After, truncated multipart bodies, delays). 127.0.0.1 only."""
+PACS sees) and injects faults (statuses with Retry-After, truncated multipart bodies, delays). It listens on
+127.0.0.1, or on the address given (the namespace hosts' test listens on its own bridge address), and records which
+client address made each request."""
 
 from __future__ import annotations
 
@@ -31,13 +33,15 @@ class Fault:
 
 
 class PacsProxy:
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, host: str = "127.0.0.1") -> None:
         self.upstream = upstream.rstrip("/")
         self.faults: list[Fault] = []
         self.delay = 0.0
         self.in_flight = 0
         self.max_in_flight = 0
         self.requests: list[str] = []
+        self.clients: list[tuple[str, str]] = []
+        """(client address, path) of every request, in arrival order."""
         self._lock = threading.Lock()
         self._session = threading.local()
         proxy = self
@@ -52,14 +56,15 @@ class PacsProxy:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a worker killed on purpose
                     proxy.handle(self)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = host
+        self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> PacsProxy:
         self.thread.start()
@@ -84,6 +89,7 @@ class PacsProxy:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self.requests.append(handler.path)
+            self.clients.append((handler.client_address[0], handler.path))
         try:
             if self.delay:
                 time.sleep(self.delay)
