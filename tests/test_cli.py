@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from trolley_tasks.cli import app, progress
+from trolley_tasks.cli import COMMANDS, app, progress
 from trolley_tasks.cli.logs import LOGGER_NAME, scrub, setup_logging
 from trolley_tasks.cli.search import Filters
 from trolley_tasks.cli.services import is_loopback
@@ -67,9 +67,7 @@ def one_error_line(result: object) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(
-    "command", ["search", "export", "status", "jobs", "cancel", "pause", "resume", "retry-failed", "worker", "flower"]
-)
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_has_help_with_an_example_and_config_option(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output
