@@ -180,3 +180,16 @@ def test_broker_backlog_counts_the_engine_queues(redis_db) -> None:  # type: ign
     CeleryPublisher(app).expand(JOB, "pacs", ROW.row_id())
     assert broker_backlog(app) == 2
     app.close()
+
+
+def test_a_probe_that_ends_without_a_verdict_lets_the_next_caller_probe(redis_db) -> None:  # type: ignore[no-untyped-def]
+    breaker = Breaker(redis_db.client(), "pacs", threshold=1, max_hold=60, probe_seconds=90)
+    assert breaker.failure(ErrorClass.TRANSIENT) > 0
+    redis_db.client().hset(breaker.key, "open_until", 0)
+    assert breaker.gate() == (0.0, True)
+    assert breaker.gate()[0] > 0  # the others wait for the probe ...
+    breaker.release_probe()  # ... which had nothing to ask (no slot, all on disk): no verdict
+    assert breaker.gate() == (0.0, True)  # the next caller probes at once, not after the probe's 90 s lease
+    breaker.success()
+    breaker.release_probe()
+    assert not redis_db.client().exists(breaker.key)  # a release never reopens a closed breaker

@@ -69,6 +69,14 @@ return '0'
 """
 
 
+_RELEASE = """
+-- KEYS: breaker hash. The probe ended without telling (no request was made, or no answer judged the source):
+-- let the next caller probe. Never creates the key (a success deleted it).
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'probe_until', '0') end
+return 1
+"""
+
+
 class Breaker:
     """The breaker of one source profile, shared by every worker through Redis.
 
@@ -96,6 +104,7 @@ class Breaker:
         self.probe_seconds = probe_seconds
         self._gate = client.register_script(_GATE)
         self._fail = client.register_script(_FAIL)
+        self._release = client.register_script(_RELEASE)
 
     def gate(self) -> tuple[float, bool]:
         """(0, False) when the source is closed; (0, True) when this caller is the probe of a held source; else
@@ -109,6 +118,11 @@ class Breaker:
             return 0.0
         args = [self.threshold, FIRST_HOLD, self.max_hold, retry_after or 0]
         return float(self._fail(keys=[self.key], args=args))
+
+    def release_probe(self) -> None:
+        """The probe this caller was given ended without a verdict (no slot, nothing to fetch, a 404): the next
+        caller becomes the probe, instead of every caller waiting for the probe's lease to lapse."""
+        self._release(keys=[self.key])
 
     def success(self) -> None:
         """A request went well: close the breaker (one round trip, and only when it is not already closed)."""

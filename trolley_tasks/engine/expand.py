@@ -78,6 +78,9 @@ def expand_row(ctx: EngineContext, job: str, source: str, row_id: str, attempt: 
             ctx.publisher.expand(job, source, row_id, attempt)  # the worker is going away: hand the row back
             raise
         finished = _expansion_failed(ctx, runtime, job, source, row, row_id, attempt, exc, probe, result)
+    finally:
+        if probe:
+            runtime.breaker.release_probe()  # a verdict already cleared it; otherwise let the next one probe
     if finished:
         result.finalized = True
         ctx.publisher.finalize(job)

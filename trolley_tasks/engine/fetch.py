@@ -171,6 +171,25 @@ def fetch_batch(ctx: EngineContext, message: FetchMessage, *, redelivered: bool 
         result.held = hold
         ctx.publisher.fetch(message, countdown=hold)
         return result
+    try:
+        _claimed(ctx, message, runtime, meta.layout, meta.output, redelivered, probe, result)
+    finally:
+        if probe:  # a verdict (success, failure) already cleared the probe; any other ending lets the next one probe
+            runtime.breaker.release_probe()
+    return result
+
+
+def _claimed(
+    ctx: EngineContext,
+    message: FetchMessage,
+    runtime: SourceRuntime,
+    layout: str,
+    output: str,
+    redelivered: bool,
+    probe: bool,
+    result: FetchResult,
+) -> None:
+    """From the claim on: every claimed instance ends settled, back in pending with a message, or in a paused job."""
     claim = ctx.ledger.claim(
         message.job,
         message.series,
@@ -184,24 +203,23 @@ def fetch_batch(ctx: EngineContext, message: FetchMessage, *, redelivered: bool 
         ctx.publisher.finalize(message.job)
     if claim.job_state not in ("expanding", "running"):
         result.dropped = f"job is {claim.job_state or 'gone'}"
-        return result
+        return
     claimed = claim.with_code(ClaimCode.CLAIMED)
     result.claimed = len(claimed)
     result.failed += len(claim.with_code(ClaimCode.POISON))
     if not claimed:
-        return result
+        return
     plan = Plan(probe=probe)
     tries: dict[str, int] = {}
     beat = Heartbeat(ctx.ledger, message.job, ctx.lease_seconds, message.series, claim.lease, claimed)
     try:
         with beat:
-            _work(ctx, message, runtime, meta.layout, meta.output, claim.codes, claimed, beat, tries, plan, result)
+            _work(ctx, message, runtime, layout, output, claim.codes, claimed, beat, tries, plan, result)
     except BaseException as exc:
         result.failed += rescue(exc, runtime, message, claimed, tries, claim.codes, plan)
         _conclude(ctx, message, plan, result)
         raise
     _conclude(ctx, message, plan, result)
-    return result
 
 
 def _conclude(ctx: EngineContext, message: FetchMessage, plan: Plan, result: FetchResult) -> None:
@@ -290,9 +308,10 @@ def _fetch(
         plan.requeue.extend(waiting)
         plan.delay = max(plan.delay, BUSY_REQUEUE)
         return
-    if download.saved and not download.bad and stream_error is None:
-        runtime.throttle.success()
-        runtime.breaker.success()
+    if download.saved:
+        runtime.breaker.success()  # the source answered with instances: it is up, whatever else went wrong
+        if not download.bad and stream_error is None:
+            runtime.throttle.success()
     errors = dict(download.bad)
     if stream_error is not None:
         errors.update({ref.instance_uid: stream_error for ref in download.remaining(refs)})
