@@ -346,7 +346,7 @@ def test_vitrea_connection_and_impax_login(pacs: Any) -> None:
         try:
             assert len(trolley.find_studies(Query(PatientName="*"))) == 2
         finally:
-            trolley.searcher.close()  # type: ignore[attr-defined]
+            trolley.searcher.close()
     finally:
         server.close()
 
