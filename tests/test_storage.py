@@ -31,10 +31,10 @@ from trolley_tasks.errors import (
 from trolley_tasks.formats.part10 import Part10File, read_header, read_part10_header
 from trolley_tasks.storage.disk import (
     TEMP_DIR,
+    DcmStorageDir,
     DICOMDiskStorage,
     FlatDcmStorageDir,
     QuarantinedPayloadError,
-    DcmStorageDir,
     TemplateStorage,
     clean_temp_files,
 )
