@@ -99,8 +99,8 @@ def test_mint_query_validates_include_fields_per_level_and_limit() -> None:
         max_study_date=datetime(2020, 3, 3),
         include_fields=["PatientBirthDate", "StudyID"],
         limit=10,
-    ).search_params()
-    assert params == [
+    ).as_parameters()
+    assert list(params.items()) == [
         ("PatientName", "B*"),
         ("min_study_date", "20200301"),
         ("max_study_date", "20200303"),

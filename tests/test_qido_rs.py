@@ -35,7 +35,7 @@ def test_hierarchical_rules_follow_dicomtrolley() -> None:
         HierarchicalQuery(StudyInstanceUID="1.2", query_level=QueryLevels.INSTANCE)
     q = HierarchicalQuery(StudyInstanceUID="1.2", SeriesInstanceUID="1.3", query_level=QueryLevels.INSTANCE)
     assert q.uri_base() == "/studies/1.2/series/1.3/instances"
-    assert q.uri_search_params() == []
+    assert q.uri_search_params() == {}
 
 
 def test_relational_is_for_series_and_instances_only() -> None:

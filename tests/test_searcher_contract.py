@@ -51,7 +51,9 @@ CASES: list[ContractCase] = [
     ContractCase("qido_rs_paged", lambda env: QidoRS(requests.Session(), env.orthanc.dicomweb_url, page_size=2)),
     ContractCase(
         "cached_qido_rs",
-        lambda env: CachedSearcher(QidoRS(requests.Session(), env.orthanc.dicomweb_url), DICOMObjectCache(60)),
+        lambda env: CachedSearcher(
+            QidoRS(requests.Session(), env.orthanc.dicomweb_url), DICOMObjectCache(expiry_seconds=60)
+        ),
     ),
     ContractCase("mint", lambda env: Mint(requests.Session(), env.mint_url)),
     ContractCase(

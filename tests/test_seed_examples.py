@@ -247,8 +247,9 @@ def test_flat_storage_dir(server: Servers, tmp_path: Path) -> None:
     trolley = Trolley(searcher=a_searcher, downloader=a_downloader, storage=storage)
 
     trolley.download(StudyReference(BAKER[0].study_uid), tmp_path)
-    assert sorted(p.name for p in tmp_path.glob("*.dcm")) == sorted(f"{i.sop_instance_uid}.dcm" for i in BAKER)
-    assert all(p.read_bytes() == FILES[p.stem] for p in tmp_path.glob("*.dcm"))  # as the PACS stored them
+    files = [p for p in tmp_path.iterdir() if p.is_file()]  # dicomtrolley's flat names: 1_2_3, no extension
+    assert sorted(p.name for p in files) == sorted(i.sop_instance_uid.replace(".", "_") for i in BAKER)
+    assert all(p.read_bytes() == FILES[p.name.replace("_", ".")] for p in files)  # as the PACS stored them
 
 
 def test_custom_storage_as_written(server: Servers, tmp_path: Path) -> None:

@@ -31,10 +31,10 @@ from trolley_tasks.errors import (
 from trolley_tasks.formats.part10 import Part10File, read_header, read_part10_header
 from trolley_tasks.storage.disk import (
     TEMP_DIR,
+    DcmStorageDir,
     DICOMDiskStorage,
-    FlatStorageDir,
+    FlatDcmStorageDir,
     QuarantinedPayloadError,
-    StorageDir,
     TemplateStorage,
     clean_temp_files,
 )
@@ -66,7 +66,7 @@ def bare_dataset(item: GeneratedInstance, implicit: bool) -> bytes:
 
 
 def test_storage_dir_writes_study_series_instance_byte_identical(tmp_path: Path) -> None:
-    result = StorageDir().save_raw(FIRST.reference(), raw(), tmp_path)
+    result = DcmStorageDir().save_raw(FIRST.reference(), raw(), tmp_path)
     expected = tmp_path / FIRST.study_uid / FIRST.series_uid / f"{FIRST.sop_instance_uid}.dcm"
     assert result.path == expected
     assert expected.read_bytes() == raw()
@@ -77,7 +77,7 @@ def test_storage_dir_writes_study_series_instance_byte_identical(tmp_path: Path)
 def test_streamed_chunks_are_written_in_order(tmp_path: Path) -> None:
     data = raw()
     chunks = iter([data[i : i + 100] for i in range(0, len(data), 100)])
-    result = FlatStorageDir(path=tmp_path).save_raw(FIRST.reference(), chunks)
+    result = FlatDcmStorageDir(path=tmp_path).save_raw(FIRST.reference(), chunks)
     assert result.path == tmp_path / f"{FIRST.sop_instance_uid}.dcm"
     assert result.path.read_bytes() == data
 
@@ -100,10 +100,10 @@ def test_template_storage_uses_header_values(tmp_path: Path) -> None:
 
 def test_save_dataset_uses_the_same_layout(tmp_path: Path) -> None:
     dataset = pydicom.dcmread(BytesIO(raw()))
-    result = StorageDir().save(dataset, tmp_path)
+    result = DcmStorageDir().save(dataset, tmp_path)
     assert result.path == tmp_path / FIRST.study_uid / FIRST.series_uid / f"{FIRST.sop_instance_uid}.dcm"
     assert pydicom.dcmread(result.path).SOPInstanceUID == FIRST.sop_instance_uid
-    assert StorageDir().save(dataset, tmp_path).already_present
+    assert DcmStorageDir().save(dataset, tmp_path).already_present
 
 
 @pytest.mark.parametrize(
@@ -173,7 +173,7 @@ def test_hostile_uid_in_dataset_writes_nothing(tmp_path: Path) -> None:
     ds = COHORT.dataset(FIRST)
     ds.SOPInstanceUID = "../../../etc/passwd"
     with pytest.raises(UnsafePathError):
-        StorageDir().save(ds, tmp_path)
+        DcmStorageDir().save(ds, tmp_path)
     ds.SOPInstanceUID = FIRST.sop_instance_uid
     ds.FrameOfReferenceUID = "1.2/../../x"
     with pytest.raises(UnsafePathError):
@@ -187,7 +187,7 @@ def test_symlink_out_of_the_output_directory_is_refused(tmp_path: Path) -> None:
     elsewhere.mkdir()
     (out / FIRST.study_uid).symlink_to(elsewhere)
     with pytest.raises(UnsafePathError, match="outside the output directory"):
-        StorageDir().save_raw(FIRST.reference(), raw(), out)
+        DcmStorageDir().save_raw(FIRST.reference(), raw(), out)
     assert list(elsewhere.iterdir()) == []
 
 
@@ -195,7 +195,7 @@ def test_symlink_out_of_the_output_directory_is_refused(tmp_path: Path) -> None:
 
 
 def test_identical_file_is_not_rewritten(tmp_path: Path) -> None:
-    storage = StorageDir()
+    storage = DcmStorageDir()
     first = storage.save_raw(FIRST.reference(), raw(), tmp_path)
     os.utime(first.path, ns=(1_000_000_000, 1_000_000_000))
     before = first.path.stat()
@@ -207,7 +207,7 @@ def test_identical_file_is_not_rewritten(tmp_path: Path) -> None:
 
 
 def test_different_content_replaces_atomically_and_says_so(tmp_path: Path) -> None:
-    storage = StorageDir()
+    storage = DcmStorageDir()
     first = storage.save_raw(FIRST.reference(), raw(), tmp_path)
     other = add_file_meta(bare_dataset(FIRST, implicit=True), "1.2.840.10008.1.2")  # same instance, other syntax
     second = storage.save_raw(FIRST.reference(), other, tmp_path)
@@ -216,7 +216,7 @@ def test_different_content_replaces_atomically_and_says_so(tmp_path: Path) -> No
 
 
 def test_existing_valid_finds_only_whole_files(tmp_path: Path) -> None:
-    storage = StorageDir()
+    storage = DcmStorageDir()
     assert storage.existing_valid(FIRST.reference(), tmp_path) is None
     saved = storage.save_raw(FIRST.reference(), raw(), tmp_path)
     found = storage.existing_valid(FIRST.reference(), tmp_path)
@@ -241,7 +241,7 @@ def test_existing_valid_finds_only_whole_files(tmp_path: Path) -> None:
 )
 def test_invalid_payload_is_quarantined(tmp_path: Path, payload: bytes, why: str) -> None:
     with pytest.raises(QuarantinedPayloadError, match=why) as raised:
-        StorageDir().save_raw(FIRST.reference(), payload, tmp_path)
+        DcmStorageDir().save_raw(FIRST.reference(), payload, tmp_path)
     error = raised.value
     assert isinstance(error, PayloadInvalidError) and error.error_class is ErrorClass.PAYLOAD_INVALID
     assert error.reference == FIRST.reference()
@@ -254,7 +254,7 @@ def test_invalid_payload_is_quarantined(tmp_path: Path, payload: bytes, why: str
 def test_quarantine_is_overwritten_per_instance(tmp_path: Path) -> None:
     for payload in (b"first bad answer", b"second"):
         with pytest.raises(QuarantinedPayloadError) as raised:
-            StorageDir().save_raw(FIRST.reference(), payload, tmp_path)
+            DcmStorageDir().save_raw(FIRST.reference(), payload, tmp_path)
     assert raised.value.quarantine_path.read_bytes() == b"second"
 
 
@@ -264,7 +264,7 @@ def test_broken_stream_leaves_nothing(tmp_path: Path) -> None:
         raise TransientNetworkError("connection reset mid-body")
 
     with pytest.raises(TransientNetworkError):
-        StorageDir().save_raw(FIRST.reference(), stream(), tmp_path)  # type: ignore[arg-type]
+        DcmStorageDir().save_raw(FIRST.reference(), stream(), tmp_path)  # type: ignore[arg-type]
     assert files_under(tmp_path) == [] and list((tmp_path / TEMP_DIR).iterdir()) == []
 
 
@@ -273,7 +273,7 @@ def test_broken_stream_leaves_nothing(tmp_path: Path) -> None:
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from trolley_tasks.storage.disk import StorageDir
+    from trolley_tasks.storage.disk import DcmStorageDir
     from testbed.cohort import generate_cohort
 
     cohort = generate_cohort(studies=1, series=1, instances=1, seed=3, rows=1024, columns=1024)
@@ -287,7 +287,7 @@ KILL_SCRIPT = textwrap.dedent(
                 print("HALFWAY", flush=True)
             time.sleep(0.05)
 
-    StorageDir().save_raw(item.reference(), slowly(), sys.argv[1])
+    DcmStorageDir().save_raw(item.reference(), slowly(), sys.argv[1])
     print("DONE", flush=True)
     """
 )
@@ -309,7 +309,7 @@ def test_sigkill_mid_write_leaves_no_file_under_the_final_name(tmp_path: Path) -
     leftovers = list((tmp_path / TEMP_DIR).iterdir())
     assert len(leftovers) == 1 and 0 < leftovers[0].stat().st_size < len(cohort.encode(item))
 
-    result = StorageDir().save_raw(item.reference(), cohort.encode(item), tmp_path)  # the rerun completes
+    result = DcmStorageDir().save_raw(item.reference(), cohort.encode(item), tmp_path)  # the rerun completes
     assert result.path == final and final.read_bytes() == cohort.encode(item)
     assert clean_temp_files(tmp_path, older_than=3600) == 0  # fresh: could belong to a running writer
     assert clean_temp_files(tmp_path, older_than=0) == 1
@@ -324,15 +324,15 @@ def test_custom_save_only_storage_does_not_take_raw() -> None:
         def save(self, dataset: Dataset, path: object = None) -> None:  # type: ignore[override]
             raise AssertionError("not called here")
 
-    class RawToo(StorageDir):
+    class RawToo(DcmStorageDir):
         pass
 
-    assert StorageDir().supports_raw() and FlatStorageDir().supports_raw() and RawToo().supports_raw()
+    assert DcmStorageDir().supports_raw() and FlatDcmStorageDir().supports_raw() and RawToo().supports_raw()
     assert not MyStorage().supports_raw()
     assert not DICOMDiskStorage().supports_raw()
     with pytest.raises(ConfigurationError, match="no output directory"):
-        StorageDir().save_raw(FIRST.reference(), raw())
-    assert "StorageDir" in repr(StorageDir("/tmp/x"))
+        DcmStorageDir().save_raw(FIRST.reference(), raw())
+    assert "DcmStorageDir" in repr(DcmStorageDir("/tmp/x"))
 
 
 # ------------------------------------------------------------------------------------------------ file meta
@@ -350,7 +350,7 @@ def test_add_file_meta_makes_a_part10_file(tmp_path: Path, implicit: bool, synta
     assert ds.file_meta.MediaStorageSOPClassUID == COHORT.dataset(FIRST).SOPClassUID
     assert ds.PixelData == COHORT.dataset(FIRST).PixelData
     assert add_file_meta(full, syntax) is full  # already Part 10
-    result = StorageDir().save_raw(FIRST.reference(), full, tmp_path)  # what a C-GET receiver hands to storage
+    result = DcmStorageDir().save_raw(FIRST.reference(), full, tmp_path)  # what a C-GET receiver hands to storage
     assert read_part10_header(result.path).SOPInstanceUID == FIRST.sop_instance_uid
 
 
@@ -371,8 +371,8 @@ def test_add_file_meta_refuses_junk() -> None:
 
 def test_reference_uids_are_used_for_the_path(tmp_path: Path) -> None:
     reference = InstanceReference(FIRST.study_uid, FIRST.series_uid, FIRST.sop_instance_uid)
-    result = StorageDir().save_raw(reference, raw(), tmp_path)
-    assert result.path == StorageDir().reference_path(reference, tmp_path)
+    result = DcmStorageDir().save_raw(reference, raw(), tmp_path)
+    assert result.path == DcmStorageDir().reference_path(reference, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------- one walk, one move
@@ -396,7 +396,7 @@ def test_a_streamed_payload_is_not_read_back(tmp_path: Path, monkeypatch: pytest
 def test_a_cut_stream_is_quarantined_by_the_same_walk(tmp_path: Path) -> None:
     data = raw()[:-100]
     with pytest.raises(QuarantinedPayloadError, match="truncated") as raised:
-        StorageDir().save_raw(FIRST.reference(), read_header(iter([data[:1000], data[1000:]])), tmp_path)
+        DcmStorageDir().save_raw(FIRST.reference(), read_header(iter([data[:1000], data[1000:]])), tmp_path)
     assert raised.value.quarantine_path.read_bytes() == data
 
 
@@ -406,15 +406,15 @@ def test_a_spooled_file_is_renamed_into_place_not_copied(tmp_path: Path) -> None
     arrival = spool / "arrival.dcm"
     arrival.write_bytes(raw())
     inode = arrival.stat().st_ino
-    result = StorageDir().save_raw(FIRST.reference(), Part10File(arrival), tmp_path / "out")
+    result = DcmStorageDir().save_raw(FIRST.reference(), Part10File(arrival), tmp_path / "out")
     assert result.path.stat().st_ino == inode and not arrival.exists()  # one rename, same filesystem
     assert result.path.read_bytes() == raw()
     again = spool / "again.dcm"
     again.write_bytes(raw())
-    assert StorageDir().save_raw(FIRST.reference(), Part10File(again), tmp_path / "out").already_present
+    assert DcmStorageDir().save_raw(FIRST.reference(), Part10File(again), tmp_path / "out").already_present
     assert not again.exists()  # an arrival that was already in place is consumed, not left in the spool
     other = spool / "other.dcm"
     other.write_bytes(raw(SECOND))
     with pytest.raises(QuarantinedPayloadError, match="SOPInstanceUID") as raised:
-        StorageDir().save_raw(FIRST.reference(), Part10File(other), tmp_path / "out")
+        DcmStorageDir().save_raw(FIRST.reference(), Part10File(other), tmp_path / "out")
     assert raised.value.quarantine_path.read_bytes() == raw(SECOND) and not other.exists()

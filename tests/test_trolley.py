@@ -126,14 +126,22 @@ class SeriesDownloader(InstanceDownloader):
         return out
 
 
+def underscored(uid: str) -> str:
+    return uid.replace(".", "_")
+
+
 def expected_files(root: Path, items: Iterable[Any]) -> dict[Path, bytes]:
+    """Where Trolley's default storage (StorageDir, dicomtrolley's names) puts each item."""
     return {
-        root / item.study_uid / item.series_uid / f"{item.sop_instance_uid}.dcm": COHORT.encode(item) for item in items
+        root / underscored(item.study_uid) / underscored(item.series_uid) / underscored(item.sop_instance_uid): (
+            COHORT.encode(item)
+        )
+        for item in items
     }
 
 
 def written(root: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in root.rglob("*.dcm")}
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and ".trolley" not in p.parts}
 
 
 STUDY0 = COHORT.study_refs()[0]
@@ -183,8 +191,8 @@ def test_study_searched_at_study_depth_is_expanded(tmp_path: Path) -> None:
     assert study.series == []
     trolley.download(study, output_dir=tmp_path)
     assert searcher.calls[-1] == (STUDY0.study_uid, QueryLevels.INSTANCE)
-    assert sorted(p.name for p in tmp_path.glob("*.dcm")) == sorted(
-        f"{item.sop_instance_uid}.dcm" for item in COHORT.in_study(STUDY0.study_uid)
+    assert sorted(p.name for p in tmp_path.glob("*") if p.is_file()) == sorted(
+        underscored(item.sop_instance_uid) for item in COHORT.in_study(STUDY0.study_uid)
     )
 
 
@@ -283,12 +291,12 @@ def test_download_a_study_from_orthanc(orthanc: Any, tmp_path: Path, make: Any, 
         results = trolley.download(StudyReference(study_uid=study.study_uid), tmp_path)
     finally:
         downloader.close()
-    files = sorted(tmp_path.rglob("*.dcm"))
+    files = sorted(written(tmp_path))
     assert len(results) == len(files) == len(expected) == 6
     for path in files:
         dataset = pydicom.dcmread(path)  # a valid Part 10 file
         item = expected[dataset.SOPInstanceUID]
-        assert path == tmp_path / item.study_uid / item.series_uid / f"{item.sop_instance_uid}.dcm"
+        assert path in expected_files(tmp_path, [item])
         original = STANDARD_COHORT.encode(item)
         if byte_identical:
             assert path.read_bytes() == original

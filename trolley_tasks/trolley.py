@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from pydicom import Dataset
@@ -26,12 +27,14 @@ from trolley_tasks.core import (
     DICOMObjectLevels,
     DICOMObjectReference,
     Downloadable,
+    InstanceReference,
     Query,
     QueryLevels,
     Series,
     SeriesReference,
     Study,
     StudyReference,
+    group_by_series,
     to_references,
 )
 from trolley_tasks.downloaders.base import Downloader
@@ -40,9 +43,11 @@ from trolley_tasks.errors import (
     NonSeriesParameterError,
     NoReferencesFoundError,
     NotFoundError,
+    UsageError,
 )
 from trolley_tasks.searchers.base import Searcher
 from trolley_tasks.storage.disk import DICOMDiskStorage, SaveResult, StorageDir, clean_temp_files
+from trolley_tasks.storage.writable import make_writable
 
 logger = logging.getLogger("trolley.trolley")
 
@@ -79,37 +84,91 @@ class Trolley:
         return self.searcher.find_study(query)
 
     def download(
-        self, objects: Downloadable | Iterable[Downloadable], output_dir: str | os.PathLike[str]
+        self,
+        objects: Downloadable | Iterable[Downloadable],
+        output_dir: str | os.PathLike[str],
+        use_async: bool = False,
+        max_workers: int | None = None,
     ) -> list[SaveResult]:
         """Write every instance in ``objects`` (studies, series, instances, or references) under ``output_dir``.
 
         With a storage that has a layout (StorageDir, FlatStorageDir, TemplateStorage) the downloader's raw bytes
         are written as they came, checked and atomically (:meth:`DICOMDiskStorage.save_raw`). A custom storage
-        that overrides only ``save(dataset, path)`` gets parsed datasets, as in dicomtrolley.
+        that overrides only ``save(dataset, path)`` gets parsed datasets, as in dicomtrolley; so does any storage
+        with a downloader that has datasets but no files (WADO-RS metadata), after :func:`make_writable`.
+
+        Parameters
+        ----------
+        use_async
+            As dicomtrolley documents it: split the work and download each part in its own thread. Here a part is
+            one series, fetched by one downloader call (so WADO-RS still asks for it in one request); the
+            instance list is searched first where ``objects`` lack it, one search per study.
+        max_workers
+            Threads for ``use_async``; None lets ``ThreadPoolExecutor`` choose. Refused without ``use_async``,
+            where it would change nothing.
 
         Returns
         -------
         list[SaveResult]
-            One per instance written or found already present, in download order. A custom ``save`` that returns
-            something else contributes nothing.
+            One per instance written or found already present, in download order (series order with
+            ``use_async``). A custom ``save`` that returns something else contributes nothing.
 
         Raises
         ------
         TrolleyError
-            The first error, after everything before it was written.
+            The first error, after everything before it was written (with ``use_async``: after every series ran).
+        UsageError
+            ``max_workers`` without ``use_async``, or ``use_async`` with a downloader that one thread at a time must
+            use (C-GET, C-MOVE: one association).
         """
+        if max_workers is not None and not use_async:
+            raise UsageError("max_workers only applies with use_async=True")
         clean_temp_files(output_dir)
-        results: list[SaveResult] = []
-        if self.storage.supports_raw():
-            for reference, payload in self._dance(self.downloader.iter_raw, objects):
-                results.append(self.storage.save_raw(reference, payload, output_dir))
+        if use_async:
+            results = self._download_threaded(objects, output_dir, max_workers)
         else:
-            for dataset in self._dance(self.downloader.datasets, objects):
-                saved = self.storage.save(dataset, output_dir)
-                if isinstance(saved, SaveResult):
-                    results.append(saved)
+            results = self._download_serial(objects, output_dir)
         present = sum(result.already_present for result in results)
         logger.info("downloaded %d instances to %s (%d already present)", len(results), output_dir, present)
+        return results
+
+    def _download_serial(
+        self, objects: Downloadable | Iterable[Downloadable], output_dir: str | os.PathLike[str]
+    ) -> list[SaveResult]:
+        results: list[SaveResult] = []
+        if self.storage.supports_raw() and getattr(self.downloader, "raw_files", True):
+            for reference, payload in self._dance(self.downloader.iter_raw, objects):
+                results.append(self.storage.save_raw(reference, payload, output_dir))
+            return results
+        for dataset in self._dance(self.downloader.datasets, objects):
+            if not getattr(self.downloader, "raw_files", True):
+                dataset = make_writable(dataset)
+            saved = self.storage.save(dataset, output_dir)
+            if isinstance(saved, SaveResult):
+                results.append(saved)
+        return results
+
+    def _download_threaded(
+        self, objects: Downloadable | Iterable[Downloadable], output_dir: str | os.PathLike[str], workers: int | None
+    ) -> list[SaveResult]:
+        """One :meth:`_download_serial` call per series on a thread pool; the first error raised after all ran."""
+        if not getattr(self.downloader, "thread_safe", False):
+            raise UsageError(f"use_async needs a downloader that threads may share; {self.downloader!r} is not")
+        items = [objects] if isinstance(objects, DICOMObject | DICOMObjectReference) else list(objects)
+        references = self._expand(items, DICOMObjectLevels.INSTANCE)
+        groups = group_by_series(ref for ref in references if isinstance(ref, InstanceReference))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trolley-download") as pool:
+            futures = [pool.submit(self._download_serial, group, output_dir) for group in groups.values()]
+        results: list[SaveResult] = []
+        errors: list[BaseException] = []
+        for future in futures:
+            error = future.exception()
+            if error is None:
+                results.extend(future.result())
+            else:
+                errors.append(error)
+        if errors:
+            raise errors[0]
         return results
 
     def fetch_all_datasets(self, objects: Downloadable | Iterable[Downloadable]) -> Iterator[Dataset]:

@@ -184,6 +184,15 @@ class DICOMObject:
         """Direct children, or an empty sequence."""
         return ()
 
+    def root(self) -> DICOMObject:
+        """The study this object belongs to (itself for a study; the topmost parent known for a detached one)."""
+        return self
+
+    def dump_content(self) -> str:
+        """This object's ``.data`` and that of everything below it, one dataset after the other, for a quick look
+        in a script (dicomtrolley has it on MINT studies; here every object of any searcher has it)."""
+        return "\n".join([str(self.data), *(child.dump_content() for child in self.children())])
+
     def all_instances(self) -> list[Instance]:
         raise NotImplementedError
 
@@ -236,6 +245,9 @@ class Instance(DICOMObject):
     def all_series(self) -> list[Series]:
         return [self.parent] if self.parent is not None else []
 
+    def root(self) -> DICOMObject:
+        return self.parent.root() if self.parent is not None else self
+
     def reference(self) -> InstanceReference:
         if self.parent is None or self.parent.parent is None:
             raise NoReferencesFoundError(f"instance {self.uid} has no series or study parent", reference=None)
@@ -258,6 +270,13 @@ class Series(DICOMObject):
 
     def all_series(self) -> list[Series]:
         return [self]
+
+    def root(self) -> DICOMObject:
+        return self.parent if self.parent is not None else self
+
+    def __getitem__(self, instance_uid: str) -> Instance:
+        """``series["<SOPInstanceUID>"]``: :meth:`get`."""
+        return self.get(instance_uid)
 
     def get(self, instance_uid: str) -> Instance:
         """The instance with this SOPInstanceUID; KeyError if this series does not hold it."""
@@ -292,6 +311,10 @@ class Study(DICOMObject):
 
     def all_series(self) -> list[Series]:
         return list(self.series)
+
+    def __getitem__(self, series_uid: str) -> Series:
+        """``study["<SeriesInstanceUID>"]``: :meth:`get`."""
+        return self.get(series_uid)
 
     def get(self, series_uid: str) -> Series:
         """The series with this SeriesInstanceUID; KeyError if this study does not hold it."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from enum import Enum
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from pydicom.datadict import tag_for_keyword
@@ -34,6 +34,11 @@ class Query(BaseModel):
     max_study_date: datetime | None = None
     include_fields: list[str] = []
 
+    open_ended_dates: ClassVar[bool] = False
+    """True for a backend that can send a one-sided date range (C-FIND ``20200301-``, PS3.4 C.2.2.2.5). Elsewhere
+    a lone date is refused rather than guessed at: MINT needs both, and a silent "until today" is a choice the
+    caller should make."""
+
     @field_validator("include_fields")
     @classmethod
     def _include_fields_are_keywords(cls, value: list[str]) -> list[str]:
@@ -44,7 +49,7 @@ class Query(BaseModel):
 
     @model_validator(mode="after")
     def _study_dates_both_or_neither(self) -> Self:
-        if (self.min_study_date is None) != (self.max_study_date is None):
+        if not self.open_ended_dates and (self.min_study_date is None) != (self.max_study_date is None):
             raise ValueError("give both min_study_date and max_study_date, or neither")
         if self.min_study_date and self.max_study_date and self.min_study_date > self.max_study_date:
             raise ValueError("min_study_date is after max_study_date")
@@ -82,7 +87,7 @@ class Query(BaseModel):
         """A dense one-line form for people and logs: only the non-default values."""
         parts = []
         for name, value in self.non_default_values().items():
-            if isinstance(value, datetime):
+            if isinstance(value, date):
                 value = value.strftime("%Y-%m-%d")
             elif isinstance(value, Enum):
                 value = value.value
@@ -91,11 +96,38 @@ class Query(BaseModel):
 
 
 class ExtendedQuery(Query):
-    """Base of the queries of strict backends (MINT, DICOM-QR).
+    """Base of the queries of strict backends (MINT, DICOM-QR), with dicomtrolley's extra matching keys.
 
+    The extra keys are matched by the server: MINT sends them as parameters, DICOM-QR puts each in the identifier of
+    its Study Root level (``trolley_tasks.fields``). ``PatientBirthDate`` is a date, sent as ``YYYYMMDD``.
     ``include_fields`` must be valid return fields for the query level, as :mod:`trolley_tasks.fields` lists them,
     so that a server never silently ignores a requested field.
     """
+
+    InstitutionName: str = ""
+    PatientSex: str = ""
+    StudyDescription: str = ""
+    SeriesDescription: str = ""
+    InstitutionalDepartmentName: str = ""
+    PatientBirthDate: date | None = None
+
+    EXTENDED_KEYS: ClassVar[tuple[str, ...]] = (
+        "InstitutionName",
+        "PatientSex",
+        "StudyDescription",
+        "SeriesDescription",
+        "InstitutionalDepartmentName",
+        "PatientBirthDate",
+    )
+
+    def extended_values(self) -> dict[str, str]:
+        """The extra matching keys that are set, as DICOM text (a date as ``YYYYMMDD``)."""
+        out: dict[str, str] = {}
+        for name in self.EXTENDED_KEYS:
+            value = getattr(self, name)
+            if value:
+                out[name] = value.strftime("%Y%m%d") if isinstance(value, date) else value
+        return out
 
     @model_validator(mode="after")
     def _include_fields_valid_for_level(self) -> Self:

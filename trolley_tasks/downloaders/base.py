@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from io import BytesIO
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import pydicom
 from pydicom import Dataset
@@ -93,9 +93,19 @@ def parse_dataset(data: bytes, reference: InstanceReference, source: str | None 
 
 
 class DownloaderBase:
-    """``datasets`` and ``get_dataset`` in terms of ``iter_raw``, so every downloader parses and checks alike."""
+    """``datasets`` and ``get_dataset`` in terms of ``iter_raw``, so every downloader parses and checks alike.
+
+    Two class attributes tell an in-process caller (:class:`~trolley_tasks.trolley.Trolley`) what it may do:
+
+    - ``thread_safe``: one instance may serve several threads at once (the HTTP clients: a requests session and
+      VitreaAuth's login lock are shared safely). False for C-GET/C-MOVE, whose association serves one thread.
+    - ``raw_files``: ``iter_raw`` yields whole Part 10 files that storage can write as they came. False for WADO-RS
+      metadata, which has datasets without pixel data and no file to keep.
+    """
 
     source: str | None = None
+    thread_safe: ClassVar[bool] = True
+    raw_files: ClassVar[bool] = True
 
     @property
     def whole_series(self) -> bool:

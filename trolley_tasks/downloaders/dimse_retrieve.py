@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from pydicom import Dataset
 
@@ -165,6 +166,7 @@ class RetrieveLoop:
     operation: str
     associations: AssociationManager
     source: str | None
+    thread_safe: ClassVar[bool] = False  # one association (AssociationManager is not thread-safe)
 
     def send(self, request: RetrieveRequest) -> Iterator[Dataset]:
         raise NotImplementedError

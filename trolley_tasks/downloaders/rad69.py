@@ -126,10 +126,26 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
                 shortfall.add(exc)
         shortfall.raise_if_any()
 
-    def _post(self, group: list[InstanceReference]) -> requests.Response:
-        envelope = request_envelope(
+    def create_instance_request(self, instance: InstanceReference) -> str:
+        """The SOAP request body for one instance (dicomtrolley's name); see :meth:`create_instances_request`."""
+        return self.create_instances_request([instance])
+
+    def create_instances_request(self, instances: Sequence[InstanceReference]) -> str:
+        """The SOAP 1.2 RetrieveImagingDocumentSetRequest this downloader posts for ``instances``, as text.
+
+        dicomtrolley renders a jinja2 template (``xml_templates.RAD69_SOAP_REQUEST_TEMPLATE``); this is built by
+        :func:`~trolley_tasks.downloaders.rad69_soap.request_envelope`, every value XML-escaped, with this
+        downloader's repository id and transfer syntaxes.
+        """
+        return self._envelope(list(instances)).decode("utf-8")
+
+    def _envelope(self, group: list[InstanceReference]) -> bytes:
+        return request_envelope(
             self.url, group, repository_unique_id=self.repository_unique_id, transfer_syntaxes=self.transfer_syntaxes
         )
+
+    def _post(self, group: list[InstanceReference]) -> requests.Response:
+        envelope = self._envelope(group)
         return http.request(
             self.session,
             "POST",

@@ -30,11 +30,11 @@ from trolley_tasks.engine.settings import Settings
 from trolley_tasks.engine.throttle import Throttle
 from trolley_tasks.profiles import SourceProfile
 from trolley_tasks.searchers.base import Searcher
-from trolley_tasks.storage.disk import DICOMDiskStorage, FlatStorageDir, StorageDir, TemplateStorage
+from trolley_tasks.storage.disk import DcmStorageDir, DICOMDiskStorage, FlatDcmStorageDir, TemplateStorage
 
 log = logging.getLogger("trolley.engine")
 
-LAYOUTS = {"study-series": StorageDir, "flat": FlatStorageDir}
+LAYOUTS = {"study-series": DcmStorageDir, "flat": FlatDcmStorageDir}
 """Named layouts; anything else given as a layout is a :class:`TemplateStorage` template."""
 
 

@@ -16,11 +16,26 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from trolley_tasks.core import Query, QueryLevels, Study, validate_uid
+from trolley_tasks.core import (
+    DICOMObject,
+    DICOMObjectReference,
+    InstanceReference,
+    Query,
+    QueryLevels,
+    SeriesReference,
+    Study,
+    validate_uid,
+)
+from trolley_tasks.errors import TrolleyError
 from trolley_tasks.searchers.base import Searcher, SearcherBase
+
+
+class NodeNotFound(TrolleyError, KeyError):
+    """:meth:`DICOMObjectCache.retrieve` has nothing fresh for that reference (never cached, expired, or cached
+    without that depth). A KeyError too, since it is a lookup miss, not a PACS failure."""
 
 
 @dataclass
@@ -35,23 +50,66 @@ class DICOMObjectCache:
 
     Parameters
     ----------
+    initial_objects
+        Objects to :meth:`add` at once (dicomtrolley's first parameter).
     expiry_seconds
-        How long an entry is good for.
+        How long an entry is good for; None keeps entries for the life of the cache (as in dicomtrolley).
     clock
         Seconds from an arbitrary start (``time.monotonic``); tests pass their own.
     """
 
-    def __init__(self, expiry_seconds: float = 600, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if expiry_seconds < 0:
+    def __init__(
+        self,
+        initial_objects: Iterable[DICOMObject] | None = None,
+        expiry_seconds: float | None = 600,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if expiry_seconds is not None and expiry_seconds < 0:
             raise ValueError("expiry_seconds cannot be negative")
-        self.expiry_seconds = float(expiry_seconds)
+        self.expiry_seconds = float(expiry_seconds) if expiry_seconds is not None else None
         self.clock = clock
         self._studies: dict[str, _Entry] = {}
         self._queries: dict[str, tuple[list[str], float]] = {}
         self._lock = threading.Lock()
+        for obj in initial_objects or ():
+            self.add(obj)
 
     def _fresh(self, stored_at: float) -> bool:
+        if self.expiry_seconds is None:
+            return True
         return self.clock() - stored_at <= self.expiry_seconds  # whole seconds of age, days included
+
+    def add(self, obj: DICOMObject) -> DICOMObject:
+        """Cache the study ``obj`` belongs to, as deep as it is filled; returns ``obj`` (dicomtrolley's call).
+
+        The whole study is cached, since its depth is what :meth:`get_study` answers for. A series or instance
+        without a study parent cannot be found again by reference, so it raises ValueError.
+        """
+        study = obj.root()
+        if not isinstance(study, Study):
+            raise ValueError(f"{obj!r} has no study parent; only objects inside a study can be cached")
+        self.add_study(study, QueryLevels.from_object_level(study.max_object_depth()))
+        return obj
+
+    def retrieve(self, reference: DICOMObjectReference) -> DICOMObject:
+        """The cached study, series or instance ``reference`` names.
+
+        Raises
+        ------
+        NodeNotFound
+            Nothing fresh is cached for it (or its study was cached without that depth).
+        """
+        study = self.get_study(reference.study_uid, QueryLevels.STUDY)  # type: ignore[attr-defined]
+        try:
+            if study is None:
+                raise KeyError(reference.study_uid)  # type: ignore[attr-defined]
+            if isinstance(reference, SeriesReference | InstanceReference):
+                series = study.get(reference.series_uid)
+                return series.get(reference.instance_uid) if isinstance(reference, InstanceReference) else series
+            return study
+        except KeyError as exc:
+            raise NodeNotFound(f"nothing cached for {reference}", reference=reference) from exc
 
     def add_study(self, study: Study, level: QueryLevels) -> None:
         """Remember ``study`` as searched at ``level``, unless a fresher deeper copy is already cached."""

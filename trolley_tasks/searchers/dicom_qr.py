@@ -12,6 +12,9 @@ empty key is a return key. Every response identifier is kept whole in the object
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import ClassVar
+
 from pydicom import Dataset
 from pynetdicom import build_context
 
@@ -41,21 +44,44 @@ IMAGE_RETURN_KEYS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber")
 
 class DICOMQuery(ExtendedQuery):
     """A query that C-FIND can express: the standard :class:`~trolley_tasks.core.Query` plus Modality, ProtocolName
-    and StudyID (dicomtrolley's ``DICOMQuery``).
+    and StudyID (dicomtrolley's ``DICOMQuery``), and :class:`~trolley_tasks.core.ExtendedQuery`'s keys.
 
-    Modality, ProtocolName and SeriesInstanceUID are series attributes. They select the series that a SERIES or
-    INSTANCE query returns, and a study matches only when at least one of its series does (also at STUDY depth,
-    where the series themselves are not returned).
+    A lone ``min_study_date`` or ``max_study_date`` is an open-ended range (``20200301-``, PS3.4 C.2.2.2.5.1), as in
+    dicomtrolley. Modality, ProtocolName, SeriesDescription and SeriesInstanceUID are series attributes. They select
+    the series that a SERIES or INSTANCE query returns, and a study matches only when at least one of its series
+    does (also at STUDY depth, where the series themselves are not returned).
     """
 
     Modality: str = ""
     ProtocolName: str = ""
     StudyID: str = ""
 
+    open_ended_dates: ClassVar[bool] = True
+
     def series_filters(self) -> dict[str, str]:
         """The series-level matching keys that are set."""
-        names = ("SeriesInstanceUID", "Modality", "ProtocolName")
+        names = ("SeriesInstanceUID", "Modality", "ProtocolName", "SeriesDescription")
         return {name: getattr(self, name) for name in names if getattr(self, name)}
+
+    def study_filters(self) -> dict[str, str]:
+        """The study-level matching keys that are set (patient keys included: Study Root, PS3.4 C.6.2.1)."""
+        out = {name: getattr(self, name) for name in _STUDY_MATCHING_KEYS if getattr(self, name)}
+        out.update({k: v for k, v in self.extended_values().items() if k not in self.series_filters()})
+        if self.min_study_date is not None or self.max_study_date is not None:
+            low = f"{self.min_study_date:%Y%m%d}" if self.min_study_date else ""
+            high = f"{self.max_study_date:%Y%m%d}" if self.max_study_date else ""
+            out["StudyDate"] = f"{low}-{high}"
+        return out
+
+
+_STUDY_MATCHING_KEYS = (
+    "StudyInstanceUID",
+    "AccessionNumber",
+    "PatientName",
+    "PatientID",
+    "ModalitiesInStudy",
+    "StudyID",
+)
 
 
 def _level_of_field(keyword: str, query_level: QueryLevels) -> QueryLevels:
@@ -77,9 +103,9 @@ class DICOMQR(SearcherBase):
     host, port
         The PACS's DICOM address (``port`` may be a string, as in dicomtrolley's examples).
     aet
-        Our calling AE title, as registered on the PACS.
+        Our calling AE title, as registered on the PACS; dicomtrolley's default ``DICOMTROLLEY``.
     aec
-        The PACS's called AE title.
+        The PACS's called AE title; dicomtrolley's default ``ANY-SCP`` (many PACS check it, so name yours).
     source
         A name for errors and logs; defaults to ``dicom://AEC@host:port``.
     timeout
@@ -92,8 +118,8 @@ class DICOMQR(SearcherBase):
         self,
         host: str,
         port: int | str,
-        aet: str,
-        aec: str,
+        aet: str = "DICOMTROLLEY",
+        aec: str = "ANY-SCP",
         *,
         source: str | None = None,
         timeout: float = 30.0,
@@ -144,6 +170,19 @@ class DICOMQR(SearcherBase):
                         builder.add(image_ds, QueryLevels.INSTANCE)
         return builder.studies()
 
+    @staticmethod
+    def parse_c_find_response(responses: Iterable[Dataset]) -> list[Study]:
+        """C-FIND identifiers (of any levels, in any order) as the object tree, as dicomtrolley offers it.
+
+        Each identifier is placed at its ``QueryRetrieveLevel`` (``IMAGE`` is INSTANCE); one without it at the
+        deepest level whose UID it carries. :class:`~trolley_tasks.errors.PayloadInvalidError` if a UID is
+        missing or invalid.
+        """
+        builder = TreeBuilder()
+        for ds in responses:
+            builder.add(ds, _answer_level(ds))
+        return builder.studies()
+
     def c_find(self, identifier: Dataset, reference: object) -> list[Dataset]:
         """The matches of one C-FIND, without repeats (some PACS answer a study once per matching series)."""
         return _unique(self.associations.find(identifier, reference), identifier.QueryRetrieveLevel)
@@ -162,19 +201,8 @@ class DICOMQR(SearcherBase):
     def _study_identifier(self, query: DICOMQuery) -> Dataset:
         ds = Dataset()
         ds.QueryRetrieveLevel = "STUDY"
-        for keyword in (
-            "StudyInstanceUID",
-            "AccessionNumber",
-            "PatientName",
-            "PatientID",
-            "ModalitiesInStudy",
-            "StudyID",
-        ):
-            value = getattr(query, keyword)
-            if value:
-                setattr(ds, keyword, value)
-        if query.min_study_date is not None and query.max_study_date is not None:
-            ds.StudyDate = f"{query.min_study_date:%Y%m%d}-{query.max_study_date:%Y%m%d}"
+        for keyword, value in query.study_filters().items():
+            setattr(ds, keyword, value)
         return self._with_return_keys(ds, STUDY_RETURN_KEYS, query, QueryLevels.STUDY)
 
     def _series_identifier(self, query: DICOMQuery, study_uid: str) -> Dataset:
@@ -193,6 +221,17 @@ class DICOMQR(SearcherBase):
         return self._with_return_keys(ds, IMAGE_RETURN_KEYS, query, QueryLevels.INSTANCE)
 
 
+def _answer_level(ds: Dataset) -> QueryLevels:
+    level = str(ds.get("QueryRetrieveLevel", "")).upper()
+    if level in _UNIQUE_KEY:
+        return _LEVELS[level]
+    for name, key in reversed(_UNIQUE_KEY.items()):
+        if ds.get(key):
+            return _LEVELS[name]
+    return QueryLevels.STUDY  # no UID at all: TreeBuilder refuses it, naming StudyInstanceUID
+
+
+_LEVELS = {"STUDY": QueryLevels.STUDY, "SERIES": QueryLevels.SERIES, "IMAGE": QueryLevels.INSTANCE}
 _UNIQUE_KEY = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
 
 

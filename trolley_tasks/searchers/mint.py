@@ -13,8 +13,10 @@ malformed is a :class:`~trolley_tasks.errors.PayloadInvalidError` that says wher
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from typing import Any
 
+import requests
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import XMLParser
 from pydantic import ValidationError, field_validator
@@ -57,9 +59,14 @@ class MintQuery(ExtendedQuery):
             raise ValueError("limit cannot be negative")
         return value
 
-    def search_params(self) -> list[tuple[str, str]]:
-        """The MINT query parameters, in a stable order."""
-        params: list[tuple[str, str]] = []
+    def as_parameters(self) -> dict[str, str]:
+        """The MINT query parameters (dicomtrolley's name), in a stable order: the matching keys that are set,
+        dates as ``YYYYMMDD``, ``QueryLevel``, ``IncludeFields`` and ``limit``.
+
+        Unlike dicomtrolley, ``limit=0`` is sent rather than left out: the server is told "all" instead of being
+        left to its own default, which may be a cap.
+        """
+        params: dict[str, str] = {}
         for name in (
             "StudyInstanceUID",
             "AccessionNumber",
@@ -70,15 +77,24 @@ class MintQuery(ExtendedQuery):
         ):
             value = getattr(self, name)
             if value:
-                params.append((name, value))
+                params[name] = value
+        params.update(self.extended_values())
         if self.min_study_date and self.max_study_date:
-            params.append(("min_study_date", f"{self.min_study_date:%Y%m%d}"))
-            params.append(("max_study_date", f"{self.max_study_date:%Y%m%d}"))
-        params.append(("QueryLevel", self.query_level.value))
+            params["min_study_date"] = f"{self.min_study_date:%Y%m%d}"
+            params["max_study_date"] = f"{self.max_study_date:%Y%m%d}"
+        params["QueryLevel"] = self.query_level.value
         if self.include_fields:
-            params.append(("IncludeFields", ",".join(self.include_fields)))
-        params.append(("limit", str(self.limit)))
+            params["IncludeFields"] = ",".join(self.include_fields)
+        params["limit"] = str(self.limit)
         return params
+
+
+@dataclass(eq=False)
+class MintStudy(Study):
+    """A study as MINT describes it: also MINT's own ``studyUUID`` (not a DICOM UID) and ``lastModified``."""
+
+    mint_uuid: str = ""
+    last_modified: str = ""
 
 
 def _value(vr: str, val: str | None) -> Any:
@@ -114,6 +130,14 @@ def _dataset(element: ET.Element) -> Dataset:
     return ds
 
 
+def parse_mint_studies_response(response: requests.Response) -> list[MintStudy]:
+    """A whole MINT answer (a ``requests.Response``, read to the end) as studies, every level read: dicomtrolley's
+    entry point for a response a script already has. :class:`Mint` streams, caps and parses to the query level
+    instead. Raises :class:`~trolley_tasks.errors.PayloadInvalidError` as :func:`parse_mint_xml` does."""
+    studies = parse_mint_xml(response.content, QueryLevels.INSTANCE, source=redact_url(response.url or ""))
+    return [study for study in studies if isinstance(study, MintStudy)]
+
+
 def parse_mint_xml(body: bytes | list[bytes], level: QueryLevels, *, source: str | None = None) -> list[Study]:
     """A MINT study search answer as the object tree, down to ``level`` (deeper elements are not read).
 
@@ -133,17 +157,22 @@ def parse_mint_xml(body: bytes | list[bytes], level: QueryLevels, *, source: str
         raise PayloadInvalidError(f"MINT answer is not well-formed XML: {exc}", source=source) from exc
     except DefusedXmlException as exc:
         raise PayloadInvalidError(f"MINT answer uses a forbidden XML feature: {exc!r}", source=source) from exc
+    except (LookupError, ValueError) as exc:  # an encoding expat does not know, or a multi-byte one it refuses
+        raise PayloadInvalidError(f"MINT answer declares an unreadable encoding: {exc}", source=source) from exc
     if root.tag != f"{_NS}studySearchResults":
         raise PayloadInvalidError(
             f"MINT answer's root is {root.tag!r}, expected studySearchResults in namespace {MINT_NAMESPACE}",
             source=source,
         )
     depth = _DEPTH[QueryLevels(level)]
-    builder = TreeBuilder(source=source)
+    builder = TreeBuilder(source=source, study_class=MintStudy)
     try:
         for study_el in root.iterfind(f"{_NS}study"):
             study_ds = _dataset(study_el)
-            builder.add(study_ds, QueryLevels.STUDY)
+            study = builder.add(study_ds, QueryLevels.STUDY)
+            assert isinstance(study, MintStudy)
+            study.mint_uuid = study_el.get("studyUUID", study.mint_uuid)
+            study.last_modified = study_el.get("lastModified", study.last_modified)
             study_uid = dataset_uid(study_ds, "StudyInstanceUID", source=source)
             if depth < 1:
                 continue
@@ -184,7 +213,7 @@ class Mint(HTTPEndpoint, SearcherBase):
 
     def find_studies(self, query: Query) -> list[Study]:
         mint_query = self.ensure_query_type(query)
-        url = f"{self.url}/studies?{query_string(mint_query.search_params())}"
+        url = f"{self.url}/studies?{query_string(mint_query.as_parameters())}"
 
         def once() -> list[Study]:
             response = request(

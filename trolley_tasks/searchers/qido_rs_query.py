@@ -21,6 +21,7 @@ plain Query is an explicit decision, never "try one and catch the ValidationErro
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Self
 from urllib.parse import quote
@@ -106,25 +107,26 @@ class QidoRSQueryBase(Query):
     def _uids_in_path(self) -> set[str]:
         return set()
 
-    def uri_search_params(self) -> list[tuple[str, str]]:
-        """The matching, includefield and fuzzymatching parameters, in order; limit/offset are the pager's.
+    def uri_search_params(self) -> dict[str, str | list[str]]:
+        """The matching, includefield and fuzzymatching parameters, as dicomtrolley returns them: a dict, where a
+        list value (``includefield``) is a parameter repeated; limit/offset are the pager's.
 
         UIDs already in the path are not repeated. Empty values are left out.
         """
-        params: list[tuple[str, str]] = []
+        params: dict[str, str | list[str]] = {}
         in_path = self._uids_in_path()
         for name in ("StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName", "AccessionNumber"):
             value = getattr(self, name)
             if value and name not in in_path:
-                params.append((name, value))
+                params[name] = value
         if self.ModalitiesInStudy:
-            params.append(("ModalitiesInStudy", self.ModalitiesInStudy))
+            params["ModalitiesInStudy"] = self.ModalitiesInStudy
         if self.min_study_date and self.max_study_date:
-            params.append(("StudyDate", date_range_to_str(self.min_study_date, self.max_study_date)))
-        for name in self.include_fields:
-            params.append(("includefield", name))
+            params["StudyDate"] = date_range_to_str(self.min_study_date, self.max_study_date)
+        if self.include_fields:
+            params["includefield"] = list(self.include_fields)
         if self.fuzzymatching:
-            params.append(("fuzzymatching", "true"))
+            params["fuzzymatching"] = "true"
         return params
 
 
@@ -133,9 +135,14 @@ def date_range_to_str(min_date: datetime, max_date: datetime) -> str:
     return f"{min_date:%Y%m%d}-{max_date:%Y%m%d}"
 
 
-def query_string(params: list[tuple[str, str]]) -> str:
-    """``name=value&...`` with :func:`_quote`'s encoding (requests' ``params=`` would encode ``*``)."""
-    return "&".join(f"{quote(name, safe='')}={_quote(value)}" for name, value in params)
+def query_string(params: Mapping[str, str | list[str]] | Iterable[tuple[str, str]]) -> str:
+    """``name=value&...`` with :func:`_quote`'s encoding (requests' ``params=`` would encode ``*``).
+
+    ``params`` is pairs, or a dict as requests takes it, where a list value repeats its parameter.
+    """
+    pairs: Iterable[tuple[str, str | list[str]]] = params.items() if isinstance(params, Mapping) else params
+    flat = [(name, item) for name, value in pairs for item in ([value] if isinstance(value, str) else value)]
+    return "&".join(f"{quote(name, safe='')}={_quote(value)}" for name, value in flat)
 
 
 class HierarchicalQuery(QidoRSQueryBase):

@@ -61,11 +61,13 @@ class TreeBuilder:
     """Accumulates datasets of any level into one tree. :func:`build_tree` is the one-call form.
 
     Searchers that collect an answer in several calls (a study, then its series, then each series' instances) add
-    each answer at its own level, and get one consistent tree.
+    each answer at its own level, and get one consistent tree. ``study_class`` lets a protocol return its own kind
+    of study (MINT's :class:`~trolley_tasks.searchers.mint.MintStudy`, which also carries MINT's own ids).
     """
 
-    def __init__(self, *, source: str | None = None) -> None:
+    def __init__(self, *, source: str | None = None, study_class: type[Study] = Study) -> None:
         self.source = source
+        self.study_class = study_class
         self._studies: dict[str, Study] = {}
         self._series: dict[tuple[str, str], Series] = {}
         self._instances: dict[tuple[str, str, str], Instance] = {}
@@ -76,7 +78,7 @@ class TreeBuilder:
         study_uid = dataset_uid(ds, "StudyInstanceUID", source=self.source)
         study = self._studies.get(study_uid)
         if study is None:
-            study = self._studies[study_uid] = Study(study_uid, data=Dataset())
+            study = self._studies[study_uid] = self.study_class(study_uid, data=Dataset())
         if level == QueryLevels.STUDY:
             _merge(study.data, ds, None)
             return study

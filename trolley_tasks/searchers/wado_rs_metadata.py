@@ -1,5 +1,8 @@
 """WADO-RS metadata (PS3.18 10.4.1.1.2) as a Searcher: the instance tree of a study named by its UID.
 
+dicomtrolley's *downloader* of the same protocol, ``WadoRSMetaData`` (capital D), is
+:mod:`trolley_tasks.downloaders.wado_rs_metadata`.
+
 ``GET {url}/studies/{study}/metadata`` (or ``.../series/{series}/metadata``) answers the full header of every
 instance, as DICOM JSON, bulk data by URI (never fetched here, see :mod:`trolley_tasks.formats.dicom_json`). It is a
 cheap
@@ -12,14 +15,11 @@ study", and every other failure maps to the error tree through :mod:`trolley_tas
 
 from __future__ import annotations
 
-from pydicom import Dataset
-
 from trolley_tasks.core import Query, QueryLevels, Study, StudyReference, validate_uid
-from trolley_tasks.errors import NotFoundError, StudyNotFoundError, UnSupportedParameterError
-from trolley_tasks.formats.dicom_json import datasets_from_json
+from trolley_tasks.errors import StudyNotFoundError, UnSupportedParameterError
 from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.tree import build_tree, prune_to_level
-from trolley_tasks.transports.http import HTTPEndpoint, read_body, redact_url, request, retrying
+from trolley_tasks.transports.http import HTTPEndpoint, get_dicom_json, redact_url
 
 _ANSWERABLE = {"StudyInstanceUID", "SeriesInstanceUID", "query_level", "include_fields"}
 
@@ -72,27 +72,9 @@ class WadoRSMetadata(HTTPEndpoint, SearcherBase):
             path += f"/series/{series_uid}"
         url = f"{self.url}{path}/metadata"
         reference = StudyReference(study_uid)
-
-        def once() -> list[Dataset]:
-            try:
-                response = request(
-                    self.session,
-                    "GET",
-                    url,
-                    source=self.source,
-                    reference=reference,
-                    headers={"Accept": "application/dicom+json"},
-                    timeout=self.timeout,
-                )
-            except NotFoundError as exc:
-                raise self._missing(reference, url) from exc
-            if response.status_code == 204:
-                response.close()
-                raise self._missing(reference, url)
-            body = read_body(response, source=self.source, reference=reference)
-            return datasets_from_json(body, source=self.source, what=f"WADO-RS metadata from {redact_url(url)}")
-
-        datasets = retrying(once, tries=self.request_tries)
+        datasets = get_dicom_json(self, url, reference)
+        if datasets is None:
+            raise self._missing(reference, url)
         studies = [s for s in build_tree(datasets, QueryLevels.INSTANCE, source=self.source) if s.uid == study_uid]
         if not studies:
             raise self._missing(reference, url)

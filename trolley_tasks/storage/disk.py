@@ -2,8 +2,10 @@
 
 Layouts (see :mod:`trolley_tasks.storage.layouts` for the path rules):
 
-- :class:`StorageDir` (the default): ``<out>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``;
-- :class:`FlatStorageDir`: ``<out>/<SOPInstanceUID>.dcm``;
+- :class:`StorageDir` (Trolley's default, as in dicomtrolley): ``<out>/1_2_3/1_2_3_4/1_2_3_4_5``;
+- :class:`FlatStorageDir` (dicomtrolley's): ``<out>/1_2_3_4_5``;
+- :class:`DcmStorageDir` (the CLI's default): ``<out>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``;
+- :class:`FlatDcmStorageDir`: ``<out>/<SOPInstanceUID>.dcm``;
 - :class:`TemplateStorage`: any template over DICOM keywords;
 - a subclass of :class:`DICOMDiskStorage` that overrides ``save(dataset, path)``, as in dicomtrolley.
 
@@ -30,10 +32,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydicom import Dataset
 
@@ -48,15 +48,16 @@ from trolley_tasks.formats.part10 import (
     dataset_value,
     read_part10_header,
 )
-from trolley_tasks.storage.durable import (
-    AtomicFile,
-    Committer,
-    commit_now,
-    fsync_path,
-    remove_stale_temp_files,
-    replace,
+from trolley_tasks.storage.durable import AtomicFile, Committer, remove_stale_temp_files, replace
+from trolley_tasks.storage.layouts import (
+    DICOMTROLLEY_FLAT,
+    DICOMTROLLEY_STUDY_SERIES,
+    FLAT,
+    STUDY_SERIES,
+    PathTemplate,
+    path_component,
 )
-from trolley_tasks.storage.layouts import PathTemplate, path_component
+from trolley_tasks.storage.placement import SaveResult, place, place_file
 
 logger = logging.getLogger("trolley.storage")
 
@@ -66,31 +67,8 @@ QUARANTINE_DIR = f"{WORK_DIR}/quarantine"
 """Inside the hidden work folder: the export tree holds the export (instances and the report), nothing a verifier or
 a pipeline walking it would take for data."""
 STALE_TEMP_SECONDS = 3600.0
-_COMPARE_CHUNK = 1024 * 1024
 
 PathLike = str | os.PathLike[str]
-
-
-@dataclass(frozen=True)
-class SaveResult:
-    """What a save did.
-
-    Attributes
-    ----------
-    path
-        The final file.
-    size
-        Its size in bytes.
-    already_present
-        An identical file (same size, same bytes) was already there and was not touched.
-    replaced
-        A different file was there and was replaced, atomically, by the new one.
-    """
-
-    path: Path
-    size: int
-    already_present: bool = False
-    replaced: bool = False
 
 
 class QuarantinedPayloadError(PayloadInvalidError):
@@ -112,6 +90,8 @@ class DICOMDiskStorage:
     """
 
     template: PathTemplate | None = None
+    also_recognised: tuple[PathTemplate, ...] = ()
+    """Other layouts whose files :meth:`existing_valid` accepts as already present (dotted <-> dicomtrolley)."""
 
     def __init__(self, path: PathLike | None = None) -> None:
         self.path = Path(path) if path is not None else None
@@ -141,7 +121,7 @@ class DICOMDiskStorage:
                 uid = dataset.get("SOPInstanceUID")
                 raise PayloadInvalidError(f"dataset {uid} cannot be written as a DICOM file: {exc}") from exc
             temp.close()
-            return _place(temp, final, root)
+            return place(temp, final, root)
 
     def save_raw(
         self,
@@ -196,7 +176,7 @@ class DICOMDiskStorage:
             except PayloadInvalidError as exc:
                 target = _quarantine(temp.detach(), root, reference)
                 raise QuarantinedPayloadError(exc.message, quarantine_path=target, reference=reference) from exc
-            return _place(temp, self._final(reference, header, root), root, committer, reference.instance_uid)
+            return place(temp, self._final(reference, header, root), root, committer, reference.instance_uid)
 
     def _save_file(
         self, reference: InstanceReference, source: Path, root: Path, committer: Committer | None
@@ -209,7 +189,7 @@ class DICOMDiskStorage:
         except PayloadInvalidError as exc:
             target = _quarantine(source, root, reference)
             raise QuarantinedPayloadError(exc.message, quarantine_path=target, reference=reference) from exc
-        result = _place_file(source, self._final(reference, header, root), root, committer, reference.instance_uid)
+        result = place_file(source, self._final(reference, header, root), root, committer, reference.instance_uid)
         if result.already_present:
             source.unlink(missing_ok=True)
         return result
@@ -230,10 +210,13 @@ class DICOMDiskStorage:
             return None
         return Path(template.render(lambda kw: _reference_value(reference, kw)))
 
-    def reference_path(self, reference: InstanceReference, path: PathLike | None = None) -> Path | None:
-        """The final path of ``reference``, or None when the layout needs attributes from the file itself (a
-        template using PatientID, say): then only the engine's ledger knows whether the instance is done."""
-        template = self._template()
+    def reference_path(
+        self, reference: InstanceReference, path: PathLike | None = None, template: PathTemplate | None = None
+    ) -> Path | None:
+        """The final path of ``reference`` (under ``template``, by default this storage's own), or None when the
+        layout needs attributes from the file itself (a template using PatientID, say): then only the engine's
+        ledger knows whether the instance is done."""
+        template = template if template is not None else self._template()
         if template.needs_dataset:
             return None
         return self._confined(self._root(path), template.render(lambda kw: _reference_value(reference, kw)))
@@ -242,21 +225,25 @@ class DICOMDiskStorage:
         """A SaveResult (``already_present``) when a valid file for ``reference`` is already in place, else None.
 
         Lets the engine count an instance as done without fetching it. Valid means: a whole Part 10 file (see
-        :func:`read_part10_header`) of that instance (:func:`check_identity`). Always None when
+        :func:`read_part10_header`) of that instance (:func:`check_identity`). The layouts in
+        :attr:`also_recognised` are looked at too, so that a re-export into a folder that dicomtrolley filled (or
+        the other way round) fetches nothing again; the file found is left where it is. Always None when
         :meth:`reference_path` is None.
         """
-        final = self.reference_path(reference, path)
-        if final is None:
-            return None
-        try:
-            size = final.stat().st_size
-            check_identity(read_part10_header(final), reference)
-        except FileNotFoundError:
-            return None
-        except PayloadInvalidError as exc:
-            logger.warning("existing file %s is not valid (%s); it will be fetched again", final, exc.message)
-            return None
-        return SaveResult(final, size, already_present=True)
+        for template in (self._template(), *self.also_recognised):
+            final = self.reference_path(reference, path, template)
+            if final is None:
+                continue
+            try:
+                size = final.stat().st_size
+                check_identity(read_part10_header(final), reference)
+            except FileNotFoundError:
+                continue
+            except PayloadInvalidError as exc:
+                logger.warning("existing file %s is not valid (%s); it will be fetched again", final, exc.message)
+                continue
+            return SaveResult(final, size, already_present=True)
+        return None
 
     # ------------------------------------------------------------------------------------------------- helpers
 
@@ -296,23 +283,55 @@ class TemplateStorage(DICOMDiskStorage):
     >>> TemplateStorage("{PatientID}/{StudyDate}_{AccessionNumber}/{Modality}_{SeriesInstanceUID}/{SOPInstanceUID}.dcm")
     """
 
-    def __init__(self, template: str, path: PathLike | None = None) -> None:
+    def __init__(self, template: str | PathTemplate, path: PathLike | None = None) -> None:
         super().__init__(path)
-        self.template = PathTemplate(template)
+        self.template = template if isinstance(template, PathTemplate) else PathTemplate(template)
 
 
 class StorageDir(TemplateStorage):
-    """``<out>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``: the default layout."""
+    """dicomtrolley's layout, under its name: ``<out>/1_2_3/1_2_3_4/1_2_3_4_5`` (Study/Series/SOPInstanceUID, dots
+    as underscores, no extension), so that a script moved from dicomtrolley writes the same files.
+
+    Files of :class:`DcmStorageDir` (our dotted ``.dcm`` layout) count as already present too.
+    """
+
+    also_recognised = (STUDY_SERIES,)
 
     def __init__(self, path: PathLike | None = None) -> None:
-        super().__init__("{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm", path)
+        super().__init__(DICOMTROLLEY_STUDY_SERIES, path)
 
 
 class FlatStorageDir(TemplateStorage):
-    """``<out>/<SOPInstanceUID>.dcm``: every file in one folder."""
+    """dicomtrolley's flat layout, under its name: ``<out>/1_2_3_4_5``. Files of :class:`FlatDcmStorageDir` count
+    as already present too."""
+
+    also_recognised = (FLAT,)
 
     def __init__(self, path: PathLike | None = None) -> None:
-        super().__init__("{SOPInstanceUID}.dcm", path)
+        super().__init__(DICOMTROLLEY_FLAT, path)
+
+
+class DcmStorageDir(TemplateStorage):
+    """``<out>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``: the CLI's default (``study-series``).
+
+    Dotted UIDs and an extension that file browsers and viewers recognise; dicomtrolley's names (:class:`StorageDir`)
+    count as already present.
+    """
+
+    also_recognised = (DICOMTROLLEY_STUDY_SERIES,)
+
+    def __init__(self, path: PathLike | None = None) -> None:
+        super().__init__(STUDY_SERIES, path)
+
+
+class FlatDcmStorageDir(TemplateStorage):
+    """``<out>/<SOPInstanceUID>.dcm``: every file in one folder (the CLI's ``flat``); dicomtrolley's flat names
+    (:class:`FlatStorageDir`) count as already present."""
+
+    also_recognised = (DICOMTROLLEY_FLAT,)
+
+    def __init__(self, path: PathLike | None = None) -> None:
+        super().__init__(FLAT, path)
 
 
 def clean_temp_files(root: PathLike, older_than: float = STALE_TEMP_SECONDS) -> int:
@@ -343,57 +362,3 @@ def _quarantine(temp: Path, root: Path, reference: InstanceReference) -> Path:
     target = directory / f"{path_component(reference.instance_uid, 'SOPInstanceUID', is_uid=True)}.bad"
     replace(temp, target)
     return target
-
-
-def _place(temp: AtomicFile, final: Path, root: Path, committer: Committer | None = None, key: str = "") -> SaveResult:
-    """Commit a checked temp file under ``final``, unless the same bytes are there already (then it is removed)."""
-    result = _place_file(temp.path, final, root, committer, key)
-    if not result.already_present:
-        temp.detach()  # renamed, or being renamed by the committer: no longer ours to remove
-    return result
-
-
-def _place_file(source: Path, final: Path, root: Path, committer: Committer | None, key: str) -> SaveResult:
-    """Rename the checked file ``source`` to ``final`` (durably), unless an identical file is there already."""
-    size = source.stat().st_size
-    _make_dirs(final.parent, root)
-    try:
-        existing = final.stat().st_size
-    except FileNotFoundError:
-        existing = None
-    if existing == size and _same_bytes(source, final):
-        return SaveResult(final, size, already_present=True)
-    if committer is None:
-        commit_now(source, final)
-    else:
-        committer.submit(key, source, final)
-    if existing is not None:
-        logger.warning("replaced %s: the server sent different bytes than the file already there", final)
-    return SaveResult(final, size, replaced=existing is not None)
-
-
-def _make_dirs(directory: Path, root: Path) -> None:
-    """Create ``directory`` and fsync the parent of each new level, so that a renamed file's path survives a crash."""
-    if directory.is_dir():
-        return
-    missing: list[Path] = []
-    current = directory
-    while not current.is_dir() and current != root:
-        missing.append(current)
-        current = current.parent
-    for level in reversed(missing):
-        try:
-            level.mkdir()
-        except FileExistsError:
-            continue  # another worker made it
-        fsync_path(level.parent)
-    directory.mkdir(parents=True, exist_ok=True)
-
-
-def _same_bytes(first: Path, second: Path) -> bool:
-    with open(first, "rb") as a, open(second, "rb") as b:
-        return all(x == y for x, y in zip(_chunks(a), _chunks(b), strict=False)) and not a.read(1) and not b.read(1)
-
-
-def _chunks(handle: BinaryIO) -> Iterator[bytes]:
-    return iter(lambda: handle.read(_COMPARE_CHUNK), b"")

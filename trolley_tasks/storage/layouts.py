@@ -10,6 +10,10 @@ the PACS, so every one is treated as hostile:
 - other values are sanitized: characters outside ``[A-Za-z0-9._-^ ]`` become ``_``, a leading ``.`` becomes ``_``
   (no hidden files), values are cut to 64 characters, and an empty or absent value becomes ``UNKNOWN``.
 
+With ``uid_dot="_"`` the dots of UID values become underscores: dicomtrolley's file names (``1_2_3/1_2_3_4/1_2_3_4_5``),
+still one name per UID, since a UID holds only digits and dots. :data:`STUDY_SERIES` and :data:`FLAT` are our named
+layouts (dotted, ``.dcm``); :data:`DICOMTROLLEY_STUDY_SERIES` and :data:`DICOMTROLLEY_FLAT` are dicomtrolley's.
+
 A template is checked when it is built (:class:`ConfigurationError` otherwise): only known DICOM keywords with a
 printable VR, no format specs, a relative path, and a file name that is unique per SOPInstanceUID, because two
 instances must never be written to one file.
@@ -97,15 +101,19 @@ class PathTemplate:
         SOPInstanceUID unambiguously.
     """
 
-    def __init__(self, template: str) -> None:
+    def __init__(self, template: str, *, uid_dot: str = ".") -> None:
+        if uid_dot not in (".", "_"):
+            raise ConfigurationError(f"uid_dot must be '.' or '_', not {uid_dot!r}")
         self.template = template
-        self.components = _parse(template)
+        self.uid_dot = uid_dot
+        self.components = _parse(template, uid_dot)
         self.keywords = frozenset(
             token.keyword for component in self.components for token in component if isinstance(token, _Field)
         )
 
     def __repr__(self) -> str:
-        return f"PathTemplate({self.template!r})"
+        dots = f", uid_dot={self.uid_dot!r}" if self.uid_dot != "." else ""
+        return f"PathTemplate({self.template!r}{dots})"
 
     @property
     def needs_dataset(self) -> bool:
@@ -116,19 +124,18 @@ class PathTemplate:
         """The relative path for the values ``lookup`` gives. Raises UnsafePathError; never returns an escape."""
         parts = []
         for component in self.components:
-            text = "".join(
-                token
-                if isinstance(token, str)
-                else path_component(lookup(token.keyword), token.keyword, is_uid=token.is_uid)
-                for token in component
-            )
+            text = "".join(token if isinstance(token, str) else self._value(token, lookup) for token in component)
             if text in (".", ".."):  # e.g. "{A}{B}" with A = B = "."; each alone is refused, but be sure
                 raise UnsafePathError(f"path component {text!r} built from {self.template!r} would escape")
             parts.append(text)
         return PurePosixPath(*parts)
 
+    def _value(self, token: _Field, lookup: Lookup) -> str:
+        text = path_component(lookup(token.keyword), token.keyword, is_uid=token.is_uid)
+        return text.replace(".", self.uid_dot) if token.is_uid else text
 
-def _parse(template: str) -> list[list[Token]]:
+
+def _parse(template: str, uid_dot: str = ".") -> list[list[Token]]:
     if not template or template.startswith("/") or "\\" in template or "\x00" in template:
         raise ConfigurationError(f"path template {template!r} must be a relative path with '/' separators")
     tokens: list[Token] = []
@@ -153,7 +160,7 @@ def _parse(template: str) -> list[list[Token]]:
         literal = "".join(token for token in component if isinstance(token, str))
         if not component or (only_literal and literal in (".", "..")):
             raise ConfigurationError(f"path template {template!r} has an empty, '.' or '..' component")
-    _check_unique_name(components[-1], template)
+    _check_unique_name(components[-1], template, _UID_CHARACTERS | {uid_dot})
     return components
 
 
@@ -182,7 +189,7 @@ def _split(tokens: Iterable[Token]) -> list[list[Token]]:
     return components
 
 
-def _check_unique_name(name: list[Token], template: str) -> None:
+def _check_unique_name(name: list[Token], template: str, uid_characters: frozenset[str]) -> None:
     """The file name must give the SOPInstanceUID back: ``<prefix>{SOPInstanceUID}<literal suffix>``, where the
     prefix is empty or ends in a literal character that cannot be part of a UID. Then distinct instances always get
     distinct names, whatever the other values are."""
@@ -199,5 +206,11 @@ def _check_unique_name(name: list[Token], template: str) -> None:
         raise ConfigurationError(refusal)
     if where > 0:
         before = name[where - 1]
-        if not isinstance(before, str) or before[-1] in _UID_CHARACTERS:
+        if not isinstance(before, str) or before[-1] in uid_characters:
             raise ConfigurationError(refusal)
+
+
+STUDY_SERIES = PathTemplate("{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm")
+FLAT = PathTemplate("{SOPInstanceUID}.dcm")
+DICOMTROLLEY_STUDY_SERIES = PathTemplate("{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}", uid_dot="_")
+DICOMTROLLEY_FLAT = PathTemplate("{SOPInstanceUID}", uid_dot="_")

@@ -127,8 +127,8 @@ class VitreaAuth(AuthBase):
     ----------
     login_url
         The login endpoint.
-    username, password
-        The account. Prefer :meth:`from_env` / :meth:`from_file`.
+    user, password
+        The account (``user`` as dicomtrolley names it). Prefer :meth:`from_env` / :meth:`from_file`.
     realm
         ``X-Realm``; Vitrea's default is ``DefaultSystemRealm``.
     session
@@ -147,13 +147,13 @@ class VitreaAuth(AuthBase):
     def __init__(
         self,
         login_url: str,
-        username: str,
+        user: str,
         password: str,
         realm: str = DEFAULT_REALM,
         session: requests.Session | None = None,
     ) -> None:
         self.login_url = login_url
-        self.username = username
+        self.user = user
         self.realm = realm
         self._password = password
         self._session = session
@@ -163,18 +163,16 @@ class VitreaAuth(AuthBase):
         self._local = threading.local()
 
     @classmethod
-    def from_env(cls, login_url: str, username: str, *, password_env: str, realm: str = DEFAULT_REALM) -> VitreaAuth:
-        return cls(login_url, username, read_secret(env=password_env, what=f"password of {username}"), realm)
+    def from_env(cls, login_url: str, user: str, *, password_env: str, realm: str = DEFAULT_REALM) -> VitreaAuth:
+        return cls(login_url, user, read_secret(env=password_env, what=f"password of {user}"), realm)
 
     @classmethod
-    def from_file(
-        cls, login_url: str, username: str, *, password_file: PathLike, realm: str = DEFAULT_REALM
-    ) -> VitreaAuth:
-        return cls(login_url, username, read_secret(file=password_file, what=f"password of {username}"), realm)
+    def from_file(cls, login_url: str, user: str, *, password_file: PathLike, realm: str = DEFAULT_REALM) -> VitreaAuth:
+        return cls(login_url, user, read_secret(file=password_file, what=f"password of {user}"), realm)
 
     def __repr__(self) -> str:
         return (
-            f"VitreaAuth(login_url={redact_url(self.login_url)!r}, username={self.username!r}, "
+            f"VitreaAuth(login_url={redact_url(self.login_url)!r}, user={self.user!r}, "
             f"realm={self.realm!r}, password=<hidden>)"
         )
 
@@ -203,7 +201,7 @@ class VitreaAuth(AuthBase):
                     "POST",
                     self.login_url,
                     source=where,
-                    headers={"X-Userid": self.username, "X-Password": self._password, "X-Realm": self.realm},
+                    headers={"X-Userid": self.user, "X-Password": self._password, "X-Realm": self.realm},
                     ok_statuses=_LOGIN_REFUSALS,
                 )
             finally:
@@ -211,17 +209,15 @@ class VitreaAuth(AuthBase):
             response.close()
             if response.status_code != 200:
                 raise AuthError(
-                    f"Vitrea login as {self.username!r} (realm {self.realm}) failed: HTTP {response.status_code}",
+                    f"Vitrea login as {self.user!r} (realm {self.realm}) failed: HTTP {response.status_code}",
                     source=where,
                 )
             if not response.cookies:
-                raise AuthError(
-                    f"Vitrea login as {self.username!r} answered 200 but set no session cookie", source=where
-                )
+                raise AuthError(f"Vitrea login as {self.user!r} answered 200 but set no session cookie", source=where)
             self._jar = requests.cookies.RequestsCookieJar()
             self._jar.update(response.cookies)
             self._generation += 1
-            logger.info("logged in to %s as %s (login %d)", where, self.username, self._generation)
+            logger.info("logged in to %s as %s (login %d)", where, self.user, self._generation)
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         if getattr(self._local, "in_login", False):
@@ -311,6 +307,49 @@ class _PinnedTLSAdapter(HTTPAdapter):
         if self._verify is not None:
             kwargs["verify"] = self._verify
         return super().send(request, *args, **kwargs)
+
+
+def create_session(login_url: str, user: str, password: str, realm: str = DEFAULT_REALM) -> requests.Session:
+    """A session that logs in to Vitrea when it first needs to, and again on a 401: dicomtrolley's one-liner.
+
+    The same as ``make_session(VitreaAuth(login_url, user, password, realm))``; use :func:`make_session` for a client
+    certificate or a CA bundle, and :meth:`VitreaAuth.from_env` to keep the password out of the script.
+    """
+    return make_session(VitreaAuth(login_url, user, password, realm))
+
+
+def impax_login(wado_url: str, user: str, password: str, session: requests.Session | None = None) -> requests.Session:
+    """Log ``session`` (a new one by default) in to AGFA IMPAX Data Center 3.1.1's WADO, and return it.
+
+    The flow is stateful and odd (PROTOCOLS.md): one ``GET wado_url`` opens a session, then ``GET
+    wado_url/j_security_check?j_username=&j_password=`` logs it in. A failure answers 200 with "Login Failed!" in
+    the body; a success answers 403. The password travels in the query string because the server wants it there;
+    no message or log here shows that URL's query (:func:`~trolley_tasks.transports.http.redact_url`).
+
+    Raises
+    ------
+    AuthError
+        "Login Failed!" in the answer, or any status but 200/403 in the 4xx range.
+    RetrievalError
+        The server cannot be reached or fails (the error tree's network, busy and server classes).
+    """
+    session = session if session is not None else requests.Session()
+    where = redact_url(wado_url)
+    request(session, "GET", wado_url, source=where, ok_statuses=_LOGIN_REFUSALS).close()  # opens the session
+    response = request(
+        session,
+        "GET",
+        f"{wado_url.rstrip('/')}/j_security_check",
+        source=where,
+        params={"j_username": user, "j_password": password},
+        ok_statuses=_LOGIN_REFUSALS,
+    )
+    failed = "Login Failed!" in response.text or response.status_code not in (200, 403)
+    response.close()
+    if failed:
+        raise AuthError(f"IMPAX login as {user!r} failed (HTTP {response.status_code})", source=where)
+    logger.info("logged in to IMPAX WADO %s as %s", where, user)
+    return session
 
 
 def make_session(

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import urllib3.exceptions
+from pydicom import Dataset
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from trolley_tasks.errors import (
@@ -42,6 +43,7 @@ from trolley_tasks.errors import (
     ServerError,
     TransientNetworkError,
 )
+from trolley_tasks.formats.dicom_json import datasets_from_json
 
 DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 60.0)
 """(connect, read) seconds. A read timeout is the longest silence between two bytes, not the whole transfer."""
@@ -301,3 +303,30 @@ class HTTPEndpoint:
         """Close the session's pooled connections if this client made the session; a caller's session stays open."""
         if self.owns_session:
             self.session.close()
+
+
+def get_dicom_json(endpoint: HTTPEndpoint, url: str, reference: Any) -> list[Dataset] | None:
+    """The datasets of a WADO-RS metadata answer (PS3.18 10.4.1.1.2) at ``url``, or None when the server has none
+    (404, Orthanc's answer for an unknown UID, or 204). Retried as one small idempotent request
+    (:func:`retrying`); every other failure is raised from the error tree. Bulk data is never fetched."""
+
+    def once() -> list[Dataset] | None:
+        try:
+            response = request(
+                endpoint.session,
+                "GET",
+                url,
+                source=endpoint.source,
+                reference=reference,
+                headers={"Accept": "application/dicom+json"},
+                timeout=endpoint.timeout,
+            )
+        except NotFoundError:
+            return None
+        if response.status_code == 204:
+            response.close()
+            return None
+        body = read_body(response, source=endpoint.source, reference=reference)
+        return datasets_from_json(body, source=endpoint.source, what=f"WADO-RS metadata from {redact_url(url)}")
+
+    return retrying(once, tries=endpoint.request_tries)
