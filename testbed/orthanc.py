@@ -66,7 +66,8 @@ class OrthancServer:
     workdir
         Folder for the configuration, the database and the log. Removed by nobody: the caller owns it.
     modalities
-        C-MOVE destinations, ``{"TROLLEY": ("TROLLEY", port)}``; the host is always 127.0.0.1.
+        C-MOVE destinations, ``{"TROLLEY": ("TROLLEY", port)}`` on 127.0.0.1 (:meth:`set_modality` can name
+        another host while Orthanc runs).
     users
         HTTP basic-auth users ``{"name": "password"}``; when given, authentication is enabled.
     extra_config
@@ -199,13 +200,26 @@ class OrthancServer:
         """Generate and upload every instance of ``cohort``."""
         return self.upload((cohort.encode(item) for item in cohort), threads=threads)
 
-    def set_modality(self, name: str, aet: str, port: int) -> None:
-        """Add or change a C-MOVE destination while Orthanc runs (PUT /modalities/{name})."""
+    def set_modality(self, name: str, aet: str, port: int, host: str = HOST) -> None:
+        """Add or change a C-MOVE destination while Orthanc runs (PUT /modalities/{name}); ``host`` is where Orthanc
+        connects to send (another address than 127.0.0.1 only for the namespace hosts' test, on its own bridge)."""
         response = self.session.put(
-            f"{self.url}/modalities/{name}", json={"AET": aet, "Host": HOST, "Port": port}, timeout=10
+            f"{self.url}/modalities/{name}", json={"AET": aet, "Host": host, "Port": port}, timeout=10
         )
         response.raise_for_status()
         self.modalities[name] = (aet, port)
+
+    def delete_modality(self, name: str) -> None:
+        """Remove a C-MOVE destination (DELETE /modalities/{name}); one that is not there is not an error."""
+        response = self.session.delete(f"{self.url}/modalities/{name}", timeout=10)
+        if response.status_code != 404:
+            response.raise_for_status()
+        self.modalities.pop(name, None)
+
+    def modality_names(self) -> list[str]:
+        """The C-MOVE destinations Orthanc knows now (GET /modalities)."""
+        names: list[str] = self.session.get(f"{self.url}/modalities", timeout=10).json()
+        return names
 
     def delete_instance(self, sop_instance_uid: str) -> None:
         """Remove one instance from the PACS (tests of not-found and retry-failed)."""
