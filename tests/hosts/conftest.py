@@ -3,9 +3,10 @@ with an address of our own, and no route anywhere else. Redis (a private ``redis
 Orthanc behind the counting proxy) listen on the bridge's address in the root namespace, the "server" side; workers
 run inside the namespaces with ``ip netns exec`` and reach them only by that address.
 
-Needs root and iproute2 (CI is root): elsewhere the tests skip with the reason, under ``CI=true`` they fail. Everything
-is made under names starting with ``trolley-`` and removed by name (namespaces, bridge) or PID (processes), also
-before starting, in case an earlier run was killed before its teardown.
+Needs root and iproute2 (CI is root and installs it). Elsewhere the tests skip with
+the reason, under ``CI=true`` they fail. Everything is made under names starting with ``trolley-`` and removed by name
+(namespaces, bridge) or PID (processes), also before starting, in case an earlier run was killed before
+its teardown.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,18 +136,32 @@ def server_redis(hosts: list[Host], tmp_path_factory: pytest.TempPathFactory) ->
     process.wait(timeout=30)
 
 
+@pytest.fixture
+def broker(server_redis: str) -> str:
+    """The server's Redis, emptied first: messages of an earlier test (a host killed with batches reserved) never
+    reach this test's workers."""
+    client = redis.Redis.from_url(server_redis)
+    client.flushdb()
+    client.close()
+    return server_redis
+
+
 @contextmanager
-def worker_in(host: Host, config: Path, log: Path, concurrency: int = 2) -> Iterator[subprocess.Popen[bytes]]:
-    """``trolley-tasks worker`` inside the host's namespace; returns once it is ready. Stopped by PID."""
-    env = dict(os.environ, TROLLEY_CONFIG=str(config), PYTHONPATH=os.getcwd())
-    env.pop("TROLLEY_BROKER__URL", None)
+def worker_in(
+    host: Host, config: Path, log: Path, concurrency: int = 2, env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``trolley-tasks worker`` inside the host's namespace, with ``env`` on top of ours (this host's own
+    ``TROLLEY_*`` overrides); returns once it is ready. Stopped by PID."""
+    environment = dict(os.environ, TROLLEY_CONFIG=str(config), PYTHONPATH=os.getcwd())
+    environment.pop("TROLLEY_BROKER__URL", None)
+    environment.update(env or {})
     node = f"{host.name.removeprefix('trolley-')}@%h"
     command = [
         "ip", "netns", "exec", host.name, sys.executable, "-m", "trolley_tasks.cli", "worker",
         "--concurrency", str(concurrency), "--hostname", node, "--loglevel", "info",
     ]  # fmt: skip
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=environment, stdout=out, stderr=subprocess.STDOUT)
     host.processes.append(process)
     deadline = time.monotonic() + 60
     while b"ready." not in log.read_bytes():
