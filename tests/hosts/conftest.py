@@ -3,14 +3,19 @@ with an address of our own, and no route anywhere else. Redis (a private ``redis
 Orthanc behind the counting proxy) listen on the bridge's address in the root namespace, the "server" side; workers
 run inside the namespaces with ``ip netns exec`` and reach them only by that address.
 
-Needs root and iproute2 (CI is root and installs it). Elsewhere the tests skip with
+What reaches a host's C-MOVE receiver is counted in the host's own firewall: an nftables table of ours inside its
+namespace counts the TCP connections opened to the receiver port and the bytes that arrive there
+(:meth:`Host.count_tcp_to`).
+
+Needs root, iproute2 and (for the C-MOVE test) nftables; CI is root and installs both. Elsewhere the tests skip with
 the reason, under ``CI=true`` they fail. Everything is made under names starting with ``trolley-`` and removed by name
-(namespaces, bridge) or PID (processes), also before starting, in case an earlier run was killed before
+(namespaces, bridge, nftables table) or PID (processes), also before starting, in case an earlier run was killed before
 its teardown.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -32,6 +37,8 @@ SUBNET = "10.247.13"
 """A private /24 of our own: the bridge is .1, host i is .(10 + i)."""
 BRIDGE = "trolley-br0"
 SERVER = f"{SUBNET}.1"
+COUNTER_TABLE = "trolley_count"
+"""The nftables table (``inet`` family) that counts what reaches a port of a host; it lives in the host's namespace."""
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -49,6 +56,43 @@ class Host:
     def pids(self) -> list[int]:
         """Every process in the namespace (``ip netns pids``)."""
         return [int(pid) for pid in ip("netns", "pids", self.name).stdout.split()]
+
+    def count_tcp_to(self, port: int) -> None:
+        """Count, in this host's own firewall, the TCP connections opened to ``port`` (SYN without ACK) and every byte
+        that arrives at it; read with :meth:`tcp_counts`, removed with :meth:`stop_counting` (or the namespace)."""
+        if shutil.which("nft") is None:
+            service_missing("nftables is not installed (apt-get install -y nftables)")
+        rules = (
+            f"table inet {COUNTER_TABLE} {{\n"
+            "  chain input {\n"
+            "    type filter hook input priority 0; policy accept;\n"
+            f"    tcp dport {port} tcp flags & (syn | ack) == syn counter\n"
+            f"    tcp dport {port} counter\n"
+            "  }\n"
+            "}\n"
+        )
+        self.stop_counting()
+        self.nft("-f", "-", stdin=rules)
+
+    def tcp_counts(self) -> tuple[int, int]:
+        """(connections opened, bytes received) at the port given to :meth:`count_tcp_to`, IP headers included."""
+        listing = json.loads(self.nft("-j", "list", "table", "inet", COUNTER_TABLE).stdout)
+        counters = [
+            expr["counter"]
+            for item in listing["nftables"]
+            if "rule" in item
+            for expr in item["rule"]["expr"]
+            if "counter" in expr
+        ]
+        connections, traffic = counters
+        return int(connections["packets"]), int(traffic["bytes"])
+
+    def stop_counting(self) -> None:
+        self.nft("delete", "table", "inet", COUNTER_TABLE, check=False)
+
+    def nft(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        command = ["ip", "netns", "exec", self.name, "nft", *args]
+        return subprocess.run(command, input=stdin, capture_output=True, text=True, check=check, timeout=30)
 
     def kill_all(self) -> list[int]:
         """SIGKILL every process of the host, as a power cut would."""
