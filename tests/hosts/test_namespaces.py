@@ -22,6 +22,7 @@ import pytest
 from pydicom import dcmread
 
 from testbed.cohort import GeneratedCohort, generate_cohort
+from testbed.orthanc import free_port
 from tests.conftest import RunningOrthanc
 from tests.engine.proxy import PacsProxy
 from tests.hosts.conftest import SERVER, Host, worker_in
@@ -32,7 +33,6 @@ from trolley_tasks.engine.settings import load_settings
 pytestmark = pytest.mark.slow
 
 MAX_CONCURRENCY = 3
-RECEIVER_PORT = 11112
 """Each host's C-MOVE receiver port: the same number on every host (each namespace has ports of its own)."""
 MOVE_COHORT = generate_cohort(studies=4, series=2, instances=4, seed=13)
 """32 instances in 8 series: in batches of 2, 16 C-MOVE requests for the 4 worker processes of the 2 hosts."""
@@ -143,7 +143,7 @@ def move_pacs(orthanc_factory: Callable[..., RunningOrthanc]) -> RunningOrthanc:
     return orthanc_factory(MOVE_COHORT)
 
 
-def write_move_config(path: Path, redis_url: str, pacs: RunningOrthanc, state: Path) -> Path:
+def write_move_config(path: Path, redis_url: str, pacs: RunningOrthanc, state: Path, port: int) -> Path:
     """The configuration every host shares. Its receiver keys are the submitter's (which validates the profile and
     receives nothing); each host's worker overrides them with its own (:func:`receiver_env`)."""
     path.write_text(f"""
@@ -161,20 +161,20 @@ called_aet = "{pacs.aet}"
 calling_aet = "TROLLEY"
 move_destination = "TROLLEY"
 receiver_host = "127.0.0.1"
-receiver_port = {RECEIVER_PORT}
+receiver_port = {port}
 max_concurrency = 4
 """)
     return path
 
 
-def receiver_env(aet: str, host: Host, spool: Path) -> dict[str, str]:
+def receiver_env(aet: str, host: Host, spool: Path, port: int) -> dict[str, str]:
     """One host's C-MOVE settings as ``TROLLEY_SOURCES__PACS__*`` overrides: its own AE title (as destination and as
     caller), its own address and port for the receiver, its own spool."""
     keys = {
         "MOVE_DESTINATION": aet,
         "CALLING_AET": aet,
         "RECEIVER_HOST": host.address,
-        "RECEIVER_PORT": str(RECEIVER_PORT),
+        "RECEIVER_PORT": str(port),
         "SPOOL_DIR": str(spool),
     }
     return {f"TROLLEY_SOURCES__PACS__{key}": value for key, value in keys.items()}
@@ -191,20 +191,21 @@ def test_two_hosts_each_receive_their_c_moves(  # type: ignore[no-untyped-def]
     hosts: list[Host], broker: str, move_pacs: RunningOrthanc, tmp_path: Path
 ) -> None:
     cohort = move_pacs.cohort
-    config = write_move_config(tmp_path / "trolley.toml", broker, move_pacs, tmp_path / "state")
+    port = free_port()  # fresh per run: no receiver of an earlier test or run can hold it in any namespace
+    config = write_move_config(tmp_path / "trolley.toml", broker, move_pacs, tmp_path / "state", port)
     out = tmp_path / "out"
     aets = {host.name: f"TROLLEY-{host.name.removeprefix('trolley-').upper()}" for host in hosts}
     spools = {host.name: tmp_path / f"spool-{host.name}" for host in hosts}
     with ExitStack() as stack:
         for host in hosts:
             aet = aets[host.name]
-            move_pacs.set_modality(aet, aet, RECEIVER_PORT, host=host.address)  # PUT /modalities/TROLLEY-H1
+            move_pacs.set_modality(aet, aet, port, host=host.address)  # PUT /modalities/TROLLEY-H1
             stack.callback(move_pacs.delete_modality, aet)
-            host.count_tcp_to(RECEIVER_PORT)
+            host.count_tcp_to(port)
             stack.callback(host.stop_counting)
             log = tmp_path / f"{host.name}.log"
-            stack.enter_context(worker_in(host, config, log, env=receiver_env(aet, host, spools[host.name])))
-            wait_for_line(log, f"C-MOVE receiver of pacs listening on {host.address}:{RECEIVER_PORT}")
+            stack.enter_context(worker_in(host, config, log, env=receiver_env(aet, host, spools[host.name], port)))
+            wait_for_line(log, f"C-MOVE receiver of pacs listening on {host.address}:{port}")
         engine = stack.enter_context(_engine(config))
         job = engine.submit(cohort.study_refs(), source="pacs", output=out, batch_size=2)
         status = _wait(engine, job, timeout=180)
