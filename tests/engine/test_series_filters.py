@@ -63,7 +63,7 @@ def test_export_with_filters_expects_only_what_it_keeps(workers: Workers, fresh:
     rules = SeriesFilter(include_modality=["CT"], exclude_series_description="scout|localizer", min_instances=3)
     out = tmp_path / "filtered"
     job = fresh.engine.submit(RESEARCH.study_refs(), source="wado-rs", output=out, filters=rules)
-    status = fresh.wait(job)
+    status = fresh.wait(job, until=lambda s: s.reported_at is not None)  # the report is on disk
     axial = [item for item in RESEARCH if item.kind == "axial"]
     assert status.state is JobState.DONE, status
     assert (status.expected, status.done, status.failed) == (len(axial), len(axial), 0)
@@ -85,7 +85,7 @@ def test_export_with_filters_expects_only_what_it_keeps(workers: Workers, fresh:
     # the filter is part of the export: the same cohort without it is another job, which expects everything
     other = fresh.engine.submit(RESEARCH.study_refs(), source="wado-rs", output=tmp_path / "all")
     assert other != job
-    assert fresh.wait(other).expected == len(RESEARCH)
+    assert fresh.wait(other, until=lambda s: s.reported_at is not None).expected == len(RESEARCH)
 
 
 def test_dry_run_queues_nothing_and_named_filters_come_from_the_config(
