@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    BasicTextSRStorage,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
 
 from trolley_tasks.core import InstanceReference, SeriesReference, StudyReference
 
@@ -47,6 +54,8 @@ class GeneratedInstance:
     patient_name: str
     accession_number: str
     study_date: str
+    kind: str = "axial"
+    """``axial`` (the CT series), or in a :class:`ResearchCohort` ``scout``, ``short``, ``sr`` or ``burned``."""
 
     def reference(self) -> InstanceReference:
         return InstanceReference(self.study_uid, self.series_uid, self.sop_instance_uid)
@@ -180,3 +189,103 @@ def generate_cohort(
 ) -> GeneratedCohort:
     """A reproducible cohort of ``studies`` x ``series`` x ``instances`` CT images. See :class:`GeneratedCohort`."""
     return GeneratedCohort(studies, series, instances, seed, rows, columns)
+
+
+EXTRA_SERIES: dict[str, tuple[int, str, str]] = {
+    "scout": (2, "CT", "SCOUT"),
+    "short": (2, "CT", "AXIAL 5MM SHORT"),
+    "sr": (1, "SR", "DOSE REPORT"),
+    "burned": (1, "OT", "SCREEN SAVE"),
+}
+"""The extra series of a :class:`ResearchCohort`: instances, Modality, SeriesDescription."""
+
+PRIVATE_CREATOR = "TROLLEY TESTBED"
+INSTITUTION = "TROLLEY GENERAL HOSPITAL"
+
+
+@dataclass(frozen=True)
+class ResearchCohort(GeneratedCohort):
+    """A cohort the way research exports meet it: each study has its CT series plus a scout (2 instances), a short
+    series (2), a structured report (Basic Text SR, 1) and a secondary capture flagged ``BurnedInAnnotation=YES``
+    (1); two studies per patient (longitudinal dates); InstitutionName, a private block and an OtherPatientIDs on
+    every instance. Small images by default: the filter and de-identification tests need many files, not big ones.
+    """
+
+    rows: int = 64
+    columns: int = 64
+
+    def __iter__(self) -> Iterator[GeneratedInstance]:
+        for st in range(self.studies):
+            yield from (self.instance(st, se, i) for se in range(self.series) for i in range(self.instances))
+            for offset, (count, _, _) in enumerate(EXTRA_SERIES.values()):
+                yield from (self.instance(st, self.series + offset, i) for i in range(count))
+
+    def __len__(self) -> int:
+        return self.studies * (self.series * self.instances + sum(c for c, _, _ in EXTRA_SERIES.values()))
+
+    def instance(self, st: int, se: int, inst: int) -> GeneratedInstance:
+        base = super().instance(st, se, inst)
+        patient = st // 2
+        kind = "axial" if se < self.series else list(EXTRA_SERIES)[se - self.series]
+        return GeneratedInstance(
+            **{
+                **base.__dict__,
+                "patient_id": f"TT{self.seed:02d}P{patient:04d}",
+                "patient_name": f"TROLLEY^PATIENT{patient:04d}",
+                "kind": kind,
+            }
+        )
+
+    def dataset(self, item: GeneratedInstance) -> Dataset:
+        ds = super().dataset(item)
+        ds.InstitutionName = INSTITUTION
+        ds.OtherPatientIDs = f"MRN{item.patient_id}"
+        block = ds.private_block(0x0009, PRIVATE_CREATOR, create=True)
+        block.add_new(0x01, "LO", f"private note for {item.patient_name}")
+        if item.kind == "axial":
+            return ds
+        _, modality, description = EXTRA_SERIES[item.kind]
+        ds.Modality, ds.SeriesDescription = modality, description
+        if item.kind == "scout":
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        elif item.kind == "burned":
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+            ds.BurnedInAnnotation = "YES"
+            ds.ConversionType = "WSD"
+        elif item.kind == "sr":
+            return _text_report(ds, item)
+        return ds
+
+
+def _text_report(ds: Dataset, item: GeneratedInstance) -> Dataset:
+    """A Basic Text SR (PS3.3 A.35.1) in place of the image: no pixels, one TEXT item naming the patient."""
+    for keyword in [e.keyword for e in ds if e.keyword and (e.tag.group == 0x0028 or e.tag == 0x7FE00010)]:
+        delattr(ds, keyword)
+    for keyword in (
+        "ImageType",
+        "SliceThickness",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "FrameOfReferenceUID",
+        "BodyPartExamined",
+        "ProtocolName",
+    ):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = BasicTextSRStorage
+    ds.CompletionFlag, ds.VerificationFlag, ds.ValueType = "COMPLETE", "UNVERIFIED", "CONTAINER"
+    ds.ContinuityOfContent = "SEPARATE"
+    title = Dataset()
+    title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = "121070", "DCM", "Findings"
+    ds.ConceptNameCodeSequence = [title]
+    text = Dataset()
+    text.RelationshipType, text.ValueType = "CONTAINS", "TEXT"
+    text.ConceptNameCodeSequence = [title]
+    text.TextValue = f"No findings for {item.patient_name}."
+    ds.ContentSequence = [text]
+    ds.ReferencedPerformedProcedureStepSequence = []
+    ds.PerformedProcedureCodeSequence = []
+    return ds

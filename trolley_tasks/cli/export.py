@@ -29,10 +29,23 @@ from trolley_tasks.cli.common import (
     notice,
     start,
 )
+from trolley_tasks.cli.export_filters import (
+    DryRun,
+    ExcludeDescription,
+    ExcludeModality,
+    ExcludeSopClass,
+    FiltersName,
+    IncludeDescription,
+    IncludeModality,
+    MinInstances,
+    print_preview,
+    series_filter,
+)
 from trolley_tasks.cli.progress import EngineJob, failure_table, format_eta, watch
 from trolley_tasks.cli.search import NO_FILTERS, Filters, SourceOption, with_filters
 from trolley_tasks.core import QueryLevels
 from trolley_tasks.engine.api import EngineClient, open_engine
+from trolley_tasks.engine.api import dry_run as engine_dry_run
 from trolley_tasks.engine.embedded import EmbeddedWorkers, default_worker_count, embedded_workers
 from trolley_tasks.engine.models import JobState, JobStatus
 from trolley_tasks.engine.settings import Settings
@@ -183,6 +196,14 @@ def export(
     skip_bad_rows: Annotated[
         bool, typer.Option("--skip-bad-rows", help="Record bad cohort rows instead of refusing.")
     ] = False,
+    filters_name: FiltersName = "",
+    include_modality: IncludeModality = None,
+    exclude_modality: ExcludeModality = None,
+    include_series_description: IncludeDescription = "",
+    exclude_series_description: ExcludeDescription = "",
+    min_instances: MinInstances = None,
+    exclude_sop_class: ExcludeSopClass = None,
+    dry_run: DryRun = False,
 ) -> None:
     """Export a cohort from a source into a directory, as verified DICOM files.
 
@@ -191,11 +212,25 @@ def export(
     \b
         trolley-tasks export cohort.csv --source orthanc --out ./export
         trolley-tasks export --source orthanc --study-uid 1.2.840.1.2.3 --out ./export --layout flat
+        trolley-tasks export cohort.csv -s orthanc -o ./ct --include-modality CT --min-instances 20 --dry-run
     """
     settings = start(ctx)
     settings.source(source)  # unknown source or missing secret: refused before anything starts
-    window_notice(settings, source)
     given = cohort_input(cohort, filters)
+    chosen = series_filter(
+        settings,
+        filters_name,
+        include_modality=include_modality,
+        exclude_modality=exclude_modality,
+        include_series_description=include_series_description,
+        exclude_series_description=exclude_series_description,
+        min_instances=min_instances,
+        exclude_sop_class=exclude_sop_class,
+    )
+    if dry_run:  # no broker, no ledger, no worker: the searcher and one sampled instance
+        print_preview(engine_dry_run(settings, given, source=source, filters=chosen, skip_bad_rows=skip_bad_rows))
+        raise typer.Exit(EXIT_OK)
+    window_notice(settings, source)
     embedded = not settings.broker.url
     if wait is None:
         wait = embedded
@@ -214,6 +249,7 @@ def export(
             batch_size=batch_size,
             job_id=job_id or None,
             skip_bad_rows=skip_bad_rows,
+            filters=chosen,
         )
         for line in engine.bad_rows(job):
             log.warning("skipped: %s", line)

@@ -85,6 +85,13 @@ def status(
         ):
             table.add_row(name, value)
         console.print(table)
+        if current.excluded:  # left out on purpose by the job's series filter, each with its rule
+            excluded = Table(
+                "SeriesInstanceUID", "instances", "excluded by", title="excluded series", title_justify="left"
+            )
+            for item in current.excluded:
+                excluded.add_row(item.series_uid, str(item.instances), item.rule)
+            console.print(excluded)
         if current.failed or current.rows_failed:
             console.print(failure_table(current, engine.failures(job)))
 

@@ -49,11 +49,13 @@ from trolley_tasks.engine.models import (
     SourceHealth,
     WorkerInfo,
 )
+from trolley_tasks.engine.preview import Preview, preview
 from trolley_tasks.engine.producer import DEFAULT_BATCH_SIZE, Cohort, ExportOptions
 from trolley_tasks.engine.settings import BrokerConfig, Settings
 from trolley_tasks.errors import UsageError
+from trolley_tasks.series_filter import SeriesFilter
 
-__all__ = ["DEFAULT_BATCH_SIZE", "Cohort", "EngineClient", "JobNotFoundError", "open_engine"]
+__all__ = ["DEFAULT_BATCH_SIZE", "Cohort", "EngineClient", "JobNotFoundError", "Preview", "dry_run", "open_engine"]
 
 
 class JobNotFoundError(UsageError):
@@ -132,6 +134,9 @@ class EngineClient:
             without a fetch.
         skip_bad_rows (option)
             Record bad cohort rows in the job (:meth:`bad_rows`, the report) instead of refusing the job.
+        filters (option)
+            A :class:`~trolley_tasks.series_filter.SeriesFilter`: series it excludes are never expected; the status
+            and the report list them with the rule. It is kept in the job record, where every worker reads it.
 
         Raises
         ------
@@ -258,6 +263,20 @@ class EngineClient:
         if ledger.producer_done(job_id):
             report.finalize_job(ledger, job_id)
         return moved
+
+
+def dry_run(
+    settings: Settings,
+    cohort: Cohort,
+    *,
+    source: str,
+    filters: SeriesFilter | None = None,
+    skip_bad_rows: bool = False,
+) -> Preview:
+    """What :meth:`EngineClient.submit` with the same cohort, source and filter would take: studies, series and
+    instances kept and excluded, and a size estimate, without a broker, a ledger or a queued message
+    (:mod:`~trolley_tasks.engine.preview`)."""
+    return preview(settings, cohort, source=source, filters=filters, skip_bad_rows=skip_bad_rows)
 
 
 @contextmanager

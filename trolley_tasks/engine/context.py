@@ -30,6 +30,7 @@ from trolley_tasks.engine.settings import Settings
 from trolley_tasks.engine.throttle import Throttle
 from trolley_tasks.profiles import SourceProfile
 from trolley_tasks.searchers.base import Searcher
+from trolley_tasks.series_filter import SeriesFilter
 from trolley_tasks.storage.disk import DcmStorageDir, DICOMDiskStorage, FlatDcmStorageDir, TemplateStorage
 
 log = logging.getLogger("trolley.engine")
@@ -104,6 +105,8 @@ class JobMeta:
     output: str
     layout: str
     batch_size: int
+    filters: SeriesFilter | None = None
+    """The job's series filter, from the job record (the one place workers learn it: never a message argument)."""
 
 
 @dataclass
@@ -180,7 +183,8 @@ class EngineContext:
             fields = self.ledger.job_fields(job_id)
             if not fields:
                 return None
-            meta = JobMeta(fields["source"], fields["output"], fields["layout"], int(fields["batch_size"]))
+            filters = SeriesFilter.model_validate_json(fields["filters"]) if fields.get("filters") else None
+            meta = JobMeta(fields["source"], fields["output"], fields["layout"], int(fields["batch_size"]), filters)
             self.jobs[job_id] = meta
         return meta
 

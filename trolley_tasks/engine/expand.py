@@ -22,7 +22,7 @@ from trolley_tasks.engine.context import EngineContext, SourceRuntime
 from trolley_tasks.engine.dispatch import publish_series
 from trolley_tasks.engine.fetch import BUSY_REQUEUE
 from trolley_tasks.engine.heartbeat import Heartbeat
-from trolley_tasks.engine.models import Failure
+from trolley_tasks.engine.models import Exclusion, Failure
 from trolley_tasks.engine.outcomes import as_engine_error, host_condition
 from trolley_tasks.engine.policy import Action
 from trolley_tasks.engine.throttle import ThrottleBusy
@@ -153,10 +153,20 @@ def _record_study(
     the row names that the server does not have."""
     wanted_series = set(row.series_uids)
     present = {series.uid for series in study.series}
+    rules = ctx.job(job)
+    series_filter = rules.filters if rules is not None else None
     for series in study.series:
         if wanted_series and series.uid not in wanted_series:
             continue
         uids = [i.uid for i in series.instances]
+        if series_filter is not None:
+            rule = series_filter.exclusion(series)
+            if rule is not None:  # never expected: not in the ledger's counts, listed with its rule instead
+                ctx.ledger.exclude(
+                    job, Exclusion(study_uid=study.uid, series_uid=series.uid, rule=rule, instances=len(uids))
+                )
+                continue
+            uids = series_filter.kept_instances(series)
         publish = ctx.ledger.expand(job, study.uid, series.uid, uids)
         result.instances += len(uids)
         result.messages += publish_series(ctx, job, source, study.uid, series.uid, publish, batch_size)

@@ -86,6 +86,15 @@ class Failure(BaseModel):
         )
 
 
+class Exclusion(BaseModel):
+    """A series a job left out on purpose, and the rule that did (a series filter, or de-identification)."""
+
+    study_uid: str
+    series_uid: str
+    rule: str
+    instances: int
+
+
 class JobStatus(BaseModel):
     """A job's counters and state, as :meth:`trolley_tasks.engine.api.EngineClient.status` returns them.
 
@@ -119,6 +128,8 @@ class JobStatus(BaseModel):
     byte_rate: float = 0.0
     eta_seconds: float | None = None
     failures_by_class: dict[str, int] = {}
+    excluded: list[Exclusion] = []
+    """Every series left out by the job's series filter, with the rule that excluded it (never expected)."""
     reported_at: datetime | None = None
     """When the engine wrote ``trolley-report.json``/``.csv`` for the job's end (None: not yet). The state turns
     ``done`` a moment before the report is on disk; wait for this before reading it."""
@@ -163,7 +174,9 @@ class InstanceRecord(BaseModel):
     message: str = ""
 
 
-def status_from_fields(job_id: str, f: dict[str, str], by_class: dict[str, int], now: float) -> JobStatus:
+def status_from_fields(
+    job_id: str, f: dict[str, str], by_class: dict[str, int], now: float, excluded: list[Exclusion] | None = None
+) -> JobStatus:
     """A :class:`JobStatus` from the job hash; rate and ETA over the time the job was not paused."""
 
     def n(name: str) -> int:
@@ -202,6 +215,7 @@ def status_from_fields(job_id: str, f: dict[str, str], by_class: dict[str, int],
         byte_rate=n("bytes") / active,
         eta_seconds=eta,
         failures_by_class=by_class,
+        excluded=excluded or [],
         reported_at=from_epoch(f.get("reported_at")),
     )
 

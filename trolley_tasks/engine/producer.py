@@ -36,6 +36,7 @@ from trolley_tasks.engine.ledger import Ledger
 from trolley_tasks.engine.models import JobState
 from trolley_tasks.engine.report import finalize_job
 from trolley_tasks.errors import ConfigurationError
+from trolley_tasks.series_filter import SeriesFilter
 
 Cohort = str | Path | Query | Iterable[StudyReference | SeriesReference | InstanceReference]
 """A cohort CSV path, a Query, or references."""
@@ -52,13 +53,14 @@ class ExportOptions(TypedDict, total=False):
     job_id: str | None
     new_job: bool
     skip_bad_rows: bool
+    filters: SeriesFilter | None
 
 
 CANCEL_CHECK_EVERY = 500
 STAGE_CHUNK = 500
 
 
-def _rows(cohort: Cohort, skip_bad_rows: bool) -> tuple[Iterator[CohortRow | CohortError], str]:
+def cohort_rows(cohort: Cohort, skip_bad_rows: bool) -> tuple[Iterator[CohortRow | CohortError], str]:
     """The cohort's rows (one pass) and a description for the job record."""
     if isinstance(cohort, str | Path):
         path = Path(cohort)
@@ -111,6 +113,7 @@ def submit(
     job_id: str | None = None,
     new_job: bool = False,
     skip_bad_rows: bool = False,
+    filters: SeriesFilter | None = None,
 ) -> str:
     """Validate, create (or reopen) the job, queue one expansion per row. Returns the job id."""
     if batch_size < 1:
@@ -121,14 +124,23 @@ def submit(
         raise ConfigurationError(f"job id {job_id!r}: letters, digits, '-' and '_' only, at most 64 characters")
     out = os.path.abspath(output)
     ledger = ctx.ledger
-    rows, description = _rows(cohort, skip_bad_rows)
-    token, derived, bad = _stage(ledger, rows, f"{source}\n{out}\n{layout}\n")
+    rows, description = cohort_rows(cohort, skip_bad_rows)
+    # the filter is part of what the export is: another filter is another job, with other expected instances
+    rules = filters.model_dump_json() if filters is not None and filters.active else ""
+    token, derived, bad = _stage(ledger, rows, f"{source}\n{out}\n{layout}\n" + (f"{rules}\n" if rules else ""))
     try:
         if not ledger.staged_count(token):
             raise CohortError(f"{description.partition(':')[2]}: no cohort rows to export")
         if job_id is None:
             job_id = f"{derived}-{secrets.token_hex(3)}" if new_job else derived
-        _create_or_reopen(ledger, job_id, source, out, layout, batch_size, description)
+        fields: dict[str, str | int] = {
+            "source": source,
+            "output": out,
+            "layout": layout,
+            "batch_size": batch_size,
+            "cohort": description,
+        }
+        _create_or_reopen(ledger, job_id, fields | {"filters": rules})
     except BaseException:
         ledger.drop_staged_rows(token)
         raise
@@ -146,16 +158,16 @@ def submit(
     return job_id
 
 
-def _create_or_reopen(
-    ledger: Ledger, job_id: str, source: str, out: str, layout: str, batch_size: int, description: str
-) -> None:
-    """A new job, or the same export run again: reopened for expansion, failed instances given a fresh budget."""
-    fields = {"source": source, "output": out, "layout": layout, "batch_size": batch_size, "cohort": description}
+def _create_or_reopen(ledger: Ledger, job_id: str, fields: dict[str, str | int]) -> None:
+    """A new job, or the same export run again: reopened for expansion, failed instances given a fresh budget.
+
+    The job record carries what workers must know of the export besides the messages: its layout and its series
+    filter (``filters``, JSON), so a filter reaches every worker on every host through the ledger."""
     if ledger.create_job(job_id, fields):
         return
     existing = ledger.job_fields(job_id)
-    for key in ("source", "output", "layout"):
-        if existing.get(key) != str(fields[key]):
+    for key in ("source", "output", "layout", "filters"):
+        if existing.get(key, "") != str(fields[key]):
             raise ConfigurationError(
                 f"job {job_id} exists with {key} {existing.get(key)!r}, not {fields[key]!r}; "
                 "choose another job id or the same settings"

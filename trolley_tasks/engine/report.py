@@ -2,7 +2,9 @@
 
 One line per instance (its UIDs, the path relative to the output directory, its size, its status, the attempts,
 and the error class and message when it failed), plus the job's id, counts, ``started_at`` / ``finished_at``
-(ISO 8601, UTC) and source profile name. Nothing secret is in the ledger, so nothing secret can be in the report.
+(ISO 8601, UTC) and source profile name, and every series the job's filter excluded with its rule (JSON
+``excluded_series``; CSV rows with status ``excluded``, the rule and instance count in ``error_message``). Nothing
+secret is in the ledger, so nothing secret can be in the report.
 
 Both files are streamed from the ledger (a million-instance job does not need a million-row list in memory) and
 written atomically (a temp file, then rename), so a reader never sees half a report. The CSV opens in a spreadsheet
@@ -69,6 +71,7 @@ def job_summary(status: JobStatus) -> dict[str, Any]:
             "rows_skipped": status.rows_skipped,
         },
         "failures_by_class": status.failures_by_class,
+        "excluded_series": [item.model_dump() for item in status.excluded],
     }
 
 
@@ -130,6 +133,9 @@ def _write_both(ledger: Ledger, status: JobStatus, out: Any, rows: Any) -> None:
     out.write('\n  ],\n  "skipped_rows": ' + json.dumps(skipped) + "\n}\n")
     for bad in skipped:
         rows.writerow(["", "", "", "", "", "row-skipped", 0, "request-rejected", bad])
+    for excluded in status.excluded:  # left out on purpose: the rule, and how many instances it kept out
+        message = f"{excluded.rule}: {excluded.instances} instances"
+        rows.writerow([excluded.study_uid, excluded.series_uid, "", "", "", "excluded", 0, "", message])
 
 
 def finalize_job(ledger: Ledger, job_id: str) -> bool:

@@ -20,6 +20,8 @@ levels: ``TROLLEY_BROKER__URL``, ``TROLLEY_SOURCES__ORTHANC__MAX_CONCURRENCY``.
     type = "basic"; username = "trolley"; password_env = "ORTHANC_PASSWORD"
     [sources.orthanc.retry.server-error]
     max_attempts = 6
+    [filters.ct-only]                  # trolley-tasks export --filters ct-only
+    include_modality = ["CT"]; exclude_series_description = "scout|localizer"; min_instances = 20
     [flower]                           # trolley-tasks flower; basic auth whenever the password is set
     address = "127.0.0.1"; port = 5555; username = "trolley"; password_env = "FLOWER_PASSWORD"
 
@@ -45,6 +47,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from trolley_tasks.errors import ConfigurationError
 from trolley_tasks.profiles import SourceProfile, check_secrets_present
+from trolley_tasks.series_filter import SeriesFilter
 
 
 class _Strict(BaseModel):
@@ -140,6 +143,7 @@ class Settings(BaseSettings):
 
     broker: BrokerConfig = BrokerConfig()
     sources: dict[str, SourceProfile] = {}
+    filters: dict[str, SeriesFilter] = {}
     flower: FlowerConfig = FlowerConfig()
     engine: EngineConfig = EngineConfig()
     state_dir: Path = Path.home() / ".local" / "state" / "trolley"
@@ -160,6 +164,14 @@ class Settings(BaseSettings):
         if cls._toml_file is None:
             return (init_settings, env_settings)
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
+
+    def series_filter(self, name: str) -> SeriesFilter:
+        """The ``[filters.NAME]`` table; ConfigurationError naming the known ones otherwise."""
+        if name not in self.filters:
+            where = str(self.config_path) if self.config_path else "configuration"
+            known = ", ".join(sorted(self.filters)) or "none"
+            raise ConfigurationError(f"{where}: no [filters.{name}] (known filters: {known})")
+        return self.filters[name]
 
     def source(self, name: str) -> SourceProfile:
         """The profile ``name``, with its secrets checked to be present; ConfigurationError otherwise."""

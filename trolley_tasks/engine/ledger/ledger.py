@@ -16,6 +16,7 @@ key                               type       content
 ``trolley:{J}:series``            set        SeriesInstanceUIDs of the job
 ``trolley:{J}:s:<series uid>``    hash       ``#st`` study uid, ``#e #d #f`` expected/done/failed, and one field
                                              per SOPInstanceUID: ``state|attempts|redeliveries|lease|busy|size|path``
+``trolley:{J}:excluded``          hash       SeriesInstanceUID -> JSON exclusion (rule, instances): left out on purpose
 ``trolley:{J}:failures``          hash       SOPInstanceUID -> JSON failure record
 ``trolley:{J}:rowfail``           hash       row id -> JSON failure record of a row that could not be expanded
 ``trolley:{J}:rows``              set        ids of the cohort rows queued for expansion (digests of the rows)
@@ -47,6 +48,7 @@ from trolley_tasks.cohort import CohortRow
 from trolley_tasks.engine.ledger import lua
 from trolley_tasks.engine.ledger.reading import JOBS_KEY, LedgerReader, as_text
 from trolley_tasks.engine.models import (
+    Exclusion,
     Failure,
     JobState,
 )
@@ -248,6 +250,11 @@ class Ledger(LedgerReader):
         keys = [self.key(job_id, "job"), self.series_key(job_id, series_uid), self.key(job_id, "series")]
         return [as_text(v) for v in self._run("EXPAND", keys, [study_uid, series_uid, *instance_uids])]
 
+    def exclude(self, job_id: str, exclusion: Exclusion) -> None:
+        """Record a series the job's filter left out (once): its instances are never expected, and the status and
+        the report list it with its rule."""
+        self.r.hsetnx(self.key(job_id, "excluded"), exclusion.series_uid, exclusion.model_dump_json())
+
     def row_done(self, job_id: str, row_key: str, failure: Failure | None = None) -> bool:
         """A row's expansion finished (or failed for good). Returns True when this call finalized the job."""
         keys = [self.key(job_id, "job"), self.key(job_id, "expanded"), self.key(job_id, "rowfail")]
@@ -348,7 +355,7 @@ class Ledger(LedgerReader):
     def _job_keys(self, job_id: str) -> Iterator[str]:
         for series_uid in self.series_uids(job_id):
             yield self.series_key(job_id, series_uid)
-        for suffix in ("series", "failures", "rowfail", "rows", "rowdata", "expanded", "badrows", "job"):
+        for suffix in ("series", "excluded", "failures", "rowfail", "rows", "rowdata", "expanded", "badrows", "job"):
             yield self.key(job_id, suffix)
 
     def asked_to_finalize(self, job_id: str) -> None:

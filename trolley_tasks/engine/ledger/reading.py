@@ -14,6 +14,7 @@ import redis
 from trolley_tasks.cohort import CohortRow
 from trolley_tasks.engine.models import (
     STATE_CODES,
+    Exclusion,
     Failure,
     InstanceRecord,
     JobStatus,
@@ -175,4 +176,9 @@ class LedgerReader:
         if int(fields.get("failed", 0) or 0) or int(fields.get("failed_rows", 0) or 0):
             for failure in self.failures(job_id):
                 by_class[failure.error_class] = by_class.get(failure.error_class, 0) + 1
-        return status_from_fields(job_id, fields, by_class, float(self.r.time()[0]))
+        return status_from_fields(job_id, fields, by_class, float(self.r.time()[0]), list(self.exclusions(job_id)))
+
+    def exclusions(self, job_id: str) -> Iterator[Exclusion]:
+        """The series the job's filter left out, with the rule that excluded each (see ``Ledger.exclude``)."""
+        for _, value in self.r.hscan_iter(self.key(job_id, "excluded"), count=500):
+            yield Exclusion.model_validate_json(value)
