@@ -45,14 +45,32 @@ def forms(value: str) -> set[str]:
     }
 
 
-class RedisSampler:
+class Background:
+    """A daemon thread running ``_run`` for the life of a ``with`` block; ``_stop`` tells it to end."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Background:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+class RedisSampler(Background):
     """Every key and value seen in Redis while the export runs (the broker's queues and unacked messages too)."""
 
     def __init__(self, client) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
         self.client = client
         self.seen: dict[str, set[str]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _values(self, key: bytes) -> Iterator[bytes]:
         kind = self.client.type(key)
@@ -79,24 +97,18 @@ class RedisSampler:
         while not self._stop.wait(0.05):
             self.sample()
 
-    def __enter__(self) -> RedisSampler:
-        self._thread.start()
-        return self
-
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
+        super().__exit__(*exc)
+        self.sample()  # the last state, after the job ended
 
 
-class EventCapture:
+class EventCapture(Background):
     """Every Celery task event (what Flower stores and shows), as JSON text."""
 
     def __init__(self, app) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
         self.app = app
         self.events: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         with self.app.connection_for_read() as connection:
@@ -159,7 +171,8 @@ login_url = "{pacs.url}/login"
     with celery_workers(config, 2, tmp_path, loglevel="debug") as workers:
         env = EngineEnv(settings, config, None, tmp_path)  # type: ignore[arg-type]
         engine: EngineClient = env.engine
-        with RedisSampler(client) as redis_seen, EventCapture(engine.app) as events:
+        redis_seen, events = RedisSampler(client), EventCapture(engine.app)
+        with redis_seen, events:
             job = engine.submit(Query(PatientID=first.patient_id), source="pacs", output=out)
             status = env.wait(job, timeout=180)
         engine.close()
