@@ -123,6 +123,10 @@ def test_redis_error_at_settle_does_not_strand_the_batch(live, orthanc, tmp_path
             time.sleep(0.2)
     finally:
         ledger.config_set("maxmemory", 0)
+    if workers.process.poll() is not None:
+        # Celery's own ack failed and its main process gave up ("Unrecoverable error"): a supervisor (systemd,
+        # compose restart: always) starts it again, and the ledger, not that worker, must bring the batch back
+        stack.workers(2)
     status = stack.wait_settled(job, timeout=180)
     status = done_or_resumed(stack, job, status, lambda: None, "redis", "OOM", "ledger", "memory")
     assert (status.expected, status.done, status.failed) == (18, 18, 0)
@@ -233,7 +237,7 @@ def test_waits_do_not_become_worker_side_eta_messages(live, orthanc, tmp_path: P
         return [str(t.get("name") or t.get("request", {}).get("name")) for ts in (tasks or {}).values() for t in ts]
 
     def waiting() -> bool:  # the wait is visible somewhere: in the delayed set, or as messages held by workers
-        if hold == "retry-after" and not all(fault.served for fault in busy):
+        if hold == "retry-after" and not any(fault.served for fault in busy):
             return False
         return bool(delayed(broker) or unacked(broker))
 
@@ -324,7 +328,9 @@ def test_failed_batch_logs_one_line_per_error_class_with_a_count(live, pacs10, t
     uids = {item.sop_instance_uid for item in TEN.in_study(first.study_uid)}
     lines = workers.log.read_text(errors="replace").splitlines()
     about = [line for line in lines if re.search("not.?found", line, re.I) or any(uid in line for uid in uids)]
-    assert not [line[:300] for line in about if len(line) > 500], "a log line of over 500 characters"
+    # a UID counts as one word: up to 64 characters each (PS3.5 9.1), they would make the limit a matter of test data
+    long = [line for line in about if len(UID_TOKEN.sub("<uid>", line)) > 500]
+    assert not long, f"a log line of over 500 characters (UIDs aside): {long[0][:800]}"
     counted = [
         line for line in about
         if re.search("not.?found", line, re.I) and re.search(r"\b10\b", UID_TOKEN.sub("", line.split("] ", 1)[-1]))
