@@ -123,11 +123,16 @@ def test_redis_error_at_settle_does_not_strand_the_batch(live, orthanc, tmp_path
             time.sleep(0.2)
     finally:
         ledger.config_set("maxmemory", 0)
-    if workers.process.poll() is not None:
-        # Celery's own ack failed and its main process gave up ("Unrecoverable error"): a supervisor (systemd,
-        # compose restart: always) starts it again, and the ledger, not that worker, must bring the batch back
-        stack.workers(2)
-    status = stack.wait_settled(job, timeout=180)
+    supervised = [workers]
+
+    def settled(status: JobStatus) -> bool:
+        if supervised[-1].process.poll() is not None:
+            # Celery's own ack failed and its main process gave up ("Unrecoverable error"): a supervisor (systemd,
+            # compose restart: always) starts it again; the ledger, not the dead worker, must bring the batch back
+            supervised.append(stack.workers(2))
+        return status.state.ended or status.state is JobState.PAUSED
+
+    status = stack.wait(job, settled, timeout=180)
     status = done_or_resumed(stack, job, status, lambda: None, "redis", "OOM", "ledger", "memory")
     assert (status.expected, status.done, status.failed) == (18, 18, 0)
     verify_on_disk(out, orthanc.cohort, orthanc.cohort)
