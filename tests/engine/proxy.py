@@ -117,6 +117,10 @@ class PacsProxy:
                 with proxy._lock:
                     proxy._connections.add(self.connection)
 
+            def handle(self) -> None:
+                with contextlib.suppress(OSError, ValueError):  # a client reset between two kept-alive requests
+                    super().handle()
+
             def finish(self) -> None:
                 with proxy._lock:
                     proxy._connections.discard(self.connection)
