@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from testbed.cohort import generate_cohort
-from tests.engine.live import kill_whole_worker, listener_of, live_factory, unacked, verify_on_disk
+from tests.engine.live import FAST_ENGINE, kill_whole_worker, listener_of, live_factory, unacked, verify_on_disk
 from tests.engine.proxy import Chaos, is_search
 from trolley_tasks.engine.models import JobState
 
@@ -38,7 +38,7 @@ def test_pacs_unreachable_for_three_minutes_loses_nothing(live, orthanc, tmp_pat
     time.sleep(OUTAGE)  # the scenario is a duration
     during = stack.engine.status(job)
     stack.proxy.restart()  # the PACS is back, on the same port
-    status = stack.wait(job, timeout=600)
+    status = stack.wait_settled(job, timeout=600)
     assert during.failed == 0, during
     assert status.state is JobState.DONE and (status.expected, status.done, status.failed) == (18, 18, 0), status
     verify_on_disk(out, orthanc.cohort, orthanc.cohort)
@@ -72,7 +72,7 @@ def test_redis_killed_and_restarted_from_its_aof(live, orthanc, tmp_path: Path) 
     assert not before.state.ended, before
     after = stack.wait(job, until=lambda s: True, timeout=60)
     assert after.done >= before.done and after.expected >= before.expected, (before, after)  # nothing forgotten
-    status = stack.wait(job, timeout=RECOVERY)
+    status = stack.wait_settled(job, timeout=RECOVERY)  # a pause is a failure too: no waiting it out
     print(f"\ndone {time.monotonic() - restarted:.0f}s after Redis came back")
     assert status.state is JobState.DONE and (status.expected, status.done, status.failed) == (18, 18, 0), status
     verify_on_disk(out, orthanc.cohort, orthanc.cohort)
@@ -94,14 +94,16 @@ def test_whole_worker_killed_job_completes_on_the_survivor(live, orthanc, tmp_pa
     killed = kill_whole_worker(victim)
     killed_at = time.monotonic()
     assert not stack.engine.status(job).state.ended
-    status = stack.wait(job, timeout=RECOVERY)
+    status = stack.wait_settled(job, timeout=RECOVERY)  # a pause is a failure too: no waiting it out
     print(f"\nkilled {killed}; done {time.monotonic() - killed_at:.0f}s later on the survivor")
     assert status.state is JobState.DONE and (status.expected, status.done, status.failed) == (18, 18, 0), status
     verify_on_disk(out, orthanc.cohort, orthanc.cohort)
 
 
 def test_cmove_receivers_worker_killed_export_completes(live, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    stack = live()
+    # the default watchdog tick (5 s): the receiver port stays free that long, and C-MOVEs sent meanwhile must not
+    # stop the export (with a 1 s tick the gap is too short to be hit every time)
+    stack = live(engine={**FAST_ENGINE, "sweep_interval": 5})
     workers = [stack.workers(2), stack.workers(2)]
     port = orthanc.move_port
     deadline = time.monotonic() + 30
@@ -115,7 +117,7 @@ def test_cmove_receivers_worker_killed_export_completes(live, orthanc, tmp_path:
     assert holder is not None, f"no worker process listens on the receiver port {port}"
     killed = kill_whole_worker(holder)
     assert not stack.engine.status(job).state.ended, "the export ended before the receiver's worker was killed"
-    status = stack.wait(job, timeout=RECOVERY)
+    status = stack.wait_settled(job, timeout=RECOVERY)  # a pause is a failure too: no waiting it out
     print(f"\nkilled the receiver's worker {killed}")
     assert status.state is JobState.DONE and (status.expected, status.done, status.failed) == (18, 18, 0), status
     verify_on_disk(out, orthanc.cohort)  # C-MOVE: the receiver rebuilds the file meta (PS3.10 7.1), UIDs checked
