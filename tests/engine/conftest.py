@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -108,12 +108,26 @@ class Workers:
 
 
 @contextmanager
-def celery_workers(config: Path, concurrency: int, log_dir: Path, loglevel: str = "info") -> Iterator[Workers]:
-    """Start a real worker: ``python -m celery -A trolley_tasks.engine.celery_app.app worker -c N -P prefork``."""
+def celery_workers(
+    config: Path,
+    concurrency: int,
+    log_dir: Path,
+    loglevel: str = "info",
+    environment: Mapping[str, str | None] | None = None,
+) -> Iterator[Workers]:
+    """Start a real worker: ``python -m celery -A trolley_tasks.engine.celery_app.app worker -c N -P prefork``.
+
+    ``environment`` adds variables to the worker's environment (None: removes one), for a host that differs from
+    the producer's (a secret missing, other engine clocks)."""
     name = f"t{uuid.uuid4().hex[:6]}"
     log = log_dir / f"worker-{name}.log"
     env = dict(os.environ, TROLLEY_CONFIG=str(config), PYTHONPATH=os.getcwd())
     env.pop("TROLLEY_BROKER__URL", None)
+    for key, value in (environment or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     command = [
         sys.executable, "-m", "celery", "-A", "trolley_tasks.engine.celery_app.app", "worker",
         "-c", str(concurrency), "-P", "prefork", "-n", f"{name}@%h", "-l", loglevel,
