@@ -193,3 +193,21 @@ def test_a_probe_that_ends_without_a_verdict_lets_the_next_caller_probe(redis_db
     breaker.success()
     breaker.release_probe()
     assert not redis_db.client().exists(breaker.key)  # a release never reopens a closed breaker
+
+
+def test_a_receiver_port_counts_as_taken_only_while_something_listens() -> None:
+    import socket
+
+    from trolley_tasks.engine.context import port_in_use
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert port_in_use(port)  # listening on one address blocks the wildcard test bind
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    for sock in (accepted, client, server):
+        sock.close()
+    assert not port_in_use(port)  # a dead receiver's lingering TIME_WAIT connections do not count as alive

@@ -12,7 +12,9 @@ never a URL or a secret.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,9 +76,21 @@ class SourceRuntime:
 
     def gate(self) -> tuple[float, bool]:
         """(seconds to hold, probe): how long work for this source must wait before it may start (a closed window,
-        or a held source), and whether this caller is the probe of a held source (:mod:`.breaker`)."""
+        a held source, or, for C-MOVE, no receiver listening on this host), and whether this caller is the probe
+        of a held source (:mod:`.breaker`)."""
         window = self.throttle.seconds_until_open()
-        return (window, False) if window > 0 else self.breaker.gate()
+        if window > 0:
+            return window, False
+        if self.receiver_missing():
+            return RECEIVER_WAIT, False
+        return self.breaker.gate()
+
+    def receiver_missing(self) -> bool:
+        """A C-MOVE profile whose receiver is not listening on this host right now: the worker that ran it died, and
+        another takes the port over within a watchdog tick (:mod:`~trolley_tasks.engine.receiver`). A move sent
+        meanwhile would fail for a reason that is ours, not the PACS's or the instance's."""
+        port = self.profile.receiver_port
+        return self.profile.downloader == "c-move" and port is not None and not port_in_use(port)
 
     @property
     def whole_series(self) -> bool:
@@ -208,6 +222,27 @@ def default_clients(profile: SourceProfile, name: str) -> tuple[Callable[[], Sea
         return build_downloader(profile, name)
 
     return searcher, downloader
+
+
+RECEIVER_WAIT = 2.0
+"""Seconds a C-MOVE batch waits when this host's receiver is not listening (its worker died): well within the
+watchdog tick in which a surviving worker binds the port again."""
+
+
+def port_in_use(port: int) -> bool:
+    """True when a socket on this host listens on ``port``.
+
+    A test bind, closed at once: no association is opened with the receiver. ``SO_REUSEADDR`` lets the bind ignore
+    connections of a dead receiver lingering in TIME_WAIT (which would otherwise look like a live one), while a
+    socket in LISTEN, on any address, still refuses it.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))  # noqa: S104 - never listened on
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def default_spool(settings: Settings, name: str) -> Path:

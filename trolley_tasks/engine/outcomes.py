@@ -27,7 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.engine.breaker import TRIPPING
-from trolley_tasks.engine.context import EngineContext, SourceRuntime
+from trolley_tasks.engine.context import RECEIVER_WAIT, EngineContext, SourceRuntime
 from trolley_tasks.engine.heartbeat import LeaseLost
 from trolley_tasks.engine.ledger import ClaimCode, Outcome, Settled
 from trolley_tasks.engine.messages import FetchMessage
@@ -104,6 +104,12 @@ def apply_policy(
     it (or it held already), the instances go back to pending without spending an attempt (the probe of a held
     source spends one), to be retried when the source is let through again. Returns how many failed for good.
     """
+    if errors and runtime.receiver_missing():
+        # a C-MOVE whose receiver died under it (0xC000, failed sub-operations): our host's fault, no attempt spent
+        plan.back_to_pending(list(errors), codes)
+        plan.requeue.extend(errors)
+        plan.delay = max(plan.delay, RECEIVER_WAIT)
+        return 0
     failed = 0
     now = time.time()
     shrunk = False
