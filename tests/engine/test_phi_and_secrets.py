@@ -1,5 +1,5 @@
-"""No secret and no patient data in what leaves the ledger's row store: task messages, task events (what Flower
-shows), Redis keys and values, worker logs at DEBUG, and the reports (issue 11).
+"""No secret and no patient data in what leaves the ledger's row store: task messages, task events, Flower's API,
+Redis keys and values, worker logs at DEBUG, and the reports (issue 11).
 
 An export BY PatientID (the search cohort that used to carry the value in every expansion message) runs through
 real workers against an Orthanc that requires a password; meanwhile every Redis key and value is sampled and every
@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,9 @@ import pytest
 
 from testbed.cohort import generate_cohort
 from tests.engine.conftest import EngineEnv, celery_workers
+from tests.engine.test_flower import PASSWORD as FLOWER_PASSWORD
+from tests.engine.test_flower import USER as FLOWER_USER
+from tests.engine.test_flower import flower_server
 from trolley_tasks.core import Query
 from trolley_tasks.engine.api import EngineClient
 from trolley_tasks.engine.models import JobState
@@ -128,6 +132,23 @@ class EventCapture(Background):
         self._thread.join(timeout=5)
 
 
+def flower_api(url: str) -> str:
+    """What Flower's API tells anyone with its password: tasks (names, arguments, results) and workers."""
+    import requests
+
+    pages = []
+    for path in ("/api/tasks", "/api/workers", "/api/task/types"):
+        deadline = time.monotonic() + 20
+        while True:  # Flower folds events in on its own clock: wait until it has our tasks
+            answer = requests.get(url + path, auth=(FLOWER_USER, FLOWER_PASSWORD), timeout=10)
+            answer.raise_for_status()
+            if path != "/api/tasks" or "trolley.fetch" in answer.text or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        pages.append(answer.text)
+    return "\n".join(pages)
+
+
 def test_an_export_by_patient_id_leaks_no_secret_and_no_patient_data(  # type: ignore[no-untyped-def]
     orthanc_factory, redis_service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -168,7 +189,10 @@ login_url = "{pacs.url}/login"
     settings = load_settings(config)
     first = next(iter(COHORT))
     out = tmp_path / "out"
-    with celery_workers(config, 2, tmp_path, loglevel="debug") as workers:
+    with (
+        celery_workers(config, 2, tmp_path, loglevel="debug") as workers,
+        flower_server(config, tmp_path / "flower.log") as flower,
+    ):
         env = EngineEnv(settings, config, None, tmp_path)  # type: ignore[arg-type]
         engine: EngineClient = env.engine
         redis_seen, events = RedisSampler(client), EventCapture(engine.app)
@@ -177,14 +201,17 @@ login_url = "{pacs.url}/login"
             status = env.wait(job, timeout=180)
         engine.close()
         log_text = workers.log.read_text(errors="replace")
+        flower_pages = flower_api(flower)
     assert status.state is JobState.DONE and status.done == 6, status
     assert events.events and any("trolley.fetch" in e for e in events.events)  # the capture saw our tasks
     assert "DEBUG" in log_text and "GET /dicom-web" in log_text  # the log really is at DEBUG, requests included
     row_store = f"trolley:{{{job}}}:rowdata"
     assert any(first.patient_id in value for value in redis_seen.seen.get(row_store, ()))  # where it must be
     reports = (out / "trolley-report.json").read_text() + (out / "trolley-report.csv").read_text()
+    assert "trolley.fetch" in flower_pages  # Flower saw our tasks
     places = {
-        "task events (Flower)": "\n".join(events.events),
+        "task events": "\n".join(events.events),
+        "Flower's API": flower_pages,
         "worker log at DEBUG": log_text,
         "reports": reports,
     }
@@ -195,6 +222,7 @@ login_url = "{pacs.url}/login"
         "password": PASSWORD,
         "token": TOKEN,
         "vitrea password": VITREA,
+        "Flower password": FLOWER_PASSWORD,
         "PatientID": first.patient_id,
         "PatientName": first.patient_name,
         "AccessionNumber": first.accession_number,
