@@ -83,7 +83,8 @@ class Plan:
 
     def note(self, error_class: ErrorClass, error: BaseException) -> None:
         self.errors[error_class.value] += 1
-        self.first_error.setdefault(error_class.value, str(error)[:300])
+        text = error.message if isinstance(error, TrolleyError) else f"{type(error).__name__}: {error}"
+        self.first_error.setdefault(error_class.value, text[:200])  # one example per class; the report has them all
 
     def summary(self) -> str:
         """``server-error x10 (HTTP 500 ...); not-found x1 (...)``: readable whatever the batch size."""
