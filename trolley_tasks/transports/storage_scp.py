@@ -221,6 +221,7 @@ class StorageReceiver:
         ae.require_calling_aet = list(self.allowed_aets) or ["\\"]  # a backslash is no AE title: nobody matches
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_CONN_CLOSE, self._on_close),
             (evt.EVT_C_STORE, self._on_store),
@@ -266,6 +267,13 @@ class StorageReceiver:
         if address not in self._addresses:
             self._refuse("an association from %s (not an allowed peer)", address)
             event.assoc.acse.send_reject(0x01, 0x01, 0x01)
+
+    def _on_rejected(self, event: Any) -> None:
+        """EVT_REJECTED: pynetdicom refused a calling or called AE title that is not ours to accept."""
+        requestor = event.assoc.requestor
+        self._refuse(
+            "an association from %s calling as %r (not an allowed AE title)", requestor.address, requestor.ae_title
+        )
 
     def _on_pdu(self, event: Any) -> None:
         """EVT_PDU_RECV: count dataset bytes per instance and per association; cut off what exceeds a cap."""
