@@ -150,16 +150,10 @@ def test_paging_stops_a_server_that_invents_uids_for_ever() -> None:
         body = [{"00080018": {"vr": "UI", "Value": [generate_uid()]}} for _ in range(size)]
         return Reply(200, json.dumps(body).encode(), {"Content-Type": "application/dicom+json"})
 
-    with FakeHTTPServer(invent) as server:
-        with pytest.raises(RequestRejectedError, match="more than the [0-9]+ accepted|larger than"):
-            paged_search(
-                requests.Session(),
-                f"{server.url}/instances",
-                "",
-                key="SOPInstanceUID",
-                page_size=10,
-                max_bytes=64 * 1024,
-            )
+    with FakeHTTPServer(invent) as server, pytest.raises(RequestRejectedError, match="more than|larger than"):
+        paged_search(
+            requests.Session(), f"{server.url}/instances", "", key="SOPInstanceUID", page_size=10, max_bytes=64 * 1024
+        )
     assert 10 < pages < 200  # it paged, and it stopped
 
 

@@ -8,6 +8,7 @@ and mutated), since pure noise rarely gets past the first check of a parser.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from collections.abc import Callable, Iterator
@@ -37,10 +38,8 @@ _WORK = Path(tempfile.mkdtemp(prefix="trolley-fuzz-"))
 
 
 def only_our_errors(call: Callable[[], Any]) -> None:
-    try:
+    with contextlib.suppress(TrolleyError):
         call()
-    except TrolleyError:
-        pass
 
 
 def chunked(data: bytes, sizes: list[int]) -> Iterator[bytes]:
