@@ -173,3 +173,36 @@ def test_an_expected_instance_from_the_pacs_is_stored_under_its_token(orthanc: A
     assert receiver.received == 1
     assert spool.arrival(ref.instance_uid, token).is_file()
     assert not (receiver.spool_dir / f"{ref.instance_uid}.dcm").exists()  # never a file named after the UID alone
+
+
+def test_the_receiver_address_defaults_to_the_route_to_the_pacs_never_every_interface(tmp_path: Path) -> None:
+    from trolley_tasks.profiles import SourceProfile, build_receiver
+
+    profile = SourceProfile(
+        searcher="dicom-qr",
+        downloader="c-move",
+        host="127.0.0.1",
+        port=4242,
+        called_aet="PACS",
+        move_destination="TROLLEY",
+        receiver_port=11113,
+    )
+    receiver = build_receiver(profile, "pacs", tmp_path / "spool")
+    assert receiver.host == "127.0.0.1"
+    assert (receiver.allowed_aets, receiver.allowed_hosts) == (("PACS",), ("127.0.0.1",))
+    chosen = build_receiver(profile.model_copy(update={"receiver_host": "127.0.0.2"}), "pacs", tmp_path / "spool")
+    assert chosen.host == "127.0.0.2"
+
+
+def test_c_get_refuses_an_instance_over_max_instance_bytes(orthanc: Any) -> None:
+    from trolley_tasks.downloaders.dicom_qr import CGet
+    from trolley_tasks.errors import ErrorClass, RequestRejectedError
+
+    ref = orthanc.cohort.instance_refs()[0]
+    cget = CGet("127.0.0.1", orthanc.dicom_port, "TROLLEY", orthanc.aet, max_instance_bytes=64 * 1024)
+    try:
+        with pytest.raises(RequestRejectedError, match="larger than 65536 bytes") as raised:
+            list(cget.iter_raw(ref))
+    finally:
+        cget.close()
+    assert raised.value.error_class is ErrorClass.REQUEST_REJECTED
