@@ -29,7 +29,7 @@ from trolley_tasks.errors import PayloadInvalidError, UnSupportedParameterError
 from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.qido_rs_query import query_string
 from trolley_tasks.searchers.tree import TreeBuilder, dataset_uid
-from trolley_tasks.transports.http import HTTPEndpoint, read_body, request, retrying
+from trolley_tasks.transports.http import HTTPEndpoint, read_body, redact_url, request, retrying
 
 MINT_NAMESPACE = "http://medical.nema.org/mint"
 
