@@ -159,7 +159,7 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
             ok_statuses=(400, 500),  # a SOAP Fault travels with these; its text beats the bare status
         )
 
-    def _envelope(self, chunks: Iterable[bytes], series: SeriesReference) -> Iterator[bytes]:
+    def _bounded_answer(self, chunks: Iterable[bytes], series: SeriesReference) -> Iterator[bytes]:
         """The SOAP envelope's chunks, at most ``max_answer_bytes`` of them: the parser keeps what it reads."""
         return http.bounded(
             chunks, self.max_answer_bytes, what="the RAD-69 SOAP envelope", source=self.source, reference=series
@@ -187,10 +187,10 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
                         source=self.source,
                         reference=series,
                     )
-                answer = read_answer(self._envelope(root, series), source=self.source, reference=series)
+                answer = read_answer(self._bounded_answer(root, series), source=self.source, reference=series)
             elif media_type in _SOAP_TYPES:
-                envelope = self._envelope(body, series)
-                parts, answer = iter(()), read_answer(envelope, source=self.source, reference=series)
+                answer_chunks = self._bounded_answer(body, series)
+                parts, answer = iter(()), read_answer(answer_chunks, source=self.source, reference=series)
             else:
                 error = http.error_for_status(response, source=self.source, reference=series)
                 raise error or PayloadInvalidError(
