@@ -67,10 +67,11 @@ CHILD = textwrap.dedent(
     from trolley_tasks.storage import StorageDir
     url, study, series, out = sys.argv[1:5]
     downloader = WadoRS(None, url, max_instance_bytes=3 * 1000**3)
-    sizes = [StorageDir().save_raw(ref, payload, out).size for ref, payload in
+    saved = [StorageDir().save_raw(ref, payload, out) for ref, payload in
              downloader.iter_raw(SeriesReference(study, series))]
     downloader.close()
-    print(json.dumps({"sizes": sizes, "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print(json.dumps({"sizes": [s.size for s in saved], "paths": [str(s.path) for s in saved],
+                      "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
     """
 )
 
@@ -108,7 +109,8 @@ def test_a_2gb_instance_streams_through_multipart_into_storage_with_flat_rss(tmp
         f"ru_maxrss {kernel_peak / 2**20:.1f} MiB"
     )
     assert report["sizes"] == [len(head) + BIG]
-    saved = tmp_path / "out" / study / series / f"{instance}.dcm"
+    saved = Path(report["paths"][0])
+    assert saved.is_relative_to(tmp_path / "out") and instance.replace(".", "_") in saved.name
     assert saved.stat().st_size == len(head) + BIG
     assert 0 < peak < RSS_BOUND
     assert kernel_peak < RSS_BOUND
