@@ -16,12 +16,20 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
 
 from testbed.cohort import GeneratedCohort, generate_cohort
 from testbed.orthanc import OrthancServer, OrthancUnavailable, find_orthanc, free_port
 from trolley_tasks.downloaders.dicom_qr import CGet, CMove
 
 CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+FUZZ_EXAMPLES = 2000
+"""Examples per property test (tests/test_fuzz.py); ten times more under the ``slow`` marker."""
+settings.register_profile(
+    "trolley", max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "trolley"))
 
 STANDARD_COHORT = generate_cohort(studies=3, series=2, instances=3, seed=7)
 """What the session's Orthanc serves: 3 patients, one study each, 2 series of 3 CT images (18 instances)."""

@@ -83,14 +83,16 @@ def test_cmove_needs_instances(orthanc: Any) -> None:
 def test_cmove_with_the_hosts_shared_receiver(orthanc: Any, tmp_path: Path) -> None:
     """Engine mode: one receiver per host, started apart; the downloader only reads the spool."""
     spool = tmp_path / "spool"
-    with StorageReceiver(orthanc.move_aet, "127.0.0.1", orthanc.move_port, spool) as receiver:
+    peers = {"allowed_aets": [orthanc.aet], "allowed_hosts": ["127.0.0.1"]}
+    with StorageReceiver(orthanc.move_aet, "127.0.0.1", orthanc.move_port, spool, **peers) as receiver:
         cmove = orthanc.c_move(run_receiver=False, spool_dir=spool)
         study = searched_study(orthanc, 2)
         check_delivery(list(cmove.iter_raw(study)), {i.uid for i in study.all_instances()})
         cmove.close()
         assert receiver.received == len(study.all_instances())
         assert receiver.running  # the downloader does not stop a receiver it did not start
-    assert list(spool.iterdir()) == []  # every arrival was claimed, no temporary file left
+    assert [p.name for p in spool.iterdir()] == ["expected"]  # every arrival was claimed, no temporary file left
+    assert list((spool / "expected").iterdir()) == []  # and every expectation forgotten once its move ended
 
 
 def test_unknown_move_destination_is_configuration_error(orthanc: Any) -> None:

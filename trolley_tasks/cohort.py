@@ -212,19 +212,27 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
         raise CohortError(f"{path}: cannot read the cohort: {exc.strerror}") from None
     with handle:
         reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        if not set(header) & {"StudyInstanceUID", *SEARCH_COLUMNS}:
+        try:
+            header = reader.fieldnames or []
+            if not set(header) & {"StudyInstanceUID", *SEARCH_COLUMNS}:
+                raise CohortError(
+                    f"{path}: row 1: the header names none of StudyInstanceUID, AccessionNumber, PatientID "
+                    f"(found: {', '.join(h for h in header if h) or 'nothing'})"
+                )
+            for values in reader:
+                line = reader.line_num
+                if None in values:
+                    raise CohortError(f"{path}: row {line}: more values than header columns")
+                if not any((v or "").strip() for v in values.values()):
+                    continue
+                yield line, values
+        except UnicodeDecodeError as exc:  # found by tests/test_fuzz.py: a file saved as Latin-1 or UTF-16
             raise CohortError(
-                f"{path}: row 1: the header names none of StudyInstanceUID, AccessionNumber, PatientID "
-                f"(found: {', '.join(h for h in header if h) or 'nothing'})"
-            )
-        for values in reader:
-            line = reader.line_num
-            if None in values:
-                raise CohortError(f"{path}: row {line}: more values than header columns")
-            if not any((v or "").strip() for v in values.values()):
-                continue
-            yield line, values
+                f"{path}: row {reader.line_num + 1}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
+                "save the cohort as UTF-8 CSV"
+            ) from None
+        except csv.Error as exc:
+            raise CohortError(f"{path}: row {reader.line_num}: not a CSV file: {exc}") from None
 
 
 def iter_csv_rows(path: str | Path, *, skip_bad_rows: bool = False) -> Iterator[CohortRow | CohortError]:

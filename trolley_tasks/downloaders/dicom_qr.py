@@ -16,13 +16,11 @@ raised after everything else was delivered (:class:`~trolley_tasks.downloaders.s
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +33,24 @@ from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
 from trolley_tasks.downloaders.dimse_retrieve import RetrieveLoop, RetrieveRequest, plan_requests
 from trolley_tasks.errors import (
     ConfigurationError,
-    NonInstanceParameterError,
     RequestRejectedError,
-    TransientNetworkError,
+    TrolleyError,
 )
 from trolley_tasks.formats.part10 import Part10File
 from trolley_tasks.transports.dimse import (
     STUDY_ROOT_FIND,
     STUDY_ROOT_GET,
-    STUDY_ROOT_MOVE,
     AssociationManager,
     DimseTLS,
 )
-from trolley_tasks.transports.storage_scp import StorageReceiver, spool_path
+from trolley_tasks.transports.storage_scp import (
+    DEFAULT_MAX_INSTANCE_BYTES,
+    StorageReceiver,
+    count_dataset_bytes,
+    receive_datasets_on_disk,
+    remove_partial_dataset,
+    take_dataset,
+)
 
 __all__ = ["CGet", "CMove", "StorageReceiver"]
 
@@ -79,6 +82,14 @@ class CGet(RetrieveLoop, DownloaderBase):
         DICOM TLS settings, or None for plain TCP.
     sop_classes
         Storage SOP class UIDs to propose always (for example when the searcher returns none).
+    max_instance_bytes
+        The largest instance accepted: counted as its P-DATA arrive; a larger one aborts the association and fails
+        the request as request-rejected (the same instance would be as large next time).
+
+    Arrivals never wait in memory: pynetdicom writes each dataset to a temporary file as it arrives
+    (:func:`~trolley_tasks.transports.storage_scp.receive_datasets_on_disk`), the C-STORE handler moves it into a
+    private folder of this downloader, and the instance is handed on as that file
+    (:class:`~trolley_tasks.formats.part10.Part10File`), which storage renames into place.
     """
 
     operation = "C-GET"
@@ -94,13 +105,19 @@ class CGet(RetrieveLoop, DownloaderBase):
         timeout: float = 30.0,
         tls: DimseTLS | None = None,
         sop_classes: Iterable[str] | None = None,
+        max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
     ) -> None:
         self.sop_classes = frozenset(sop_classes or ())
+        self.max_instance_bytes = int(max_instance_bytes)
+        self._counts = [0, 0]
+        self._oversize = False
+        self._arrival_dir: Path | None = None
+        receive_datasets_on_disk()
         bad = sorted(uid for uid in self.sop_classes if not is_valid_uid(uid))
         if bad:
             raise ConfigurationError(f"sop_classes holds values that are not UIDs: {bad[:3]}")
         self._proposed: frozenset[str] = frozenset()
-        self._arrivals: deque[tuple[InstanceReference, bytes]] = deque()
+        self._arrivals: deque[tuple[InstanceReference, Part10File]] = deque()
         self._current: RetrieveRequest | None = None
         contexts, roles = self._negotiation(self.sop_classes)
         self.associations = AssociationManager(
@@ -113,7 +130,11 @@ class CGet(RetrieveLoop, DownloaderBase):
             timeout=timeout,
             tls=tls,
             source=source,
-            handlers=[(evt.EVT_C_STORE, self._on_store)],
+            handlers=[
+                (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_PDU_RECV, self._on_pdu),
+                (evt.EVT_CONN_CLOSE, lambda event: remove_partial_dataset(event.assoc)),
+            ],
         )
         self.source = self.associations.source
 
@@ -121,8 +142,11 @@ class CGet(RetrieveLoop, DownloaderBase):
         return f"CGet({self.associations!r})"
 
     def close(self) -> None:
-        """Release the association."""
+        """Release the association; remove arrivals nobody took."""
         self.associations.release()
+        if self._arrival_dir is not None:
+            shutil.rmtree(self._arrival_dir, ignore_errors=True)
+            self._arrival_dir = None
 
     def iter_raw(
         self, objects: Downloadable | Iterable[Downloadable]
@@ -161,10 +185,21 @@ class CGet(RetrieveLoop, DownloaderBase):
     def send(self, request: RetrieveRequest) -> Iterator[Dataset]:
         self._arrivals.clear()
         self._current = request
+        self._counts[:] = [0, 0]
+        self._oversize = False
         try:
             identifier = request.identifier()
             for status, _ in self.associations.send_c_get(identifier, STUDY_ROOT_GET, request.reference):
                 yield status
+        except TrolleyError as exc:
+            if self._oversize:  # we aborted the association ourselves: say why
+                raise RequestRejectedError(
+                    f"C-GET: an instance is larger than {self.max_instance_bytes} bytes, the most accepted "
+                    "(max_instance_bytes); the association was aborted",
+                    source=self.source,
+                    reference=request.reference,
+                ) from exc
+            raise
         finally:
             self._current = None
 
@@ -182,146 +217,37 @@ class CGet(RetrieveLoop, DownloaderBase):
             reference=request.reference,
         )
 
+    def _on_pdu(self, event: Any) -> None:
+        """EVT_PDU_RECV: an instance past ``max_instance_bytes`` aborts the association while it streams."""
+        counted = count_dataset_bytes(event.pdu, self._counts)
+        if counted and self._counts[0] > self.max_instance_bytes and not self._oversize:
+            self._oversize = True
+            event.assoc.abort(block=False)
+
     def _on_store(self, event: Any) -> int:
-        """EVT_C_STORE on our association: queue the instance for the iterator (runs in pynetdicom's thread)."""
+        """EVT_C_STORE on our association: move the instance's file into our folder and queue it for the iterator
+        (runs in pynetdicom's thread)."""
         request = self._current
         uid = str(event.request.AffectedSOPInstanceUID or "")
         if request is None or not is_valid_uid(uid):
             return 0xC000  # unsolicited, or a UID that cannot name a file: refuse the sub-operation
-        data = event.encoded_dataset(include_meta=True)
+        if self._arrival_dir is None:
+            self._arrival_dir = Path(tempfile.mkdtemp(prefix="trolley-get-"))
+        path = self._arrival_dir / f"{uid}.{secrets.token_hex(4)}.dcm"
+        try:
+            take_dataset(event, path)
+        except OSError:
+            return 0xA700  # out of resources (PS3.4 B.2.3): our disk failed
         series_uid = request.series_uid
         if series_uid is None:  # a study-level C-GET: read the series from the header, never the pixels
-            header = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            header = dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
             series_uid = str(header.get("SeriesInstanceUID", ""))
             if not is_valid_uid(series_uid):
+                path.unlink(missing_ok=True)
                 return 0xC000
-        self._arrivals.append((InstanceReference(request.study_uid, series_uid, uid), data))
+        self._arrivals.append((InstanceReference(request.study_uid, series_uid, uid), Part10File(path)))
         return 0x0000
 
 
-class CMove(RetrieveLoop, DownloaderBase):
-    """Download with C-MOVE: the PACS sends the instances to ``destination_aet``, whose storage SCP writes them to a
-    spool folder, where we pick them up by SOPInstanceUID (PS3.4 C.4.2).
-
-    A production PACS knows one destination per AE title, with one host and port, so the receiver belongs to the
-    worker **host**: with ``run_receiver=False`` (the engine) a :class:`StorageReceiver` already runs on this host,
-    writing to ``spool_dir``, and every worker process shares it. With ``run_receiver=True`` (a script or
-    :class:`~trolley_tasks.trolley.Trolley` in one process) this downloader starts its own receiver on first use and
-    stops it on :meth:`close`.
-
-    Because arrivals are matched by SOPInstanceUID, C-MOVE needs instance references or objects searched at INSTANCE
-    level; studies and series raise :class:`~trolley_tasks.errors.NonInstanceParameterError` (search them first).
-
-    Parameters
-    ----------
-    destination_aet
-        The AE title the PACS sends to; it must be registered on the PACS with this host and ``receiver_port``.
-    receiver_port, receiver_host
-        Where the receiver listens.
-    spool_dir
-        The receiver's folder; a private temporary folder (removed on close) when None and ``run_receiver`` is True.
-    run_receiver
-        Start a receiver in this process (True), or rely on one already running on this host (False).
-    """
-
-    operation = "C-MOVE"
-
-    def __init__(
-        self,
-        host: str,
-        port: int | str,
-        aet: str,
-        aec: str,
-        *,
-        destination_aet: str,
-        receiver_port: int,
-        receiver_host: str = "127.0.0.1",
-        spool_dir: str | Path | None = None,
-        run_receiver: bool = True,
-        source: str | None = None,
-        timeout: float = 30.0,
-        tls: DimseTLS | None = None,
-    ) -> None:
-        if spool_dir is None and not run_receiver:
-            raise ConfigurationError("CMove(run_receiver=False) needs the spool_dir of the host's receiver")
-        self.destination_aet = destination_aet
-        self.associations = AssociationManager(
-            host,
-            int(port),
-            aet,
-            aec,
-            contexts=[build_context(STUDY_ROOT_MOVE), build_context(STUDY_ROOT_FIND)],
-            timeout=timeout,
-            tls=tls,
-            source=source,
-        )
-        self.source = self.associations.source
-        self._own_spool = spool_dir is None
-        self.spool_dir = Path(spool_dir) if spool_dir is not None else Path(tempfile.mkdtemp(prefix="trolley-move-"))
-        self.receiver = StorageReceiver(destination_aet, receiver_host, receiver_port, self.spool_dir)
-        self.run_receiver = run_receiver
-
-    def __repr__(self) -> str:
-        return f"CMove({self.associations!r} -> {self.destination_aet}, {self.receiver!r})"
-
-    def close(self) -> None:
-        """Release the association, stop the receiver this downloader started, remove its private spool."""
-        self.associations.release()
-        if self.run_receiver:
-            self.receiver.stop()
-        if self._own_spool:
-            shutil.rmtree(self.spool_dir, ignore_errors=True)
-
-    def iter_raw(
-        self, objects: Downloadable | Iterable[Downloadable]
-    ) -> Iterator[tuple[InstanceReference, RawPayload]]:
-        """Each instance of ``objects``, which must be instance references or objects searched to INSTANCE level."""
-        requests, _ = plan_requests(objects)
-        coarse = next((r for r in requests if r.level != "IMAGE"), None)
-        if coarse is not None:
-            raise NonInstanceParameterError(
-                f"C-MOVE matches arrivals by SOPInstanceUID; search {coarse.reference} at INSTANCE level first",
-                source=self.source,
-                reference=coarse.reference,
-            )
-        if self.run_receiver:
-            self.receiver.start()
-        return self.run(requests)
-
-    def send(self, request: RetrieveRequest) -> Iterator[Dataset]:
-        responses = self.associations.send_c_move(
-            request.identifier(), self.destination_aet, STUDY_ROOT_MOVE, request.reference
-        )
-        for status, _ in responses:
-            yield status
-
-    def collect(self, request: RetrieveRequest, delivered: set[str]) -> Iterator[tuple[InstanceReference, RawPayload]]:
-        """Claim the spool files of the instances asked for, and hand each on as a file, not as bytes: storage
-        checks it in place and renames it into the output (:class:`~trolley_tasks.formats.part10.Part10File`).
-
-        The claim is a rename, so that two processes sharing the spool never both take one file. A claimed file
-        left behind (the consumer stopped) keeps its ``.claimed`` name and is never handed on twice.
-        """
-        assert request.series_uid is not None
-        for uid in request.instance_uids:
-            if uid in delivered:
-                continue
-            path = spool_path(self.spool_dir, uid)
-            claimed = path.with_name(f".{path.name}.claimed-{os.getpid()}-{secrets.token_hex(4)}")
-            try:
-                os.rename(path, claimed)
-            except FileNotFoundError:
-                continue
-            yield InstanceReference(request.study_uid, request.series_uid, uid), Part10File(claimed)
-
-    def subop_failure_error(self, request: RetrieveRequest, failed: int) -> TransientNetworkError:
-        """C-MOVE sub-operations fail most often on the way to the receiver (busy, restarting, unreachable), which
-        a later attempt can get past."""
-        return TransientNetworkError(
-            f"C-MOVE: {failed} sub-operation(s) towards {self.destination_aet!r} failed",
-            source=self.source,
-            reference=request.reference,
-        )
-
-    def destination(self) -> str | None:
-        return self.destination_aet
+# C-MOVE lives in its own module; this module stays its public home (dicomtrolley's import path).
+from trolley_tasks.downloaders.dicom_qr_move import CMove  # noqa: E402

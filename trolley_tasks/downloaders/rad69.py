@@ -21,7 +21,7 @@ from typing import Unpack
 
 import requests
 
-from trolley_tasks.core import Downloadable, InstanceReference, group_by_series
+from trolley_tasks.core import Downloadable, InstanceReference, SeriesReference, group_by_series
 from trolley_tasks.downloaders.base import DownloaderBase, RawPayload
 from trolley_tasks.downloaders.rad69_soap import (
     ACTION,
@@ -159,6 +159,12 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
             ok_statuses=(400, 500),  # a SOAP Fault travels with these; its text beats the bare status
         )
 
+    def _bounded_answer(self, chunks: Iterable[bytes], series: SeriesReference) -> Iterator[bytes]:
+        """The SOAP envelope's chunks, at most ``max_answer_bytes`` of them: the parser keeps what it reads."""
+        return http.bounded(
+            chunks, self.max_answer_bytes, what="the RAD-69 SOAP envelope", source=self.source, reference=series
+        )
+
     def _fetch_series(
         self, group: list[InstanceReference], shortfall: Shortfall
     ) -> Iterator[tuple[InstanceReference, RawPayload]]:
@@ -181,9 +187,10 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
                         source=self.source,
                         reference=series,
                     )
-                answer = read_answer(root, source=self.source, reference=series)
+                answer = read_answer(self._bounded_answer(root, series), source=self.source, reference=series)
             elif media_type in _SOAP_TYPES:
-                parts, answer = iter(()), read_answer(body, source=self.source, reference=series)
+                answer_chunks = self._bounded_answer(body, series)
+                parts, answer = iter(()), read_answer(answer_chunks, source=self.source, reference=series)
             else:
                 error = http.error_for_status(response, source=self.source, reference=series)
                 raise error or PayloadInvalidError(
@@ -199,7 +206,14 @@ class Rad69(http.HTTPEndpoint, DownloaderBase):
                 if reference is None or reference in delivered:
                     logger.warning("skipping RAD-69 part %s: no DocumentResponse asked for it", part.content_id)
                     continue
-                payload = read_header(part, source=self.source, reference=reference)
+                chunks = http.bounded(
+                    part,
+                    self.max_instance_bytes,
+                    what=f"document {part.content_id}",
+                    source=self.source,
+                    reference=reference,
+                )
+                payload = read_header(chunks, source=self.source, reference=reference)
                 header = payload.header
                 assert header is not None  # read_header sets it
                 check_identity(header, reference, source=self.source)

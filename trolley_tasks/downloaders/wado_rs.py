@@ -224,7 +224,10 @@ class WadoRS(http.HTTPEndpoint, DownloaderBase):
         try:
             body = http.iter_body(response, source=self.source, reference=target)
             for part in iter_parts(body, response.headers.get("Content-Type"), source=self.source, reference=target):
-                payload = read_header(part, source=self.source, reference=target)
+                chunks = http.bounded(
+                    part, self.max_instance_bytes, what=f"an instance of {target}", source=self.source, reference=target
+                )
+                payload = read_header(chunks, source=self.source, reference=target)
                 header = payload.header
                 assert header is not None  # read_header sets it
                 reference = header.reference(target.study_uid, getattr(target, "series_uid", None))

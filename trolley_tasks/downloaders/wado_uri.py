@@ -87,7 +87,13 @@ class WadoURI(http.HTTPEndpoint, DownloaderBase):
                 shortfall.add(exc)
                 continue
             try:
-                body = http.iter_body(response, source=self.source, reference=reference)
+                body = http.bounded(
+                    http.iter_body(response, source=self.source, reference=reference),
+                    self.max_instance_bytes,
+                    what=f"instance {reference.instance_uid}",
+                    source=self.source,
+                    reference=reference,
+                )
                 payload = read_header(body, source=self.source, reference=reference)
                 header = payload.header
                 assert header is not None  # read_header sets it

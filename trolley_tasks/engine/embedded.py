@@ -34,7 +34,8 @@ from typing import IO
 
 import redis
 
-from trolley_tasks.errors import ConfigurationError
+from trolley_tasks.errors import ConfigurationError, UnsafePathError
+from trolley_tasks.storage.confine import private_directory
 
 log = logging.getLogger("trolley.embedded")
 
@@ -138,6 +139,7 @@ class EmbeddedRedis:
 
         With ``exclusive=False`` (read-only commands), a server that another command owns is used as it is.
         """
+        self._check_socket_dir()
         if not self._take_lock():
             if not exclusive and _answers(self.socket_path):
                 log.debug("using the embedded Redis of process %s", self._holder())
@@ -155,6 +157,18 @@ class EmbeddedRedis:
         self._spawn()
         return self
 
+    def _check_socket_dir(self) -> None:
+        """The socket's folder is ours alone (mode 0700, our uid), checked before anything is asked over it: a folder
+        under /tmp that another user made first under our name could hold a Redis of theirs (it would read the
+        ledger) or a symlink; it is refused, never adopted. The state directory itself is the user's choice."""
+        if self.socket_path.parent == self.state_dir.resolve():
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            return
+        try:
+            private_directory(self.socket_path.parent)
+        except UnsafePathError as exc:
+            raise EmbeddedError(f"the embedded Redis socket folder is unsafe: {exc.message}") from exc
+
     def _pid_from_file(self) -> int | None:
         try:
             return int((self.state_dir / "redis.pid").read_text().strip())
@@ -162,7 +176,7 @@ class EmbeddedRedis:
             return None
 
     def _spawn(self) -> None:
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        self._check_socket_dir()
         self.socket_path.unlink(missing_ok=True)
         conf = self.state_dir / "redis.conf"
         conf.write_text(

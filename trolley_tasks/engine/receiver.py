@@ -15,10 +15,12 @@ shared spool by SOPInstanceUID.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from trolley_tasks.engine.context import default_spool
 from trolley_tasks.engine.settings import Settings
 from trolley_tasks.errors import ConfigurationError
+from trolley_tasks.profiles import build_receiver
 from trolley_tasks.transports.storage_scp import StorageReceiver
 
 log = logging.getLogger("trolley.engine.receiver")
@@ -42,8 +44,8 @@ class HostReceivers:
             if profile.move_destination is None or profile.receiver_port is None:
                 continue
             spool = profile.spool_dir or default_spool(self.settings, name)
-            receiver = StorageReceiver(profile.move_destination, profile.receiver_host, profile.receiver_port, spool)
             try:
+                receiver = build_receiver(profile, name, Path(spool))
                 receiver.start()
             except ConfigurationError as exc:
                 if name not in self._told:  # said once, not every tick
@@ -52,7 +54,9 @@ class HostReceivers:
                 continue
             self.running[name] = receiver
             started.append(name)
-            log.info("C-MOVE receiver of %s listening on %s:%s", name, profile.receiver_host, profile.receiver_port)
+            log.info("C-MOVE receiver of %s listening on %s:%s", name, receiver.host, receiver.port)
+        for receiver in self.running.values():
+            receiver.purge()  # stale spool files (at most once a minute)
         return started
 
     def stop(self) -> None:

@@ -31,6 +31,8 @@ from trolley_tasks.errors import PayloadInvalidError
 
 MAX_HEADER_BYTES = 64 * 1024
 """A part's header block larger than this is not a header block (RFC 2046 headers are a few lines)."""
+MAX_EPILOGUE_BYTES = 64 * 1024
+"""What is read after the close delimiter (RFC 2046 says the epilogue is to be ignored) before giving up on it."""
 
 
 def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
@@ -124,6 +126,8 @@ class MultipartReader:
         self._eof = False
         self._started = False
         self._failure: PayloadInvalidError | None = None
+        self.epilogue_cut = False
+        """True when the epilogue was longer than :data:`MAX_EPILOGUE_BYTES` and left unread."""
         self.source = source
         self.reference = reference
 
@@ -305,10 +309,17 @@ class MultipartReader:
             index += 1
 
     def _drain_epilogue(self) -> None:
-        """Read (and discard) the epilogue, so that a keep-alive connection is left clean."""
+        """Read (and discard) the epilogue, so that a keep-alive connection is left clean; but at most
+        :data:`MAX_EPILOGUE_BYTES`: a server that streams on after the close delimiter is not read for ever (the
+        caller closes the connection instead of reusing it)."""
+        drained = len(self._buffer)
         self._buffer = b""
-        for _ in self._chunks:
-            pass
+        if drained <= MAX_EPILOGUE_BYTES:
+            for chunk in self._chunks:
+                drained += len(chunk)
+                if drained > MAX_EPILOGUE_BYTES:
+                    break
+        self.epilogue_cut = drained > MAX_EPILOGUE_BYTES
         self._eof = True
 
 

@@ -234,10 +234,10 @@ class Walker:
         self._buffer += chunk
         try:
             self._advance()
-        except _Malformed as exc:
+        except (_Malformed, NotDicom) as exc:
+            # a fresh exception, without the traceback: its frames hold views of the caller's buffer (an mmap,
+            # which could then not be closed: "BufferError: cannot close exported pointers exist")
             self.error = NotDicom(str(exc))
-        except NotDicom as exc:
-            self.error = exc
         except Unsupported as exc:
             self.unsupported = str(exc)
 

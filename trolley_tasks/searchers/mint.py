@@ -6,7 +6,8 @@ elements, each with ``<attr tag="0020000d" vr="UI" val="..."/>`` children (share
 attributes may come after the series' instances, so a series is read whole before its instances are placed.
 
 The answer comes from a server we do not control, so parsing is defensive: defusedxml forbids DTDs and entities
-(no entity-expansion bomb, nothing external resolved), the body is capped at :data:`MAX_ANSWER_BYTES`, and anything
+(no entity-expansion bomb, nothing external resolved), the body is capped at the profile's ``max_answer_bytes``
+(64 MiB by default), and anything
 malformed is a :class:`~trolley_tasks.errors.PayloadInvalidError` that says where.
 """
 
@@ -24,15 +25,13 @@ from pydicom import DataElement, Dataset
 from pydicom.sequence import Sequence
 
 from trolley_tasks.core import ExtendedQuery, Query, QueryLevels, Study
-from trolley_tasks.errors import PayloadInvalidError, RequestRejectedError, UnSupportedParameterError
+from trolley_tasks.errors import PayloadInvalidError, UnSupportedParameterError
 from trolley_tasks.searchers.base import SearcherBase
 from trolley_tasks.searchers.qido_rs_query import query_string
 from trolley_tasks.searchers.tree import TreeBuilder, dataset_uid
-from trolley_tasks.transports.http import HTTPEndpoint, iter_body, redact_url, request, retrying
+from trolley_tasks.transports.http import HTTPEndpoint, read_body, redact_url, request, retrying
 
 MINT_NAMESPACE = "http://medical.nema.org/mint"
-MAX_ANSWER_BYTES = 512 * 1024 * 1024
-"""A MINT answer larger than this is refused: about a million instances' worth, far more than one study."""
 
 _NS = f"{{{MINT_NAMESPACE}}}"
 _NUMERIC_VRS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": int, "FL": float, "FD": float}
@@ -224,18 +223,8 @@ class Mint(HTTPEndpoint, SearcherBase):
                 headers={"Accept": "application/xml"},
                 timeout=self.timeout,
             )
-            chunks: list[bytes] = []
-            size = 0
-            for chunk in iter_body(response, source=self.source):
-                size += len(chunk)
-                if size > MAX_ANSWER_BYTES:
-                    response.close()
-                    # too broad a question: asking again cannot help (request-rejected, never retried)
-                    raise RequestRejectedError(
-                        f"MINT answer from {redact_url(url)} exceeds {MAX_ANSWER_BYTES} bytes; refusing to parse it",
-                        source=self.source,
-                    )
-                chunks.append(chunk)
-            return parse_mint_xml(chunks, mint_query.query_level, source=self.source)
+            # too broad a question: asking again cannot help (read_body raises request-rejected, never retried)
+            body = read_body(response, limit=self.max_answer_bytes, source=self.source)
+            return parse_mint_xml([body], mint_query.query_level, source=self.source)
 
         return retrying(once, tries=self.request_tries)

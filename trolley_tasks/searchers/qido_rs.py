@@ -103,6 +103,7 @@ class QidoRS(HTTPEndpoint, SearcherBase):
             source=self.source,
             timeout=self.timeout,
             tries=self.request_tries,
+            max_bytes=self.max_answer_bytes,
         )
 
     def find_studies(self, query: Query) -> list[Study]:

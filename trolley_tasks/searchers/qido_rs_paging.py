@@ -25,7 +25,7 @@ from pydicom import Dataset
 from trolley_tasks.errors import PayloadInvalidError
 from trolley_tasks.formats.dicom_json import datasets_from_json
 from trolley_tasks.searchers.tree import dataset_uid
-from trolley_tasks.transports.http import read_body, redact_url, request, retrying
+from trolley_tasks.transports.http import DEFAULT_MAX_ANSWER_BYTES, read_body, redact_url, request, retrying
 
 DICOM_JSON = "application/dicom+json"
 
@@ -51,17 +51,19 @@ def _get_page(
     source: str | None,
     timeout: float | tuple[float, float] | None,
     tries: int,
-) -> tuple[list[Dataset], bool]:
+    max_bytes: int,
+) -> tuple[list[Dataset], bool, int]:
     """One page, asked again on its own when it fails in a way another try may cure (:func:`retrying`)."""
 
-    def once() -> tuple[list[Dataset], bool]:
+    def once() -> tuple[list[Dataset], bool, int]:
         response = request(session, "GET", url, source=source, headers={"Accept": DICOM_JSON}, timeout=timeout)
         truncated = warning_says_truncated(response.headers)
         if response.status_code == 204:  # PS3.18 8.3.4.4: no matches
             response.close()
-            return [], truncated
-        body = read_body(response, source=source)
-        return datasets_from_json(body, source=source, what=f"QIDO-RS answer from {redact_url(url)}"), truncated
+            return [], truncated, 0
+        body = read_body(response, limit=max_bytes, source=source)
+        what = f"QIDO-RS answer from {redact_url(url)}"
+        return datasets_from_json(body, source=source, what=what), truncated, len(body)
 
     return retrying(once, tries=tries)
 
@@ -79,6 +81,7 @@ def paged_search(
     source: str | None = None,
     timeout: float | tuple[float, float] | None = None,
     tries: int = 1,
+    max_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
 ) -> list[Dataset]:
     """Every result of one QIDO-RS search, fetched page by page, each page tried up to ``tries`` times.
 
@@ -97,11 +100,15 @@ def paged_search(
         Ask for pages of this size (``limit=page_size``); None sends no limit and relies on the server's signals.
     expected
         How many results the server itself counts, if known: keep paging until reached.
+    max_bytes
+        The most the whole answer, all its pages together, may weigh: the paging guard against a server that
+        invents new UIDs for ever (request-rejected once passed).
     """
     results: list[Dataset] = []
     seen: set[str] = set()
     remaining = limit or None
     promised_more = False
+    received = 0
     while True:
         ask = page_size
         if remaining is not None:
@@ -110,9 +117,11 @@ def paged_search(
         if offset:
             paging.append(f"offset={offset}")
         full_query = "&".join(part for part in (query_string, *paging) if part)
-        page, truncated = _get_page(
-            session, f"{url}?{full_query}" if full_query else url, source=source, timeout=timeout, tries=tries
+        page_url = f"{url}?{full_query}" if full_query else url
+        page, truncated, size = _get_page(
+            session, page_url, source=source, timeout=timeout, tries=tries, max_bytes=max_bytes - received
         )
+        received += size
         if not page:
             if promised_more:
                 raise IncompleteResultError(

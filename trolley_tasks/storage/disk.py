@@ -29,7 +29,6 @@ stray temp files are removed by :func:`clean_temp_files`.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -48,6 +47,7 @@ from trolley_tasks.formats.part10 import (
     dataset_value,
     read_part10_header,
 )
+from trolley_tasks.storage.confine import confined_directory
 from trolley_tasks.storage.durable import AtomicFile, Committer, remove_stale_temp_files, replace
 from trolley_tasks.storage.layouts import (
     DICOMTROLLEY_FLAT,
@@ -114,7 +114,7 @@ class DICOMDiskStorage:
         root = self._root(path)
         template = self._template()
         final = self._confined(root, template.render(lambda keyword: _dataset_value(dataset, keyword)))
-        with AtomicFile(root / TEMP_DIR) as temp:
+        with AtomicFile(_work_dir(root, TEMP_DIR)) as temp:
             try:
                 dataset.save_as(temp.handle, enforce_file_format=True)
             except (AttributeError, ValueError, TypeError, KeyError) as exc:
@@ -158,7 +158,7 @@ class DICOMDiskStorage:
         if isinstance(payload, Part10File):
             return self._save_file(reference, payload.path, root, committer)
         stream = Part10Stream.of(payload)
-        with AtomicFile(root / TEMP_DIR) as temp:
+        with AtomicFile(_work_dir(root, TEMP_DIR)) as temp:
             try:
                 for chunk in stream:
                     temp.handle.write(chunk)
@@ -264,17 +264,10 @@ class DICOMDiskStorage:
     @staticmethod
     def _confined(root: Path, relative: os.PathLike[str]) -> Path:
         final = root / relative
-        if not _directory_inside(root, final.parent) or final.is_symlink():
+        confined_directory(root, final.parent)
+        if final.is_symlink():
             raise UnsafePathError(f"{relative} would be written outside the output directory {root}")
         return final
-
-
-@functools.lru_cache(maxsize=4096)
-def _directory_inside(root: Path, directory: Path) -> bool:
-    """True when ``directory`` resolves inside ``root``: path components are sanitized, so only a symlink could lead
-    out. Cached per directory, since a series' hundreds of files share one (resolving walks every component)."""
-    resolved_root = root.resolve()
-    return os.path.commonpath([resolved_root, directory.resolve()]) == str(resolved_root)
 
 
 class TemplateStorage(DICOMDiskStorage):
@@ -356,9 +349,16 @@ def _dataset_value(dataset: Dataset, keyword: str) -> object:
     return dataset_value(dataset, keyword)
 
 
-def _quarantine(temp: Path, root: Path, reference: InstanceReference) -> Path:
-    directory = root / QUARANTINE_DIR
+def _work_dir(root: Path, name: str) -> Path:
+    """``<root>/.trolley/tmp`` or ``.../quarantine``, made if missing and checked to lie inside ``root`` (a
+    ``.trolley`` swapped for a symlink must not carry instance bytes elsewhere)."""
+    directory = root / name
     directory.mkdir(parents=True, exist_ok=True)
+    return confined_directory(root, directory)
+
+
+def _quarantine(temp: Path, root: Path, reference: InstanceReference) -> Path:
+    directory = _work_dir(root, QUARANTINE_DIR)
     target = directory / f"{path_component(reference.instance_uid, 'SOPInstanceUID', is_uid=True)}.bad"
     replace(temp, target)
     return target

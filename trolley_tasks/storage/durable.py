@@ -35,6 +35,8 @@ from typing import IO, Any
 TEMP_PREFIX = ".trolley-tmp-"
 """Temp files start with this; a crash may leave some, which ``storage.clean_temp_files`` removes later."""
 
+COPY_CHUNK = 1024 * 1024
+"""Bytes per read when a file must be copied across filesystems: memory stays one chunk whatever the file's size."""
 COMMIT_THREADS = 4
 """fsyncs in flight per worker process: enough to keep the disk queue busy while Python parses the next part."""
 
@@ -47,10 +49,12 @@ def open_temp(directory: Path, *, text: bool = False) -> tuple[IO[Any], Path]:
     """A new, empty temp file in ``directory`` (made if missing), open for writing, and its path.
 
     ``os.open`` with ``O_EXCL`` and mode 0o666 rather than ``mkstemp``: the final files get the user's umask, as any
-    file they write would. ``text`` opens it as UTF-8 text with ``newline=""`` (the csv module's requirement).
+    file they write would. The name is random (64 bits), ``O_EXCL`` refuses any existing name and ``O_NOFOLLOW``
+    any symlink planted there, so a local attacker can neither predict the file nor redirect it.
+    ``text`` opens it as UTF-8 text with ``newline=""`` (the csv module's requirement).
     """
     path = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o666)
     except FileNotFoundError:  # first file in this directory (made once, not per file)
@@ -125,9 +129,10 @@ def replace(source: Path, target: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        neighbour = target.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        handle, neighbour = open_temp(target.parent)
         try:
-            shutil.copyfile(source, neighbour)
+            with handle, open(source, "rb") as original:
+                shutil.copyfileobj(original, handle, COPY_CHUNK)
             fsync_path(neighbour)
             os.replace(neighbour, target)
         finally:

@@ -203,10 +203,17 @@ class VitreaAuth(AuthBase):
                     source=where,
                     headers={"X-Userid": self.user, "X-Password": self._password, "X-Realm": self.realm},
                     ok_statuses=_LOGIN_REFUSALS,
+                    allow_redirects=False,  # never carry X-Userid/X-Password to wherever a 3xx points
                 )
             finally:
                 self._local.in_login = False
             response.close()
+            if response.is_redirect:
+                raise AuthError(
+                    f"Vitrea login answered HTTP {response.status_code} (a redirect): not followed, the password "
+                    "would travel with it; configure the final login_url",
+                    source=where,
+                )
             if response.status_code != 200:
                 raise AuthError(
                     f"Vitrea login as {self.user!r} (realm {self.realm}) failed: HTTP {response.status_code}",

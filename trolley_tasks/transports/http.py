@@ -20,7 +20,7 @@ from __future__ import annotations
 import email.utils
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypedDict, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -49,6 +49,11 @@ DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 60.0)
 """(connect, read) seconds. A read timeout is the longest silence between two bytes, not the whole transfer."""
 
 CHUNK_SIZE = 256 * 1024
+
+DEFAULT_MAX_ANSWER_BYTES = 64 * 1024**2
+"""The largest search or metadata answer (QIDO-RS, WADO-RS metadata, MINT, RAD-69 SOAP) read into memory."""
+DEFAULT_MAX_INSTANCE_BYTES = 4 * 1024**3
+"""The largest instance accepted (streamed to disk, never held in memory)."""
 
 REQUEST_TRIES = 5
 """Tries of one small idempotent request (:func:`retrying`) before its error goes to the caller."""
@@ -194,6 +199,7 @@ def request(
     stream: bool = False,
     timeout: float | tuple[float, float] | None = None,
     ok_statuses: tuple[int, ...] = (),
+    allow_redirects: bool = True,
 ) -> requests.Response:
     """Send one request over ``session`` and return a success response, or raise the mapped error.
 
@@ -201,6 +207,9 @@ def request(
     ----------
     ok_statuses
         Error statuses the caller handles itself (returned, not raised), for example a login flow's 401.
+    allow_redirects
+        Follow 3xx answers (requests drops an Authorization header on a redirect to another host, but not the
+        headers a login sends itself: a login passes False).
     """
     all_headers = {"Accept-Encoding": "identity"}
     if headers:
@@ -214,6 +223,7 @@ def request(
             data=data,
             stream=stream,
             timeout=timeout or DEFAULT_TIMEOUT,
+            allow_redirects=allow_redirects,
         )
     if response.status_code not in ok_statuses:
         raise_for_status(response, source=source, reference=reference)
@@ -232,9 +242,46 @@ def iter_body(
         yield from response.iter_content(chunk_size=chunk_size)
 
 
-def read_body(response: requests.Response, *, source: str | None = None, reference: Any = None) -> bytes:
-    """The whole body of a response, with transport errors mapped. For small answers (JSON, XML) only."""
-    return b"".join(iter_body(response, source=source, reference=reference))
+def bounded(
+    chunks: Iterable[bytes], limit: int, *, what: str, source: str | None = None, reference: Any = None
+) -> Iterator[bytes]:
+    """``chunks`` passed on until more than ``limit`` bytes came, then RequestRejectedError: the server's answer is
+    larger than we accept, and asking again would bring the same answer. Checked as the bytes arrive, so memory
+    and disk never hold more than ``limit`` (plus one chunk) of it."""
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise RequestRejectedError(
+                f"{what} is larger than {limit} bytes, the most accepted (raise the profile's limit if it is genuine)",
+                source=source,
+                reference=reference,
+            )
+        yield chunk
+
+
+def read_body(
+    response: requests.Response,
+    *,
+    limit: int = DEFAULT_MAX_ANSWER_BYTES,
+    source: str | None = None,
+    reference: Any = None,
+) -> bytes:
+    """The whole body of a response, at most ``limit`` bytes (else RequestRejectedError, before reading more than
+    that), with transport errors mapped. For small answers (JSON, XML) only."""
+    what = f"the answer from {redact_url(response.url or '')}"
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        response.close()
+        raise RequestRejectedError(
+            f"{what} announces {declared} bytes, more than the {limit} accepted", source=source, reference=reference
+        )
+    chunks = iter_body(response, source=source, reference=reference)
+    try:
+        return b"".join(bounded(chunks, limit, what=what, source=source, reference=reference))
+    except RequestRejectedError:
+        response.close()
+        raise
 
 
 SessionOrFactory = requests.Session | Callable[[], requests.Session] | None
@@ -247,6 +294,8 @@ class EndpointOptions(TypedDict, total=False):
     source: str | None
     timeout: float | tuple[float, float] | None
     request_tries: int
+    max_answer_bytes: int
+    max_instance_bytes: int
 
 
 class HTTPEndpoint:
@@ -271,6 +320,10 @@ class HTTPEndpoint:
     request_tries
         Tries of one small idempotent request (a search page, a metadata answer) before its error is raised
         (:func:`retrying`); 1 asks once. Instance downloads are never retried here.
+    max_answer_bytes
+        The largest answer read into memory (a search, metadata, a SOAP envelope): more is request-rejected.
+    max_instance_bytes
+        The largest instance streamed to storage: more is request-rejected (a searcher has none to stream).
     """
 
     source: str | None
@@ -283,10 +336,16 @@ class HTTPEndpoint:
         source: str | None = None,
         timeout: float | tuple[float, float] | None = None,
         request_tries: int = REQUEST_TRIES,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+        max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
     ) -> None:
         if request_tries < 1:
             raise ValueError("request_tries must be at least 1")
+        if max_answer_bytes < 1 or max_instance_bytes < 1:
+            raise ValueError("max_answer_bytes and max_instance_bytes must be positive")
         self.request_tries = request_tries
+        self.max_answer_bytes = max_answer_bytes
+        self.max_instance_bytes = max_instance_bytes
         self.owns_session = not isinstance(session, requests.Session)
         if isinstance(session, requests.Session):
             self.session = session
@@ -326,7 +385,7 @@ def get_dicom_json(endpoint: HTTPEndpoint, url: str, reference: Any) -> list[Dat
         if response.status_code == 204:
             response.close()
             return None
-        body = read_body(response, source=endpoint.source, reference=reference)
+        body = read_body(response, limit=endpoint.max_answer_bytes, source=endpoint.source, reference=reference)
         return datasets_from_json(body, source=endpoint.source, what=f"WADO-RS metadata from {redact_url(url)}")
 
     return retrying(once, tries=endpoint.request_tries)
