@@ -263,8 +263,9 @@ def _work(
             # whatever happened, what reached the disk is made durable and counted: "done" means durable
             for uid, error in download.flush().items():
                 download.bad[uid] = error
+            settled = plan.settled_uids()
             for uid, saved in download.saved.items():
-                if uid not in plan.settled_uids():
+                if uid not in settled:
                     attempts = codes[uid][1] + tries.get(uid, 1)
                     path = relative_path(storage, saved, output)
                     plan.settled.append(Settled(uid, Outcome.DONE, attempts, size=saved.size, path=path))
