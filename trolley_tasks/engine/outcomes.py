@@ -177,7 +177,8 @@ def rescue(
     """Something escaped the fetch after the claim (a time limit, a full disk, a bug, a lost lease): every claimed
     instance not yet settled goes through the policy (or back to pending), so none stays running with no message.
     Returns how many failed for good."""
-    rest = [uid for uid in claimed if uid not in plan.settled_uids()]
+    settled = plan.settled_uids()
+    rest = [uid for uid in claimed if uid not in settled]
     if isinstance(error, LeaseLost) or not isinstance(error, Exception):
         plan.back_to_pending(rest, codes)  # another holder, or the worker shutting down: nothing was tried
         plan.requeue.extend(rest)
