@@ -27,8 +27,9 @@ lint: install
 demo: install
 	$(BIN)/python -m scripts.demo
 
+# make bench: the full comparison (about 10 minutes); make bench BENCH_SIZE=smoke: about 100 instances (a few minutes)
 bench: install
-	$(BIN)/python -m bench.export_speed
+	BENCH_SIZE=$(BENCH_SIZE) $(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

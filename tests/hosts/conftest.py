@@ -1,21 +1,21 @@
 """Hosts as network namespaces: each "host" is a namespace joined to the root namespace by a veth pair on a bridge,
-with an address of our own, and no route anywhere else. Redis (a private ``redis-server``) and the PACS (the session
-Orthanc behind the counting proxy) listen on the bridge's address in the root namespace, the "server" side; workers
-run inside the namespaces with ``ip netns exec`` and reach them only by that address.
+with an address of our own, and no route anywhere else (the helpers are :mod:`testbed.hosts`, shared with the bench).
+Redis (a private ``redis-server``) and the PACS (the session Orthanc behind the counting proxy) listen on the bridge's
+address in the root namespace, the "server" side; workers run inside the namespaces with ``ip netns exec`` and reach
+them only by that address.
 
 What reaches a host's C-MOVE receiver is counted in the host's own firewall: an nftables table of ours inside its
 namespace counts the TCP connections opened to the receiver port and the bytes that arrive there
 (:meth:`Host.count_tcp_to`).
 
 Needs root, iproute2 and (for the C-MOVE test) nftables; CI is root and installs both. Elsewhere the tests skip with
-the reason, under ``CI=true`` they fail. Everything is made under names starting with ``trolley-`` and removed by name
-(namespaces, bridge, nftables table) or PID (processes), also before starting, in case an earlier run was killed before
-its teardown.
+the reason, under ``CI=true`` they fail. Everything is made under names starting with ``trolley-h`` / ``trolley-br0``
+and removed by name (namespaces, bridge, nftables table) or PID (processes), also before starting, in case an earlier
+run was killed before its teardown.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -23,130 +23,31 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import redis
 
+from testbed.hosts import TESTS, Host, HostsUnavailable, namespace_hosts
 from testbed.orthanc import free_port
 from tests.conftest import service_missing
 
-SUBNET = "10.247.13"
-"""A private /24 of our own: the bridge is .1, host i is .(10 + i)."""
-BRIDGE = "trolley-br0"
-SERVER = f"{SUBNET}.1"
-COUNTER_TABLE = "trolley_count"
-"""The nftables table (``inet`` family) that counts what reaches a port of a host; it lives in the host's namespace."""
+__all__ = ["SERVER", "Host", "worker_in"]
 
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
-
-
-@dataclass
-class Host:
-    """One namespace "host"."""
-
-    name: str
-    address: str
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def pids(self) -> list[int]:
-        """Every process in the namespace (``ip netns pids``)."""
-        return [int(pid) for pid in ip("netns", "pids", self.name).stdout.split()]
-
-    def count_tcp_to(self, port: int) -> None:
-        """Count, in this host's own firewall, the TCP connections opened to ``port`` (SYN without ACK) and every byte
-        that arrives at it; read with :meth:`tcp_counts`, removed with :meth:`stop_counting` (or the namespace)."""
-        if shutil.which("nft") is None:
-            service_missing("nftables is not installed (apt-get install -y nftables)")
-        rules = (
-            f"table inet {COUNTER_TABLE} {{\n"
-            "  chain input {\n"
-            "    type filter hook input priority 0; policy accept;\n"
-            f"    tcp dport {port} tcp flags & (syn | ack) == syn counter\n"
-            f"    tcp dport {port} counter\n"
-            "  }\n"
-            "}\n"
-        )
-        self.stop_counting()
-        self.nft("-f", "-", stdin=rules)
-
-    def tcp_counts(self) -> tuple[int, int]:
-        """(connections opened, bytes received) at the port given to :meth:`count_tcp_to`, IP headers included."""
-        listing = json.loads(self.nft("-j", "list", "table", "inet", COUNTER_TABLE).stdout)
-        counters = [
-            expr["counter"]
-            for item in listing["nftables"]
-            if "rule" in item
-            for expr in item["rule"]["expr"]
-            if "counter" in expr
-        ]
-        connections, traffic = counters
-        return int(connections["packets"]), int(traffic["bytes"])
-
-    def stop_counting(self) -> None:
-        self.nft("delete", "table", "inet", COUNTER_TABLE, check=False)
-
-    def nft(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        command = ["ip", "netns", "exec", self.name, "nft", *args]
-        return subprocess.run(command, input=stdin, capture_output=True, text=True, check=check, timeout=30)
-
-    def kill_all(self) -> list[int]:
-        """SIGKILL every process of the host, as a power cut would."""
-        killed = self.pids()
-        for pid in killed:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for process in self.processes:
-            process.wait(timeout=30)
-        return killed
-
-
-def _remove(names: list[str]) -> None:
-    for name in names:
-        if name.startswith("trolley-h"):
-            for pid in ip("netns", "pids", name, check=False).stdout.split():
-                with suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-            ip("netns", "del", name, check=False)  # takes its end of the veth, and so the pair, with it
-    ip("link", "del", BRIDGE, check=False)
+SERVER = TESTS.server
+"""The bridge's address in the root namespace (10.247.13.1): the server side. Host i is 10.247.13.(10 + i)."""
 
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[list[Host]]:
     """Two namespace hosts, ``trolley-h1`` (10.247.13.11) and ``trolley-h2`` (.12), on the bridge ``trolley-br0``
-    (10.247.13.1 in the root namespace)."""
-    if os.geteuid() != 0:
-        service_missing("network namespaces need root (CI runs as root)")
-    if shutil.which("ip") is None:
-        service_missing("iproute2 is not installed (apt-get install -y iproute2)")
-    made = [Host(f"trolley-h{i}", f"{SUBNET}.{10 + i}") for i in (1, 2)]
-    _remove([host.name for host in made])
+    (10.247.13.1 in the root namespace); see :mod:`testbed.hosts`."""
     try:
-        ip("link", "add", BRIDGE, "type", "bridge")
-        ip("addr", "add", f"{SERVER}/24", "dev", BRIDGE)
-        ip("link", "set", BRIDGE, "up")
-        for index, host in enumerate(made, start=1):
-            outside = f"trolley-v{index}"
-            ip("netns", "add", host.name)
-            ip("link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", host.name)
-            ip("link", "set", outside, "master", BRIDGE, "up")
-            ip("-n", host.name, "addr", "add", f"{host.address}/24", "dev", "eth0")
-            ip("-n", host.name, "link", "set", "eth0", "up")
-            ip("-n", host.name, "link", "set", "lo", "up")
-    except subprocess.CalledProcessError as exc:
-        _remove([host.name for host in made])
-        service_missing(f"could not make network namespaces: {exc.stderr.strip()}")
-    yield made
-    for host in made:
-        for process in host.processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=30)
-    _remove([host.name for host in made])
+        with namespace_hosts(TESTS, 2) as made:
+            yield made
+    except HostsUnavailable as exc:
+        service_missing(str(exc))
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,9 @@ import pytest
 from pydicom import dcmread
 
 from testbed.cohort import GeneratedCohort, generate_cohort
+from testbed.hosts import NftUnavailable
 from testbed.orthanc import free_port
-from tests.conftest import RunningOrthanc
+from tests.conftest import RunningOrthanc, service_missing
 from tests.engine.proxy import PacsProxy
 from tests.hosts.conftest import SERVER, Host, worker_in
 from trolley_tasks.engine.api import EngineClient
@@ -201,7 +202,10 @@ def test_two_hosts_each_receive_their_c_moves(  # type: ignore[no-untyped-def]
             aet = aets[host.name]
             move_pacs.set_modality(aet, aet, port, host=host.address)  # PUT /modalities/TROLLEY-H1
             stack.callback(move_pacs.delete_modality, aet)
-            host.count_tcp_to(port)
+            try:
+                host.count_tcp_to(port)
+            except NftUnavailable as exc:
+                service_missing(str(exc))
             stack.callback(host.stop_counting)
             log = tmp_path / f"{host.name}.log"
             stack.enter_context(worker_in(host, config, log, env=receiver_env(aet, host, spools[host.name], port)))
