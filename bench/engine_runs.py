@@ -146,6 +146,21 @@ def report_seconds(out: Path) -> tuple[float, dict[str, Any]]:
     return (finished - started).total_seconds(), job
 
 
+def submit_to_done(config: Path, job_id: str) -> float | None:
+    """The ledger's ``created_at`` to ``finished_at`` of a job, read on the configured broker."""
+    from trolley_tasks.engine.api import EngineClient
+    from trolley_tasks.engine.settings import load_settings
+
+    client = EngineClient(load_settings(config))
+    try:
+        status = client.status(job_id)
+    finally:
+        client.close()
+    if status.created_at is None or status.finished_at is None:
+        return None
+    return (status.finished_at - status.created_at).total_seconds()
+
+
 @dataclass
 class EngineRun:
     """What one ``trolley-tasks export`` did."""
@@ -161,6 +176,8 @@ class EngineRun:
     command_cpu_seconds: float
     peak_rss: dict[str, int]
     pacs_cpu_seconds: float = 0.0
+    submit_to_done_seconds: float | None = None
+    """On a broker: the ledger's ``created_at`` (the submit) to ``finished_at``, expansion included."""
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -327,6 +344,7 @@ def run_on_broker(
         raise RuntimeError(f"{' '.join(command[2:])} exited {code}: {log.read_text()[-2000:]}")
     seconds, job = report_seconds(out)
     return EngineRun(
+        submit_to_done_seconds=submit_to_done(config, job["job_id"]),
         mode=mode,
         source=source,
         workers=len(workers),

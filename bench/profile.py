@@ -107,11 +107,14 @@ def summarise(profiler: Profiler, instances: int, top: int = 12) -> dict[str, An
         return {"error": "; ".join(profiler.errors) or "py-spy recorded no samples", "samples": 0}
     leaf: Counter[str] = Counter()
     ours: Counter[str] = Counter()
+    where: Counter[str] = Counter()
     for stack, count in stacks.items():
-        frames = [frame for frame in stack if "(" in frame]
+        # with --subprocesses a stack starts with the process chain: the worker, then its pool process (the tasks)
+        where["pool process (tasks)" if sum(f.startswith("process ") for f in stack) > 1 else "main process"] += count
+        frames = [frame for frame in stack if "(" in frame and not frame.startswith("process ")]
         if frames:
             leaf[_function(frames[-1])] += count
-        for name in {_function(frame) for frame in frames if "trolley_tasks/" in frame}:
+        for name in {_function(frame) for frame in frames if "trolley_tasks/" in frame and "/cli/" not in frame}:
             ours[name] += count
 
     def rows(counter: Counter[str]) -> list[dict[str, Any]]:
@@ -130,6 +133,7 @@ def summarise(profiler: Profiler, instances: int, top: int = 12) -> dict[str, An
         "rate": RATE,
         "cpu_seconds_sampled": total / RATE,
         "ms_per_instance_sampled": 1000 * total / RATE / max(1, instances),
+        "by_process": {name: count / total for name, count in where.items()},
         "self": rows(leaf),
         "inclusive_trolley_tasks": rows(ours),
         "errors": profiler.errors,

@@ -281,6 +281,8 @@ class Bench:
             pacs_cpu_seconds=round(run.pacs_cpu_seconds, 3),
             notes=run.notes,
         )
+        if run.submit_to_done_seconds is not None:
+            record["submit_to_done_seconds"] = round(run.submit_to_done_seconds, 3)
 
     def embedded_run(
         self, protocol: str, far: bool = False, workers: int = 2, cohort_csv: Path | None = None, label: str = ""

@@ -32,6 +32,13 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
     return ra / rb if ra is not None and rb else None
 
 
+def _submit_ratio(engine: dict[str, Any] | None, ref: dict[str, Any] | None) -> float | None:
+    """The engine's rate from submit to done (a broker run: the ledger's created_at) over the reference's."""
+    if not engine or not engine.get("submit_to_done_seconds") or not _rate(ref) or not _rate(engine):
+        return None
+    return float(engine["instances"] / engine["submit_to_done_seconds"] / _rate(ref))  # type: ignore[operator]
+
+
 def _fmt(value: float | None, unit: str = "x", digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}{unit}"
 
@@ -77,7 +84,8 @@ def targets_table(results: dict[str, Any]) -> str:
         value = _ratio(emb, ref)
         measured = (
             f"{_fmt(value)} ({_fmt(_rate(emb), '', 0)} vs {_fmt(_rate(ref), '', 0)} inst/s; "
-            f"on redis-server: {_fmt(_ratio(brk, ref))}; by wall time: "
+            f"on redis-server: {_fmt(_ratio(brk, ref))}, submit to done {_fmt(_submit_ratio(brk, ref))}; "
+            "embedded by wall time: "
             f"{_fmt(emb['wall_inst_per_s'] / ref['inst_per_s'] if _rate(ref) else None)})"
         )
         rows.append(
@@ -208,7 +216,9 @@ def profile_markdown(results: dict[str, Any]) -> str:
         parts.append(
             f"**{protocol}**: {found['samples']} samples at {found['rate']} Hz over {found['seconds']:.1f} s = "
             f"{found['cpu_seconds_sampled']:.1f} CPU-s in the workers, {found['ms_per_instance_sampled']:.2f} ms per "
-            "instance.\n\n| top frames (self) | share | ms/instance |\n|---|---|---|\n"
+            "instance ("
+            + ", ".join(f"{name} {share:.0%}" for name, share in found.get("by_process", {}).items())
+            + ").\n\n| top frames (self) | share | ms/instance |\n|---|---|---|\n"
             + "\n".join(
                 f"| `{row['frame']}` | {row['share']:.1%} | {row['ms_per_instance']:.2f} |" for row in found["self"][:8]
             )
