@@ -340,14 +340,17 @@ class Bench:
         return self.finish(record, out, self.catalogue, float(answer["seconds"]))
 
     def broker_runs(self, protocols: tuple[str, ...]) -> None:
-        """A plain redis-server and 2 workers started beforehand; one export per protocol."""
-        say("trolley-tasks on a plain redis-server with 2 workers started beforehand:")
+        """A plain redis-server; per protocol, 2 workers started beforehand (fresh ones: an association a worker keeps
+        open from an earlier protocol would run on during this one), the reference again, then the export."""
+        say("trolley-tasks on a plain redis-server with 2 workers started beforehand (each after its own reference):")
         with engine_runs.redis_server(self.root / "redis-broker") as (url, redis_process):
             config = engine_runs.write_config(
                 self.root / "broker.toml", self.root / "state" / "broker", self.sources(), broker=url
             )
-            with engine_runs.started_workers(config, [[], []], self.root / "broker-logs") as workers:
-                for protocol in protocols:
+            for protocol in protocols:
+                logs = self.root / f"broker-logs-{protocol}"
+                with engine_runs.started_workers(config, [[], []], logs) as workers:
+                    self.reference_run(protocol)
                     out = self.root / "out" / f"broker-{protocol}"
                     with self.measured(f"trolley-tasks {protocol}, redis-server, 2 workers") as record:
                         run = engine_runs.run_on_broker(
@@ -471,35 +474,39 @@ class Bench:
     # -- profiles ----------------------------------------------------------------------------------------------------
 
     def profiles(self, protocols: tuple[str, ...]) -> dict[str, Any]:
-        """py-spy on the 2 workers of a broker run per protocol (its own workers: the timed runs are not profiled)."""
+        """py-spy on the 2 workers of a broker run per protocol (fresh workers each time; the timed runs are not
+        profiled)."""
         found: dict[str, Any] = {}
+        folder = self.results_dir / "profiles"
+        folder.mkdir(parents=True, exist_ok=True)
         with engine_runs.redis_server(self.root / "redis-profile") as (url, redis_process):
             config = engine_runs.write_config(
                 self.root / "profile.toml", self.root / "state" / "profile", self.sources(), broker=url
             )
-            with engine_runs.started_workers(config, [[], []], self.root / "profile-logs") as workers:
-                for protocol in protocols:
-                    out = self.root / "out" / f"profile-{protocol}"
-                    folder = self.results_dir / "profiles"
-                    folder.mkdir(parents=True, exist_ok=True)
-                    with Profiler([w.pid for w in workers], folder, f"{self.stamp}-{protocol}") as profiler:
-                        engine_runs.run_on_broker(
-                            config,
-                            self.cohort_csv,
-                            self.source_name(protocol, False),
-                            out,
-                            workers,
-                            redis_process,
-                            self.root / f"profile-{protocol}.log",
-                            self.pacs_pid,
-                        )
-                    verdict = verify(out, self.catalogue)
-                    shutil.rmtree(out, ignore_errors=True)
-                    found[protocol] = summarise(profiler, len(self.catalogue.instances))
-                    found[protocol]["verified"] = verdict.as_dict()
-                    found[protocol]["files"] = [str(path) for path in profiler.files]
-                    top = found[protocol].get("self", [])[:3]
-                    say(f"  profile {protocol}: " + "; ".join(f"{row['frame']} {row['share']:.0%}" for row in top))
+            for protocol in protocols:
+                out = self.root / "out" / f"profile-{protocol}"
+                logs = self.root / f"profile-logs-{protocol}"
+                with (
+                    engine_runs.started_workers(config, [[], []], logs) as workers,
+                    Profiler([w.pid for w in workers], folder, f"{self.stamp}-{protocol}") as profiler,
+                ):
+                    engine_runs.run_on_broker(
+                        config,
+                        self.cohort_csv,
+                        self.source_name(protocol, False),
+                        out,
+                        workers,
+                        redis_process,
+                        self.root / f"profile-{protocol}.log",
+                        self.pacs_pid,
+                    )
+                verdict = verify(out, self.catalogue)
+                shutil.rmtree(out, ignore_errors=True)
+                found[protocol] = summarise(profiler, len(self.catalogue.instances))
+                found[protocol]["verified"] = verdict.as_dict()
+                found[protocol]["files"] = [str(path) for path in profiler.files]
+                top = found[protocol].get("self", [])[:3]
+                say(f"  profile {protocol}: " + "; ".join(f"{row['frame']} {row['share']:.0%}" for row in top))
         return found
 
     # -- the whole bench -----------------------------------------------------------------------------------------------
@@ -518,16 +525,17 @@ class Bench:
         reference.wado_rs(self.pacs.dicomweb_url, self.cohort_csv, warm)
         shutil.rmtree(warm, ignore_errors=True)
 
-        say("loopback: each protocol's reference, then trolley-tasks embedded (export --workers 2):")
+        say(
+            "loopback: per protocol the reference, trolley-tasks embedded (export --workers 2), and dicomtrolley 4.1.0 "
+            "(its own venv, .bench/venv-dicomtrolley) where it has the protocol:"
+        )
         for protocol in size.protocols:
             self.reference_run(protocol)
             self.embedded_run(protocol)
+            if size.dicomtrolley and protocol in ("wado-rs", "wado-uri"):
+                self.dicomtrolley_run(protocol)
         if size.broker_protocols:
             self.broker_runs(size.broker_protocols)
-        if size.dicomtrolley:
-            say("dicomtrolley 4.1.0 (its own venv, .bench/venv-dicomtrolley):")
-            self.dicomtrolley_run("wado-rs")
-            self.dicomtrolley_run("wado-uri")
         say("the PACS 10 ms away (the delaying relay, 5 ms each way):")
         for protocol in size.far_protocols:
             self.reference_run(protocol, far=True)

@@ -21,6 +21,23 @@ def _find(results: dict[str, Any], **match: Any) -> dict[str, Any] | None:
     return None
 
 
+def _paired(results: dict[str, Any], run: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The reference run of the same protocol and network that ran last before ``run``: its pair."""
+    if run is None:
+        return None
+    found = None
+    for other in results["runs"]:
+        if other is run or other["name"] == run["name"]:
+            return found
+        if (other.get("kind"), other.get("protocol"), other.get("network")) == (
+            "reference",
+            run.get("protocol"),
+            run.get("network"),
+        ):
+            found = other
+    return found
+
+
 def _rate(run: dict[str, Any] | None) -> float | None:
     if not run or not run.get("inst_per_s") or not run.get("verified", {}).get("ok", False):
         return None
@@ -75,16 +92,16 @@ def runs_table(results: dict[str, Any]) -> str:
 def targets_table(results: dict[str, Any]) -> str:
     rows: list[tuple[str, str, str, str]] = []
     for protocol in ("wado-rs", "wado-uri", "c-get", "c-move"):
-        ref = _find(results, kind="reference", protocol=protocol, network="loopback")
         emb = _find(results, kind="trolley-tasks", protocol=protocol, network="loopback", mode="embedded")
         brk = _find(results, kind="trolley-tasks", protocol=protocol, network="loopback", mode="broker")
+        ref, brk_ref = _paired(results, emb), _paired(results, brk)
         if ref is None or emb is None:
             continue
         goal = 1.0 if protocol == "c-move" else 0.9
         value = _ratio(emb, ref)
         measured = (
             f"{_fmt(value)} ({_fmt(_rate(emb), '', 0)} vs {_fmt(_rate(ref), '', 0)} inst/s; "
-            f"on redis-server: {_fmt(_ratio(brk, ref))}, submit to done {_fmt(_submit_ratio(brk, ref))}; "
+            f"on redis-server: {_fmt(_ratio(brk, brk_ref))}, submit to done {_fmt(_submit_ratio(brk, brk_ref))}; "
             "embedded by wall time: "
             f"{_fmt(emb['wall_inst_per_s'] / ref['inst_per_s'] if _rate(ref) else None)})"
         )
@@ -136,8 +153,8 @@ def targets_table(results: dict[str, Any]) -> str:
             )
         )
     for protocol in ("wado-rs", "wado-uri", "c-get", "c-move"):
-        ref = _find(results, kind="reference", protocol=protocol, network="loopback")
         brk = _find(results, kind="trolley-tasks", protocol=protocol, network="loopback", mode="broker")
+        ref = _paired(results, brk)
         if ref is None or brk is None:
             continue
         n = ref["instances"]
