@@ -209,9 +209,18 @@ def run_embedded(
     started = time.perf_counter()
     with open(log, "wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=_environment())
-    with ProcessWatch([process.pid]) as watch:
-        code = process.wait()
-        watch.sample()
+    try:
+        with ProcessWatch([process.pid]) as watch:
+            code = process.wait()
+            watch.sample()
+    except BaseException:  # interrupted: the command pauses its job and stops its workers and Redis on SIGINT
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
     wall = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"{' '.join(command[2:])} exited {code}: {log.read_text()[-2000:]}")

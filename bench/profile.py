@@ -34,8 +34,9 @@ def ensure_py_spy() -> Path:
 class Profiler:
     """py-spy record on some processes for as long as the block runs."""
 
-    def __init__(self, pids: list[int], folder: Path, label: str) -> None:
+    def __init__(self, pids: list[int], folder: Path, label: str, idle: bool = False) -> None:
         self.pids = pids
+        self.idle = idle
         self.files = [folder / f"{label}-{pid}.txt" for pid in pids]
         self.processes: list[subprocess.Popen[bytes]] = []
         self.errors: list[str] = []
@@ -46,7 +47,7 @@ class Profiler:
         for pid, path in zip(self.pids, self.files, strict=True):
             command = [
                 str(binary), "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--format", "raw",
-                "--rate", str(RATE), "--output", str(path),
+                "--rate", str(RATE), "--output", str(path), *(["--idle"] if self.idle else []),
             ]  # fmt: skip
             self.processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         time.sleep(1.0)  # py-spy attaches
@@ -98,10 +99,20 @@ def _function(frame: str) -> str:
     return re.sub(r":\d+\)$", ")", _name(frame))
 
 
-def summarise(profiler: Profiler, instances: int, top: int = 12) -> dict[str, Any]:
-    """Samples by leaf function (self) and by ``trolley_tasks`` function on the stack (inclusive), as shares of the
-    on-CPU samples, plus what they mean in CPU milliseconds per instance (samples / rate / instances)."""
+TASK_FRAMES = ("fetch_batch (", "expand_row (", "finalize_job (")
+
+
+def summarise(profiler: Profiler, instances: int, top: int = 12, tasks_only: bool = False) -> dict[str, Any]:
+    """Samples by leaf function (self) and by ``trolley_tasks`` function on the stack (inclusive), as shares of all
+    samples, plus samples / rate / instances in milliseconds. Without ``--idle`` the samples are of threads py-spy
+    sees running (its idle detection is a heuristic: a thread blocked in a socket read may count). With ``--idle``
+    and ``tasks_only``, only the stacks of the task being run (fetch, expansion, finalize): where a task's wall time
+    goes, waiting included."""
     stacks = profiler.stacks()
+    if tasks_only:
+        stacks = type(stacks)(
+            {stack: n for stack, n in stacks.items() if any(f.startswith(TASK_FRAMES) for f in stack)}
+        )
     total = sum(stacks.values())
     if not total:
         return {"error": "; ".join(profiler.errors) or "py-spy recorded no samples", "samples": 0}
@@ -129,6 +140,8 @@ def summarise(profiler: Profiler, instances: int, top: int = 12) -> dict[str, An
 
     return {
         "samples": total,
+        "idle_included": profiler.idle,
+        "tasks_only": tasks_only,
         "seconds": profiler.seconds,
         "rate": RATE,
         "cpu_seconds_sampled": total / RATE,

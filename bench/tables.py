@@ -225,23 +225,35 @@ def profile_markdown(results: dict[str, Any]) -> str:
     profiles = results.get("profiles") or {}
     if not profiles:
         return ""
-    parts = ["### Profiles (py-spy, on-CPU samples of both workers and their pool processes)"]
-    for protocol, found in profiles.items():
+    parts = [
+        "### Profiles (py-spy, both workers and their pool processes, separate redis-server runs)",
+        "Shares are of py-spy's samples. On loopback: samples of threads py-spy saw running, with an estimate in "
+        "CPU ms per instance (share x the engine CPU per instance psutil measured in the timed redis-server run of "
+        "the same protocol). Ten ms away: the stacks of the running task only, idle ones included, so the shares "
+        "say where a task's wall time goes.",
+    ]
+    for label, found in profiles.items():
         if "error" in found:
-            parts.append(f"**{protocol}**: no profile ({found['error']}).")
+            parts.append(f"**{label}**: no profile ({found['error']}).")
             continue
+        protocol = found.get("protocol", label)
+        timed = _find(results, kind="trolley-tasks", protocol=protocol, network="loopback", mode="broker")
+        cpu_ms = 1000 * timed["cpu_seconds"] / timed["instances"] if timed and not found.get("tasks_only") else None
+        unit = "est. CPU ms/instance" if cpu_ms is not None else "task wall ms/instance"
+
+        def value(row: dict[str, Any], cpu_ms: float | None = cpu_ms) -> str:
+            return f"{row['share'] * cpu_ms:.2f}" if cpu_ms is not None else f"{row['ms_per_instance']:.2f}"
+
+        processes = ", ".join(f"{name} {share:.0%}" for name, share in found.get("by_process", {}).items())
         parts.append(
-            f"**{protocol}**: {found['samples']} samples at {found['rate']} Hz over {found['seconds']:.1f} s = "
-            f"{found['cpu_seconds_sampled']:.1f} CPU-s in the workers, {found['ms_per_instance_sampled']:.2f} ms per "
-            "instance ("
-            + ", ".join(f"{name} {share:.0%}" for name, share in found.get("by_process", {}).items())
-            + ").\n\n| top frames (self) | share | ms/instance |\n|---|---|---|\n"
+            f"**{label}**: {found['samples']} samples at {found['rate']} Hz over {found['seconds']:.1f} s "
+            f"({processes})."
+            + (f" Measured engine CPU in the timed run: {cpu_ms:.2f} ms per instance." if cpu_ms is not None else "")
+            + f"\n\n| top frames (self) | share | {unit} |\n|---|---|---|\n"
+            + "\n".join(f"| `{row['frame']}` | {row['share']:.1%} | {value(row)} |" for row in found["self"][:8])
+            + f"\n\n| trolley_tasks functions on the stack (inclusive) | share | {unit} |\n|---|---|---|\n"
             + "\n".join(
-                f"| `{row['frame']}` | {row['share']:.1%} | {row['ms_per_instance']:.2f} |" for row in found["self"][:8]
-            )
-            + "\n\n| trolley_tasks functions on the stack (inclusive) | share | ms/instance |\n|---|---|---|\n"
-            + "\n".join(
-                f"| `{row['frame']}` | {row['share']:.1%} | {row['ms_per_instance']:.2f} |"
+                f"| `{row['frame']}` | {row['share']:.1%} | {value(row)} |"
                 for row in found["inclusive_trolley_tasks"][:10]
             )
         )
