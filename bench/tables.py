@@ -3,6 +3,7 @@ and (in docs/performance.md) the profile summaries."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,18 @@ def _submit_ratio(engine: dict[str, Any] | None, ref: dict[str, Any] | None) -> 
     return float(engine["instances"] / engine["submit_to_done_seconds"] / _rate(ref))  # type: ignore[operator]
 
 
+def short_error(error: str) -> str:
+    """An HTTP failure as its status and the server's own words, when the message carries them."""
+    status = re.search(r"\((\d{3}) - ([^)]*)\)", error)
+    details = re.search(r'Details\W+([^"\\]+)', error)
+    query = re.search(r"contentType=[^ &]*", error)
+    if status:
+        said = f"; the server says: {details.group(1).strip().rstrip(':')}" if details else ""
+        asked = f" for {query.group(0)}" if query else ""
+        return f"HTTP {status.group(1)} {status.group(2)}{asked}{said}"
+    return error.replace("|", "/")[:160]
+
+
 def _fmt(value: float | None, unit: str = "x", digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}{unit}"
 
@@ -72,7 +85,7 @@ def runs_table(results: dict[str, Any]) -> str:
     for run in results["runs"]:
         verified = run.get("verified")
         if verified is None:
-            check = f"failed: {run.get('error', '')}"[:160].replace("|", "/")
+            check = f"failed: {short_error(str(run.get('error', '')))}"
         else:
             kinds = f"{verified['byte_identical']} byte-identical"
             if verified["dataset_identical"]:
@@ -125,7 +138,7 @@ def targets_table(results: dict[str, Any]) -> str:
         )
     uri = _find(results, kind="dicomtrolley", protocol="wado-uri", network="loopback")
     if uri is not None and not uri.get("ok"):
-        rows.append(("dicomtrolley wado-uri", "", f"fails: {str(uri.get('error'))[:120]}", ""))
+        rows.append(("dicomtrolley 4.1.0 wado-uri", "", f"fails: {short_error(str(uri.get('error')))}", ""))
     probe = results.get("probe")
     if probe:
         rss, per = probe["rss_mb"], probe["redis_bytes_per_instance"]
