@@ -69,3 +69,23 @@ def test_parsing() -> None:
     for bad in ("8-17", "25:00-06:00"):
         with pytest.raises(ConfigurationError):
             Window.parse(bad)
+
+
+def test_waits_for_the_throttle_are_counted(redis_db) -> None:  # type: ignore[no-untyped-def]
+    throttle = Throttle(redis_db.client(), "pacs", max_concurrency=1, rate_limit="20/s", lease_seconds=0.3)
+    with throttle.slot(max_wait=1):
+        pass
+    assert throttle.waits() == {"slot": 0, "slot_seconds": 0, "rate": 0, "rate_seconds": 0}  # a free slot: no wait
+    assert throttle.try_acquire() is not None  # held by a process that died: it lapses after 0.3 s
+    with throttle.slot(max_wait=2):
+        pass
+    with pytest.raises(ThrottleBusy):
+        held = throttle.try_acquire()
+        assert held is not None
+        with throttle.slot(max_wait=0.05):
+            pass
+    for _ in range(25):  # past the burst of 20: the bucket holds the rest back
+        throttle.take()
+    waits = throttle.waits()
+    assert waits["slot"] == 2 and waits["slot_seconds"] > 0.2  # the lapse, then the refusal
+    assert waits["rate"] >= 1 and waits["rate_seconds"] > 0

@@ -87,13 +87,24 @@ class LedgerCollector(Collector):
         breaker = GaugeMetricFamily(
             "trolley_source_breaker_state", "1 for the source's current breaker state", labels=["source", "state"]
         )
+        waits = GaugeMetricFamily(
+            "trolley_source_throttle_waits",
+            "Times work waited for the source's throttle: for a concurrency slot, or for rate-limit tokens",
+            labels=["source", "kind"],
+        )
+        waited = GaugeMetricFamily(
+            "trolley_source_throttle_wait_seconds", "Seconds spent waiting for the throttle", labels=["source", "kind"]
+        )
         for health in self.engine.source_health():
             limit.add_metric([health.name], health.max_concurrency)
             effective.add_metric([health.name], health.effective_concurrency)
             in_use.add_metric([health.name], health.slots_in_use)
             for breaker_state in BREAKER_STATES:
                 breaker.add_metric([health.name, breaker_state], int(health.breaker == breaker_state))
-        yield from (limit, effective, in_use, breaker)
+            for kind in ("slot", "rate"):
+                waits.add_metric([health.name, kind], health.waits.get(kind, 0.0))
+                waited.add_metric([health.name, kind], health.waits.get(f"{kind}_seconds", 0.0))
+        yield from (limit, effective, in_use, breaker, waits, waited)
 
         queues = GaugeMetricFamily(
             "trolley_queue_messages",

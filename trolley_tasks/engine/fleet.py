@@ -42,6 +42,7 @@ def source_health(client: redis.Redis, settings: Settings) -> list[SourceHealth]
                 effective_concurrency=throttle.effective_limit(),
                 slots_in_use=throttle.in_use(),
                 breaker=breaker.state(),
+                waits=throttle.waits(),
             )
         )
     return found

@@ -233,6 +233,8 @@ class SourceHealth(BaseModel):
     effective_concurrency: int
     slots_in_use: int
     breaker: str
+    waits: dict[str, float] = {}
+    """Throttle waits so far: ``slot`` and ``rate`` (how many), ``slot_seconds`` and ``rate_seconds`` (how long)."""
 
 
 class WorkerInfo(BaseModel):

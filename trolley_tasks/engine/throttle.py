@@ -169,6 +169,7 @@ class Throttle:
         self.lease_seconds = lease_seconds
         base = f"trolley:throttle:{source}"
         self.sem_key, self.state_key, self.bucket_key = f"{base}:slots", f"{base}:aimd", f"{base}:bucket"
+        self.waits_key = f"{base}:waits"
         self._acquire = client.register_script(_SEMAPHORE_LUA)
         self._renew = client.register_script(_RENEW_LUA)
         self._bucket = client.register_script(_BUCKET_LUA)
@@ -195,13 +196,17 @@ class Throttle:
     @contextmanager
     def slot(self, max_wait: float, poll: float = 0.02) -> Iterator[Slot]:
         """Hold one concurrency slot for the block; :class:`ThrottleBusy` when none came free in ``max_wait``."""
-        deadline = time.monotonic() + max_wait
+        started = time.monotonic()
+        deadline = started + max_wait
         delay = poll
         while (token := self.try_acquire()) is None:
             if time.monotonic() >= deadline:
+                self._count_wait("slot", time.monotonic() - started)
                 raise ThrottleBusy(f"no free slot for source {self.source} within {max_wait:g}s")
             time.sleep(delay)
             delay = min(0.25, delay * 1.5)
+        if delay > poll:  # waited at least once: the cap, not the PACS, set the pace
+            self._count_wait("slot", time.monotonic() - started)
         held = Slot(self, token)
         try:
             yield held
@@ -214,11 +219,30 @@ class Throttle:
         if self.rate is None:
             return
         burst = max(float(n), self.rate)
+        started = time.monotonic()
+        waited = False
         while True:
             wait = float(self._bucket(keys=[self.bucket_key], args=[self.rate, burst, n]))
             if wait <= 0:
+                if waited:
+                    self._count_wait("rate", time.monotonic() - started)
                 return
+            waited = True
             time.sleep(min(wait, 5.0))
+
+    def _count_wait(self, kind: str, seconds: float) -> None:
+        """Count one wait for a slot or for rate tokens, and its length (``trolley:throttle:<source>:waits``): how
+        often, and how long, the cap held work back (the metrics endpoint exports them)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hincrby(self.waits_key, kind, 1)
+        pipe.hincrbyfloat(self.waits_key, f"{kind}_seconds", seconds)
+        pipe.execute()
+
+    def waits(self) -> dict[str, float]:
+        """``{"slot": n, "slot_seconds": s, "rate": n, "rate_seconds": s}``: the waits counted so far."""
+        raw = self.r.hgetall(self.waits_key)
+        found = {k.decode() if isinstance(k, bytes) else str(k): float(v) for k, v in raw.items()}
+        return {key: found.get(key, 0.0) for key in ("slot", "slot_seconds", "rate", "rate_seconds")}
 
     def busy(self) -> int:
         """The server said it is busy: halve the effective concurrency. Returns the new limit."""
