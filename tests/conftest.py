@@ -25,7 +25,7 @@ from trolley_tasks.downloaders.dicom_qr import CGet, CMove
 CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 FUZZ_EXAMPLES = 2000
-"""Examples per property test (tests/test_fuzz.py); ten times more under the ``slow`` marker."""
+"""Examples per property test (tests/test_fuzz.py); three times more under the ``slow`` marker."""
 settings.register_profile(
     "trolley", max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
