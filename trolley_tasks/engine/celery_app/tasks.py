@@ -81,7 +81,10 @@ def _start_watchdog(sender: Any = None, **_: Any) -> None:
     if app is None or settings is None:
         return
     receivers = HostReceivers(settings)
-    receivers.ensure()
+    try:
+        receivers.ensure()
+    except Exception:  # the watchdog must start whatever happens here: it retries the receivers every tick
+        log.exception("starting this host's C-MOVE receivers failed; the watchdog tries again every tick")
     ctx = build_context(settings, CeleryPublisher(app))
     watchdog = Watchdog(
         ctx,
