@@ -21,7 +21,7 @@ from trolley_tasks.errors import ConfigurationError
 from trolley_tasks.profiles.models import AuthConfig, SourceProfile
 from trolley_tasks.searchers.base import Searcher
 from trolley_tasks.transports.auth import BasicAuth, BearerAuth, VitreaAuth, make_session, read_secret
-from trolley_tasks.transports.http import SessionOrFactory
+from trolley_tasks.transports.http import EndpointOptions, SessionOrFactory
 
 if TYPE_CHECKING:
     from trolley_tasks.transports.dimse import DimseTLS
@@ -103,10 +103,7 @@ def build_searcher(profile: SourceProfile, name: str, session: requests.Session 
         return QidoRS(
             http_session,
             _need(profile.url, "url", name),
-            source=name,
-            timeout=timeout,
-            max_answer_bytes=profile.max_answer_bytes,
-            max_instance_bytes=profile.max_instance_bytes,
+            **_http_options(profile, name),
         )
     if profile.searcher == "wado-rs-metadata":
         from trolley_tasks.searchers.wado_rs_metadata import WadoRSMetadata
@@ -115,10 +112,7 @@ def build_searcher(profile: SourceProfile, name: str, session: requests.Session 
         return WadoRSMetadata(
             http_session,
             url,
-            source=name,
-            timeout=timeout,
-            max_answer_bytes=profile.max_answer_bytes,
-            max_instance_bytes=profile.max_instance_bytes,
+            **_http_options(profile, name),
         )
     from trolley_tasks.searchers.mint import Mint
 
@@ -126,11 +120,18 @@ def build_searcher(profile: SourceProfile, name: str, session: requests.Session 
     return Mint(
         http_session,
         mint_url,
-        source=name,
-        timeout=timeout,
-        max_answer_bytes=profile.max_answer_bytes,
-        max_instance_bytes=profile.max_instance_bytes,
+        **_http_options(profile, name),
     )
+
+
+def _http_options(profile: SourceProfile, name: str) -> EndpointOptions:
+    """What every HTTP client of a profile is given: its name for errors and logs, its timeout and its size caps."""
+    return {
+        "source": name,
+        "timeout": profile.timeout,
+        "max_answer_bytes": profile.max_answer_bytes,
+        "max_instance_bytes": profile.max_instance_bytes,
+    }
 
 
 def build_downloader(
@@ -153,7 +154,6 @@ def build_downloader(
     """
     if profile.downloader in ("c-get", "c-move"):
         return _dimse_downloader(profile, name, run_receiver)
-    timeout = profile.timeout
     http_session: SessionOrFactory = session or _own_session(profile)
     if profile.downloader == "wado-rs":
         from trolley_tasks.downloaders.wado_rs import WadoRS
@@ -161,11 +161,8 @@ def build_downloader(
         return WadoRS(
             http_session,
             _need(profile.url, "url", name),
-            source=name,
-            timeout=timeout,
             transfer_syntax=profile.transfer_syntax,
-            max_answer_bytes=profile.max_answer_bytes,
-            max_instance_bytes=profile.max_instance_bytes,
+            **_http_options(profile, name),
         )
     if profile.downloader == "wado-uri":
         from trolley_tasks.downloaders.wado_uri import WadoURI
@@ -173,11 +170,8 @@ def build_downloader(
         return WadoURI(
             http_session,
             _need(profile.wado_uri_url, "wado_uri_url", name),
-            source=name,
-            timeout=timeout,
             transfer_syntax=profile.transfer_syntax,
-            max_answer_bytes=profile.max_answer_bytes,
-            max_instance_bytes=profile.max_instance_bytes,
+            **_http_options(profile, name),
         )
     from trolley_tasks.downloaders.rad69 import DEFAULT_TRANSFER_SYNTAXES, Rad69
 
@@ -185,11 +179,8 @@ def build_downloader(
     return Rad69(
         http_session,
         _need(profile.rad69_url, "rad69_url", name),
-        source=name,
-        timeout=timeout,
         transfer_syntaxes=syntaxes,
-        max_answer_bytes=profile.max_answer_bytes,
-        max_instance_bytes=profile.max_instance_bytes,
+        **_http_options(profile, name),
     )
 
 
