@@ -41,6 +41,7 @@ from testbed import hosts as nshosts
 from testbed.cohort import GeneratedCohort, generate_cohort
 from testbed.memory_probe import run_probe
 from testbed.orthanc import OrthancServer, free_port
+from testbed.redis_server import redis_server
 
 DICOMTROLLEY = "dicomtrolley==4.1.0"
 DICOMTROLLEY_VENV = Path(".bench/venv-dicomtrolley")
@@ -345,7 +346,7 @@ class Bench:
         """A plain redis-server; per protocol, 2 workers started beforehand (fresh ones: an association a worker keeps
         open from an earlier protocol would run on during this one), the reference again, then the export."""
         say("trolley-tasks on a plain redis-server with 2 workers started beforehand (each after its own reference):")
-        with engine_runs.redis_server(self.root / "redis-broker") as (url, redis_process):
+        with redis_server(self.root / "redis-broker") as (url, redis_process):
             config = engine_runs.write_config(
                 self.root / "broker.toml", self.root / "state" / "broker", self.sources(), broker=url
             )
@@ -417,9 +418,7 @@ class Bench:
             stack.callback(relay.stop)
             self.relays["ns-http"] = relay
             stack.callback(self.relays.pop, "ns-http")
-            url, redis_process = stack.enter_context(
-                engine_runs.redis_server(self.root / "redis-ns", bind=network.server)
-            )
+            url, redis_process = stack.enter_context(redis_server(self.root / "redis-ns", bind=network.server))
             source = {"downloader": "wado-rs", "url": f"http://{network.server}:{relay.port}/dicom-web"}
             config = engine_runs.write_config(
                 self.root / "ns.toml",
@@ -454,7 +453,7 @@ class Bench:
 
     def memory_probe(self) -> dict[str, Any]:
         studies, series, instances = self.size.probe
-        with engine_runs.redis_server(self.root / "redis-probe") as (url, _):
+        with redis_server(self.root / "redis-probe") as (url, _):
             figures = run_probe(url, url, str(self.root / "probe-out"), studies, series, instances)
         say(
             f"producer and Redis for {figures['expected']:,} queued instances: producer peak RSS "
@@ -482,7 +481,7 @@ class Bench:
         folder = self.results_dir / "profiles"
         folder.mkdir(parents=True, exist_ok=True)
         plans = [(protocol, False) for protocol in protocols] + [("wado-rs", True)]
-        with engine_runs.redis_server(self.root / "redis-profile") as (url, redis_process):
+        with redis_server(self.root / "redis-profile") as (url, redis_process):
             config = engine_runs.write_config(
                 self.root / "profile.toml", self.root / "state" / "profile", self.sources(), broker=url
             )
