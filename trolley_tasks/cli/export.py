@@ -30,6 +30,7 @@ from trolley_tasks.cli.common import (
     start,
 )
 from trolley_tasks.cli.export_filters import (
+    Deid,
     DryRun,
     ExcludeDescription,
     ExcludeModality,
@@ -37,7 +38,9 @@ from trolley_tasks.cli.export_filters import (
     FiltersName,
     IncludeDescription,
     IncludeModality,
+    LinkTable,
     MinInstances,
+    check_deid,
     print_preview,
     series_filter,
 )
@@ -203,6 +206,8 @@ def export(
     exclude_series_description: ExcludeDescription = "",
     min_instances: MinInstances = None,
     exclude_sop_class: ExcludeSopClass = None,
+    deid: Deid = "",
+    link_table: LinkTable = None,
     dry_run: DryRun = False,
 ) -> None:
     """Export a cohort from a source into a directory, as verified DICOM files.
@@ -213,9 +218,11 @@ def export(
         trolley-tasks export cohort.csv --source orthanc --out ./export
         trolley-tasks export --source orthanc --study-uid 1.2.840.1.2.3 --out ./export --layout flat
         trolley-tasks export cohort.csv -s orthanc -o ./ct --include-modality CT --min-instances 20 --dry-run
+        TROLLEY_DEID_KEY=... trolley-tasks export cohort.csv -s orthanc -o ./research --deid basic
     """
     settings = start(ctx)
     settings.source(source)  # unknown source or missing secret: refused before anything starts
+    check_deid(settings, deid, link_table)  # so is a de-identified export without its key
     given = cohort_input(cohort, filters)
     chosen = series_filter(
         settings,
@@ -250,6 +257,8 @@ def export(
             job_id=job_id or None,
             skip_bad_rows=skip_bad_rows,
             filters=chosen,
+            deid=deid or None,
+            link_table=link_table,
         )
         for line in engine.bad_rows(job):
             log.warning("skipped: %s", line)

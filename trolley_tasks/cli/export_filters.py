@@ -1,4 +1,4 @@
-"""The series filter options of ``trolley-tasks export`` and the ``--dry-run`` summary.
+"""The series filter and de-identification options of ``trolley-tasks export``, and the ``--dry-run`` summary.
 
 The options build one :class:`~trolley_tasks.series_filter.SeriesFilter`: a named ``[filters.NAME]`` table
 (``--filters NAME``) with any option given on the command line on top. The engine stores it in the job record, so
@@ -7,6 +7,7 @@ that every worker applies the same filter during expansion.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -47,6 +48,20 @@ ExcludeSopClass = Annotated[
     typer.Option("--exclude-sop-class", metavar="UID", help="Leave out instances of this SOP Class UID (repeatable)."),
 ]
 FiltersName = Annotated[str, typer.Option("--filters", metavar="NAME", help="A [filters.NAME] table of the config.")]
+Deid = Annotated[
+    str,
+    typer.Option(
+        "--deid",
+        metavar="PROFILE",
+        help="De-identify every file on its way to disk: a [deid.NAME] table, or 'basic' (key from $TROLLEY_DEID_KEY).",
+    ),
+]
+LinkTable = Annotated[
+    Path | None,
+    typer.Option(
+        "--link-table", metavar="PATH", help="With --deid: write the original-to-pseudonym table here (0600)."
+    ),
+]
 DryRun = Annotated[
     bool, typer.Option("--dry-run", help="Print what would be kept and excluded, and the size; queue nothing.")
 ]
@@ -78,6 +93,16 @@ def series_filter(
     except ValidationError as exc:
         raise CliUsageError(f"series filter: {exc.errors()[0]['msg']}") from None
     return merged if merged.active else None
+
+
+def check_deid(settings: Settings, name: str, link_table: Path | None) -> None:
+    """Refuse a de-identified export whose profile is unknown or whose key is missing (exit 2, one line), before
+    anything starts; and a linking table without ``--deid``."""
+    if not name:
+        if link_table is not None:
+            raise CliUsageError("--link-table needs --deid PROFILE")
+        return
+    settings.deid_profile(name).read_key(f"[deid.{name}]")
 
 
 def print_preview(result: Preview) -> None:

@@ -8,6 +8,15 @@ See docs/deid.md for the profile table and the handling of keys and linking tabl
 
 from trolley_tasks.deid.profile import BUILT_IN, DEFAULT_KEY_ENV, PHI_IN_CONTENT_SOP_CLASSES, DeidProfile
 from trolley_tasks.deid.pseudonyms import Pseudonyms
-from trolley_tasks.deid.rewrite import Deidentifier
+from trolley_tasks.deid.rewrite import DeidentificationError, Deidentifier, ExcludedByProfile
 
-__all__ = ["BUILT_IN", "DEFAULT_KEY_ENV", "PHI_IN_CONTENT_SOP_CLASSES", "DeidProfile", "Deidentifier", "Pseudonyms"]
+__all__ = [
+    "BUILT_IN",
+    "DEFAULT_KEY_ENV",
+    "PHI_IN_CONTENT_SOP_CLASSES",
+    "DeidProfile",
+    "DeidentificationError",
+    "Deidentifier",
+    "ExcludedByProfile",
+    "Pseudonyms",
+]

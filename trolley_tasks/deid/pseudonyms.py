@@ -48,3 +48,9 @@ class Pseudonyms:
     def date_shift_days(self, patient_id: str) -> int:
         """How many days every date of this patient moves back (1 to :data:`MAX_SHIFT_DAYS`)."""
         return 1 + int.from_bytes(self._mac("date-shift", patient_id.strip())[:4], "big") % MAX_SHIFT_DAYS
+
+    def fingerprint(self) -> str:
+        """16 hex digits that tell two keys apart without telling anything about either (an HMAC of a constant):
+        the job record keeps it, so that a worker holding another key pauses the job instead of writing files
+        under pseudonyms that do not match the rest of the export."""
+        return self._mac("fingerprint", "trolley-tasks").hex()[:16]

@@ -14,7 +14,7 @@ and they are refused (:class:`~trolley_tasks.errors.PayloadInvalidError`); they 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import date, datetime, timedelta
 
 from pydicom import Dataset, dcmread
@@ -42,6 +42,25 @@ OPTION_CODES = (
 )
 """PS3.16 CID 7050 codes recorded in DeidentificationMethodCodeSequence (PS3.3 C.7.1.1): the Basic Profile always,
 and each option with the profile field that turns it on."""
+
+
+class DeidentificationError(PayloadInvalidError):
+    """The header cannot be de-identified (not a readable DICOM header, a deflated syntax). Nothing of the instance
+    was written: its original bytes never reach the output, not even the quarantine."""
+
+
+class ExcludedByProfile(Exception):  # noqa: N818 - an outcome, not an error: the instance is left out on purpose
+    """The header shows an instance the profile leaves out (``BurnedInAnnotation YES``, an excluded SOP class).
+    Nothing of it was written; ``reason`` is the text the report gives."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+Seen = Callable[[Dataset], None]
+"""Called with each original header before it is rewritten (the engine keeps PatientID and AccessionNumber for the
+linking table, and only when the user asked for one)."""
 
 
 class Deidentifier:
@@ -142,11 +161,19 @@ class Deidentifier:
 
     # -- the stream ----------------------------------------------------------------------------------------------
 
-    def stream(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    def stream(self, chunks: bytes | Iterable[bytes], seen: Seen | None = None) -> Iterator[bytes]:
         """The de-identified Part 10 bytes of one instance: a rewritten header, then the original bytes from the
-        pixel data element on. Raises PayloadInvalidError for what is not a Part 10 file pydicom can read, or a
-        deflated one."""
-        rest = iter(chunks)
+        pixel data element on. Nothing is yielded before the header is rewritten, so an instance refused here leaves
+        no byte behind.
+
+        Raises
+        ------
+        DeidentificationError
+            Not a Part 10 file pydicom can read, or a deflated one.
+        ExcludedByProfile
+            The header shows an instance the profile leaves out.
+        """
+        rest = iter((bytes(chunks),) if isinstance(chunks, bytes | bytearray | memoryview) else chunks)
         walker = part10_scan.Walker()
         held = bytearray()
         for chunk in rest:
@@ -154,23 +181,28 @@ class Deidentifier:
             held += chunk
             if walker.error is not None or walker.unsupported is not None or walker.last_tag >= _PIXEL_TAGS[0]:
                 break
-        header, start = self._header(bytes(held))
+        header, start = self._header(bytes(held), seen)
         yield header
         if start < len(held):
             yield bytes(held[start:])
         yield from rest
 
-    def _header(self, data: bytes) -> tuple[bytes, int]:
+    def _header(self, data: bytes, seen: Seen | None) -> tuple[bytes, int]:
         buffer = io.BytesIO(data)
         try:
             ds = dcmread(buffer, stop_before_pixels=True)
         except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
-            raise PayloadInvalidError(
+            raise DeidentificationError(
                 f"cannot de-identify: not a readable DICOM header ({type(exc).__name__})"
             ) from exc
         syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
         if syntax in _DEFLATED:
-            raise PayloadInvalidError("cannot de-identify a deflated transfer syntax without decompressing the pixels")
+            raise DeidentificationError("cannot de-identify a deflated transfer syntax without decompressing pixels")
+        reason = self.profile.exclusion(str(ds.get("SOPClassUID", "") or ""), str(ds.get("BurnedInAnnotation", "")))
+        if reason is not None:
+            raise ExcludedByProfile(reason)
+        if seen is not None:
+            seen(ds)
         start = buffer.tell()
         self.dataset(ds)
         out = io.BytesIO()

@@ -137,13 +137,20 @@ class EngineClient:
         filters (option)
             A :class:`~trolley_tasks.series_filter.SeriesFilter`: series it excludes are never expected; the status
             and the report list them with the rule. It is kept in the job record, where every worker reads it.
+        deid (option)
+            A de-identification profile's name (``[deid.NAME]``, or the built-in ``basic``): every file is
+            de-identified on its way to disk, under keyed pseudonyms (docs/deid.md). Its key is read here, from the
+            variable or file the profile names, and again by each worker from its own environment.
+        link_table (option)
+            With ``deid``: where to write the original-to-pseudonym table (CSV, mode 0600) when the job ends.
 
         Raises
         ------
         CohortError
             A bad row (names the file, row and column); nothing was queued.
         ConfigurationError
-            Unknown source, missing secret, bad layout, or a job id taken by another export.
+            Unknown source, missing secret, bad layout, a job id taken by another export, an unknown
+            de-identification profile, or its key missing (MissingCredentialError) or too short.
         """
         return producer.submit(self._ctx, cohort, source=source, output=output, **options)
 

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import redis
 
+from trolley_tasks.deid import Deidentifier, DeidProfile
 from trolley_tasks.downloaders.base import Downloader
 from trolley_tasks.engine.breaker import Breaker
+from trolley_tasks.engine.deidentify import deidentifier_for, profile_of
 from trolley_tasks.engine.ledger import Ledger
 from trolley_tasks.engine.messages import Publisher
 from trolley_tasks.engine.policy import Policy, policy_with_overrides
@@ -121,6 +123,10 @@ class JobMeta:
     batch_size: int
     filters: SeriesFilter | None = None
     """The job's series filter, from the job record (the one place workers learn it: never a message argument)."""
+    deid: DeidProfile | None = None
+    """The job's de-identification profile (``--deid``), from the job record; None for a byte-identical export."""
+    link_table: bool = False
+    """The export asked for a linking table: the fetch keeps each study's original PatientID and AccessionNumber."""
 
 
 @dataclass
@@ -150,6 +156,7 @@ class EngineContext:
     sources: dict[str, SourceRuntime] = field(default_factory=dict)
     storages: dict[str, DICOMDiskStorage] = field(default_factory=dict)
     jobs: dict[str, JobMeta] = field(default_factory=dict)
+    deidentifiers: dict[str, Deidentifier | None] = field(default_factory=dict)
     build_clients: Callable[[SourceProfile, str], tuple[Callable[[], Searcher], Callable[[], Downloader]]] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -198,9 +205,25 @@ class EngineContext:
             if not fields:
                 return None
             filters = SeriesFilter.model_validate_json(fields["filters"]) if fields.get("filters") else None
-            meta = JobMeta(fields["source"], fields["output"], fields["layout"], int(fields["batch_size"]), filters)
+            deid = profile_of(fields)
+            meta = JobMeta(
+                fields["source"],
+                fields["output"],
+                fields["layout"],
+                int(fields["batch_size"]),
+                filters,
+                deid[1] if deid is not None else None,
+                bool(fields.get("link_table")),
+            )
             self.jobs[job_id] = meta
         return meta
+
+    def deidentifier(self, job_id: str) -> Deidentifier | None:
+        """The job's Deidentifier under this host's key (cached), or None for a byte-identical export. Raises
+        ConfigurationError when the key is missing here or is another key (see :mod:`.deidentify`)."""
+        if job_id not in self.deidentifiers:
+            self.deidentifiers[job_id] = deidentifier_for(self.ledger.job_fields(job_id))
+        return self.deidentifiers[job_id]
 
     def close(self) -> None:
         for runtime in self.sources.values():

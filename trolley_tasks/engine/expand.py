@@ -17,7 +17,8 @@ import logging
 from dataclasses import dataclass
 
 from trolley_tasks.cohort import CohortRow
-from trolley_tasks.core import QueryLevels, Study
+from trolley_tasks.core import QueryLevels, Series, Study
+from trolley_tasks.deid import DeidProfile
 from trolley_tasks.engine.context import EngineContext, SourceRuntime
 from trolley_tasks.engine.dispatch import publish_series
 from trolley_tasks.engine.fetch import BUSY_REQUEUE
@@ -167,10 +168,41 @@ def _record_study(
                 )
                 continue
             uids = series_filter.kept_instances(series)
+        if rules is not None and rules.deid is not None:
+            uids = _deid_kept(ctx, job, study.uid, series, uids, rules.deid)
+            if not uids:
+                continue
         publish = ctx.ledger.expand(job, study.uid, series.uid, uids)
         result.instances += len(uids)
         result.messages += publish_series(ctx, job, source, study.uid, series.uid, publish, batch_size)
     return sorted(wanted_series - present)
+
+
+def _deid_kept(
+    ctx: EngineContext, job: str, study_uid: str, series: Series, uids: list[str], profile: DeidProfile
+) -> list[str]:
+    """The instances the de-identification profile keeps, by the SOPClassUID the search returned; the others are
+    recorded as excluded with the profile's reason (the whole series when none is kept), never expected. What the
+    search cannot tell (``BurnedInAnnotation``) is decided by the fetch, from the header."""
+    wanted = set(uids)
+    kept: list[str] = []
+    left_out: list[tuple[str, str]] = []
+    for instance in series.instances:
+        if instance.uid not in wanted:
+            continue
+        reason = profile.exclusion(str(instance.data.get("SOPClassUID", "") or ""), None)
+        if reason is None:
+            kept.append(instance.uid)
+        else:
+            left_out.append((instance.uid, reason))
+    if left_out and not kept:
+        whole = Exclusion(study_uid=study_uid, series_uid=series.uid, rule=left_out[0][1], instances=len(left_out))
+        ctx.ledger.exclude(job, whole)
+    else:
+        for uid, rule in left_out:
+            exclusion = Exclusion(study_uid=study_uid, series_uid=series.uid, instance_uid=uid, rule=rule, instances=1)
+            ctx.ledger.exclude(job, exclusion)
+    return kept
 
 
 def _expansion_failed(

@@ -23,14 +23,16 @@ import logging
 import os
 from dataclasses import dataclass
 
+from pydicom import Dataset
 from tenacity import RetryCallState, Retrying, stop_after_attempt, wait_random_exponential
 
 from trolley_tasks.core import InstanceReference
-from trolley_tasks.engine.context import EngineContext, SourceRuntime
+from trolley_tasks.deid import DeidentificationError, Deidentifier, ExcludedByProfile
+from trolley_tasks.engine.context import EngineContext, JobMeta, SourceRuntime
 from trolley_tasks.engine.heartbeat import Heartbeat
 from trolley_tasks.engine.ledger import ClaimCode, Outcome, Settled
 from trolley_tasks.engine.messages import FetchMessage
-from trolley_tasks.engine.models import Failure
+from trolley_tasks.engine.models import Exclusion, Failure
 from trolley_tasks.engine.outcomes import Plan, apply_policy, carry_out, host_condition, rescue
 from trolley_tasks.engine.policy import Action
 from trolley_tasks.engine.throttle import ThrottleBusy
@@ -54,6 +56,7 @@ class FetchResult:
     fetched: int = 0
     skipped: int = 0
     failed: int = 0
+    excluded: int = 0
     requeued: int = 0
     held: float = 0.0
     dropped: str = ""
@@ -82,16 +85,51 @@ def _drain(payload: RawPayload) -> None:
 
 
 class _Download:
-    """One pass of the downloader over the refs still wanted; per-instance results accumulate across passes."""
+    """One pass of the downloader over the refs still wanted; per-instance results accumulate across passes.
 
-    def __init__(self, runtime: SourceRuntime, storage: DICOMDiskStorage, output: str, tries: dict[str, int]) -> None:
+    With a ``deid`` (a de-identified export), each instance is rewritten on its way to disk and stored under its
+    pseudonymous reference; an instance the profile leaves out ends in ``excluded`` with the reason, and
+    ``links`` keeps each study's original PatientID and AccessionNumber when ``keep_links`` (a linking table)."""
+
+    def __init__(
+        self,
+        runtime: SourceRuntime,
+        storage: DICOMDiskStorage,
+        output: str,
+        tries: dict[str, int],
+        deid: Deidentifier | None = None,
+        keep_links: bool = False,
+    ) -> None:
         self.runtime = runtime
         self.storage = storage
         self.output = output
         self.saved: dict[str, SaveResult] = {}
         self.bad: dict[str, BaseException] = {}
+        self.excluded: dict[str, str] = {}
+        self.links: dict[str, dict[str, str]] = {}
         self.tries = tries
         self.committer = Committer()
+        self.deid = deid
+        self.keep_links = keep_links
+
+    def existing(self, ref: InstanceReference) -> SaveResult | None:
+        """The valid file already in place for ``ref`` (under its pseudonyms in a de-identified export), or None."""
+        return self.storage.existing_valid(self.deid.reference(ref) if self.deid else ref, self.output)
+
+    def _save(self, ref: InstanceReference, payload: RawPayload) -> SaveResult:
+        if self.deid is None:
+            return self.storage.save_raw(ref, payload, self.output, committer=self.committer)
+        seen = None
+        if self.keep_links and ref.study_uid not in self.links:
+
+            def seen(ds: Dataset) -> None:
+                self.links[ref.study_uid] = {
+                    "PatientID": str(ds.get("PatientID", "") or ""),
+                    "AccessionNumber": str(ds.get("AccessionNumber", "") or ""),
+                }
+
+        stream = self.deid.stream(payload, seen)
+        return self.storage.save_raw(self.deid.reference(ref), stream, self.output, committer=self.committer)
 
     def flush(self) -> dict[str, BaseException]:
         """Make every saved file durable (fsyncs ran behind the download); a file that could not be committed is
@@ -102,7 +140,8 @@ class _Download:
         return errors
 
     def remaining(self, refs: list[InstanceReference]) -> list[InstanceReference]:
-        return [r for r in refs if r.instance_uid not in self.saved and r.instance_uid not in self.bad]
+        done = (self.saved, self.bad, self.excluded)
+        return [r for r in refs if not any(r.instance_uid in outcome for outcome in done)]
 
     def run(self, refs: list[InstanceReference], beat: Heartbeat) -> None:
         wanted = {r.instance_uid: r for r in self.remaining(refs)}
@@ -123,9 +162,13 @@ class _Download:
                 _drain(payload)
                 continue
             try:
-                self.saved[uid] = self.storage.save_raw(wanted[uid], payload, self.output, committer=self.committer)
-            except (QuarantinedPayloadError, UnsafePathError) as exc:  # this instance only; the stream goes on
+                self.saved[uid] = self._save(wanted[uid], payload)
+            except (QuarantinedPayloadError, UnsafePathError, DeidentificationError) as exc:  # this instance only
                 self.bad[uid] = exc
+                _drain(payload)  # the stream goes on with the next instance
+            except ExcludedByProfile as exc:
+                self.excluded[uid] = exc.reason
+                _drain(payload)
 
 
 def _quick_retry(runtime: SourceRuntime, prior: int, probe: bool) -> Retrying:
@@ -161,7 +204,8 @@ def fetch_batch(ctx: EngineContext, message: FetchMessage, *, redelivered: bool 
         return result
     try:
         runtime = ctx.source(message.source)
-    except TrolleyError as exc:  # this host lacks the profile or its secret: nothing was claimed
+        deid = ctx.deidentifier(message.job)
+    except TrolleyError as exc:  # this host lacks the profile, its secret or the de-identification key: no claim
         reason = host_condition(exc) or exc.message
         result.paused = ctx.ledger.pause(message.job, reason)
         log.warning("job %s paused: %s", message.job, reason)
@@ -172,7 +216,7 @@ def fetch_batch(ctx: EngineContext, message: FetchMessage, *, redelivered: bool 
         ctx.publisher.fetch(message, countdown=hold)
         return result
     try:
-        _claimed(ctx, message, runtime, meta.layout, meta.output, redelivered, probe, result)
+        _claimed(ctx, message, runtime, meta, deid, redelivered, probe, result)
     finally:
         if probe:  # a verdict (success, failure) already cleared the probe; any other ending lets the next one probe
             runtime.breaker.release_probe()
@@ -183,8 +227,8 @@ def _claimed(
     ctx: EngineContext,
     message: FetchMessage,
     runtime: SourceRuntime,
-    layout: str,
-    output: str,
+    meta: JobMeta,
+    deid: Deidentifier | None,
     redelivered: bool,
     probe: bool,
     result: FetchResult,
@@ -214,7 +258,8 @@ def _claimed(
     beat = Heartbeat(ctx.ledger, message.job, ctx.lease_seconds, message.series, claim.lease, claimed)
     try:
         with beat:
-            _work(ctx, message, runtime, layout, output, claim.codes, claimed, beat, tries, plan, result)
+            download = _Download(runtime, ctx.storage(meta.layout), meta.output, tries, deid, meta.link_table)
+            _work(ctx, message, download, claim.codes, claimed, beat, plan, result)
     except BaseException as exc:
         result.failed += rescue(exc, runtime, message, claimed, tries, claim.codes, plan)
         _conclude(ctx, message, plan, result)
@@ -234,42 +279,47 @@ def _conclude(ctx: EngineContext, message: FetchMessage, plan: Plan, result: Fet
 def _work(
     ctx: EngineContext,
     message: FetchMessage,
-    runtime: SourceRuntime,
-    layout: str,
-    output: str,
+    download: _Download,
     codes: dict[str, tuple[ClaimCode, int, float]],
     claimed: list[str],
     beat: Heartbeat,
-    tries: dict[str, int],
     plan: Plan,
     result: FetchResult,
 ) -> None:
-    storage = ctx.storage(layout)
+    storage, output, tries = download.storage, download.output, download.tries
     to_fetch: list[InstanceReference] = []
     for uid in claimed:
         ref = InstanceReference(message.study, message.series, uid)
-        existing = storage.existing_valid(ref, output)
+        existing = download.existing(ref)
         if existing is not None:
             path = relative_path(storage, existing, output)
             plan.settled.append(Settled(uid, Outcome.SKIPPED, codes[uid][1], size=existing.size, path=path))
             result.skipped += 1
         else:
             to_fetch.append(ref)
-    if to_fetch:
-        download = _Download(runtime, storage, output, tries)
-        try:
-            _fetch(ctx, message, runtime, download, to_fetch, codes, beat, plan, result)
-        finally:
-            # whatever happened, what reached the disk is made durable and counted: "done" means durable
-            for uid, error in download.flush().items():
-                download.bad[uid] = error
-            settled = plan.settled_uids()
-            for uid, saved in download.saved.items():
-                if uid not in settled:
-                    attempts = codes[uid][1] + tries.get(uid, 1)
-                    path = relative_path(storage, saved, output)
-                    plan.settled.append(Settled(uid, Outcome.DONE, attempts, size=saved.size, path=path))
-                    result.fetched += 1
+    if not to_fetch:
+        return
+    try:
+        _fetch(ctx, message, download.runtime, download, to_fetch, codes, beat, plan, result)
+    finally:
+        # whatever happened, what reached the disk is made durable and counted: "done" means durable
+        for uid, error in download.flush().items():
+            download.bad[uid] = error
+        settled = plan.settled_uids()
+        for uid, saved in download.saved.items():
+            if uid not in settled:
+                attempts = codes[uid][1] + tries.get(uid, 1)
+                path = relative_path(storage, saved, output)
+                plan.settled.append(Settled(uid, Outcome.DONE, attempts, size=saved.size, path=path))
+                result.fetched += 1
+        for uid, reason in download.excluded.items():
+            if uid not in settled:
+                where = Exclusion(
+                    study_uid=message.study, series_uid=message.series, instance_uid=uid, rule=reason, instances=1
+                )
+                plan.settled.append(Settled(uid, Outcome.EXCLUDED, codes[uid][1] + tries.get(uid, 1), exclusion=where))
+                result.excluded += 1
+        ctx.ledger.link(message.job, download.links)
 
 
 def _fetch(

@@ -37,6 +37,8 @@ class InstanceState(StrEnum):
     DONE = "done"
     SKIPPED = "skipped"
     FAILED = "failed"
+    EXCLUDED = "excluded"
+    """Left out by the export's de-identification profile once its header was seen (no longer expected)."""
 
 
 STATE_CODES: dict[str, InstanceState] = {
@@ -45,6 +47,7 @@ STATE_CODES: dict[str, InstanceState] = {
     "d": InstanceState.DONE,
     "s": InstanceState.SKIPPED,
     "f": InstanceState.FAILED,
+    "e": InstanceState.EXCLUDED,
 }
 
 
@@ -87,12 +90,18 @@ class Failure(BaseModel):
 
 
 class Exclusion(BaseModel):
-    """A series a job left out on purpose, and the rule that did (a series filter, or de-identification)."""
+    """A series (or, with ``instance_uid``, one instance) a job left out on purpose, and the rule that did (a series
+    filter, or de-identification)."""
 
     study_uid: str
     series_uid: str
     rule: str
     instances: int
+    instance_uid: str = ""
+
+    def field(self) -> str:
+        """Its field in the ledger's ``excluded`` hash: one per series, or per instance for an instance."""
+        return f"{self.series_uid}/{self.instance_uid}" if self.instance_uid else self.series_uid
 
 
 class JobStatus(BaseModel):
@@ -129,7 +138,8 @@ class JobStatus(BaseModel):
     eta_seconds: float | None = None
     failures_by_class: dict[str, int] = {}
     excluded: list[Exclusion] = []
-    """Every series left out by the job's series filter, with the rule that excluded it (never expected)."""
+    """Every series (or instance) left out by the job's series filter or de-identification profile, with the rule
+    that excluded it (never expected)."""
     reported_at: datetime | None = None
     """When the engine wrote ``trolley-report.json``/``.csv`` for the job's end (None: not yet). The state turns
     ``done`` a moment before the report is on disk; wait for this before reading it."""

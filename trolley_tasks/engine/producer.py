@@ -32,6 +32,7 @@ from trolley_tasks.cohort import (
 )
 from trolley_tasks.core import InstanceReference, Query, SeriesReference, StudyReference
 from trolley_tasks.engine.context import EngineContext, storage_for_layout
+from trolley_tasks.engine.deidentify import job_fields as deid_job_fields
 from trolley_tasks.engine.ledger import Ledger
 from trolley_tasks.engine.models import JobState
 from trolley_tasks.engine.report import finalize_job
@@ -54,6 +55,8 @@ class ExportOptions(TypedDict, total=False):
     new_job: bool
     skip_bad_rows: bool
     filters: SeriesFilter | None
+    deid: str | None
+    link_table: Path | None
 
 
 CANCEL_CHECK_EVERY = 500
@@ -114,6 +117,8 @@ def submit(
     new_job: bool = False,
     skip_bad_rows: bool = False,
     filters: SeriesFilter | None = None,
+    deid: str | None = None,
+    link_table: Path | None = None,
 ) -> str:
     """Validate, create (or reopen) the job, queue one expansion per row. Returns the job id."""
     if batch_size < 1:
@@ -123,11 +128,15 @@ def submit(
     if job_id is not None and (not job_id.replace("-", "").replace("_", "").isalnum() or len(job_id) > 64):
         raise ConfigurationError(f"job id {job_id!r}: letters, digits, '-' and '_' only, at most 64 characters")
     out = os.path.abspath(output)
+    private = _deid_fields(ctx, deid, link_table)  # a missing key refuses the export here, before anything is read
     ledger = ctx.ledger
     rows, description = cohort_rows(cohort, skip_bad_rows)
-    # the filter is part of what the export is: another filter is another job, with other expected instances
+    # the filter and the de-identification (profile and key) are part of what the export is: another filter or key
+    # is another job, with other expected instances or other files
     rules = filters.model_dump_json() if filters is not None and filters.active else ""
-    token, derived, bad = _stage(ledger, rows, f"{source}\n{out}\n{layout}\n" + (f"{rules}\n" if rules else ""))
+    seed = f"{source}\n{out}\n{layout}\n" + (f"{rules}\n" if rules else "")
+    seed += f"{private['deid']}\n{private['deid_check']}\n" if private["deid"] else ""
+    token, derived, bad = _stage(ledger, rows, seed)
     try:
         if not ledger.staged_count(token):
             raise CohortError(f"{description.partition(':')[2]}: no cohort rows to export")
@@ -140,7 +149,7 @@ def submit(
             "batch_size": batch_size,
             "cohort": description,
         }
-        _create_or_reopen(ledger, job_id, fields | {"filters": rules})
+        _create_or_reopen(ledger, job_id, {**fields, "filters": rules, **private})
     except BaseException:
         ledger.drop_staged_rows(token)
         raise
@@ -158,6 +167,16 @@ def submit(
     return job_id
 
 
+def _deid_fields(ctx: EngineContext, deid: str | None, link_table: Path | None) -> dict[str, str]:
+    """The job record's de-identification fields; the key is read (and checked present) here."""
+    if deid is None:
+        if link_table is not None:
+            raise ConfigurationError("a linking table (--link-table) needs a de-identified export (--deid PROFILE)")
+        return {"deid": "", "deid_check": "", "link_table": ""}
+    profile = ctx.settings.deid_profile(deid)
+    return deid_job_fields(deid, profile, profile.read_key(f"[deid.{deid}]"), link_table)
+
+
 def _create_or_reopen(ledger: Ledger, job_id: str, fields: dict[str, str | int]) -> None:
     """A new job, or the same export run again: reopened for expansion, failed instances given a fresh budget.
 
@@ -166,7 +185,7 @@ def _create_or_reopen(ledger: Ledger, job_id: str, fields: dict[str, str | int])
     if ledger.create_job(job_id, fields):
         return
     existing = ledger.job_fields(job_id)
-    for key in ("source", "output", "layout", "filters"):
+    for key in ("source", "output", "layout", "filters", "deid", "deid_check", "link_table"):
         if existing.get(key, "") != str(fields[key]):
             raise ConfigurationError(
                 f"job {job_id} exists with {key} {existing.get(key)!r}, not {fields[key]!r}; "

@@ -6,6 +6,11 @@ and the error class and message when it failed), plus the job's id, counts, ``st
 ``excluded_series``; CSV rows with status ``excluded``, the rule and instance count in ``error_message``). Nothing
 secret is in the ledger, so nothing secret can be in the report.
 
+In a de-identified export (``--deid``) the report names everything by the pseudonyms the files carry: UIDs, paths,
+and every UID quoted in an error message (:func:`~trolley_tasks.engine.deidentify.scrub_uids`). Instances its
+profile left out once their header was seen are listed with status ``excluded`` and the reason. The linking table,
+when asked for, is written with the report (:func:`~trolley_tasks.engine.deidentify.write_link_table`).
+
 Both files are streamed from the ledger (a million-instance job does not need a million-row list in memory) and
 written atomically (a temp file, then rename), so a reader never sees half a report. The CSV opens in a spreadsheet
 as is: one header row, one row per instance, failed cohort rows and skipped bad rows at the end.
@@ -21,9 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from trolley_tasks.core import InstanceReference
+from trolley_tasks.deid import Deidentifier
 from trolley_tasks.engine.context import storage_for_layout
+from trolley_tasks.engine.deidentify import deidentifier_for, scrub_uids, write_link_table
 from trolley_tasks.engine.ledger import Ledger
-from trolley_tasks.engine.models import InstanceRecord, JobStatus
+from trolley_tasks.engine.models import Exclusion, InstanceRecord, JobStatus
+from trolley_tasks.errors import TrolleyError
 from trolley_tasks.storage.disk import clean_temp_files
 from trolley_tasks.storage.durable import AtomicFile
 
@@ -49,7 +57,7 @@ def _iso(status: JobStatus, name: str) -> str | None:
     return value.isoformat() if value else None
 
 
-def job_summary(status: JobStatus) -> dict[str, Any]:
+def job_summary(status: JobStatus, deid: Deidentifier | None = None) -> dict[str, Any]:
     return {
         "job_id": status.job_id,
         "state": status.state.value,
@@ -71,17 +79,31 @@ def job_summary(status: JobStatus) -> dict[str, Any]:
             "rows_skipped": status.rows_skipped,
         },
         "failures_by_class": status.failures_by_class,
-        "excluded_series": [item.model_dump() for item in status.excluded],
+        "excluded_series": [_exclusion(item, deid).model_dump() for item in status.excluded],
     }
 
 
-def _records(ledger: Ledger, job_id: str, layout: str) -> Iterator[InstanceRecord]:
+def _exclusion(item: Exclusion, deid: Deidentifier | None) -> Exclusion:
+    """``item`` under its pseudonyms in a de-identified export."""
+    if deid is None:
+        return item
+    uids = {"study_uid": deid.uid(item.study_uid), "series_uid": deid.uid(item.series_uid)}
+    if item.instance_uid:
+        uids["instance_uid"] = deid.uid(item.instance_uid)
+    return item.model_copy(update=uids)
+
+
+def _records(ledger: Ledger, job_id: str, layout: str, deid: Deidentifier | None) -> Iterator[InstanceRecord]:
     """The ledger's records with their paths filled in where the layout derives them from the UIDs (string work only:
-    no filesystem call per instance)."""
+    no filesystem call per instance); in a de-identified export, under the pseudonyms the files carry."""
     storage = storage_for_layout(layout)
     for record in ledger.instances(job_id):
+        ref = InstanceReference(record.study_uid, record.series_uid, record.instance_uid)
+        if deid is not None:
+            ref = deid.reference(ref)
+            update = {"study_uid": ref.study_uid, "series_uid": ref.series_uid, "instance_uid": ref.instance_uid}
+            record = record.model_copy(update=update | {"message": scrub_uids(record.message, deid)})
         if not record.path and record.state.value in ("done", "skipped"):
-            ref = InstanceReference(record.study_uid, record.series_uid, record.instance_uid)
             relative = storage.relative_reference_path(ref)
             if relative is not None:
                 record = record.model_copy(update={"path": str(relative)})
@@ -90,26 +112,32 @@ def _records(ledger: Ledger, job_id: str, layout: str) -> Iterator[InstanceRecor
 
 def write_report(ledger: Ledger, job_id: str) -> tuple[Path, Path]:
     """Write both report files into the job's output directory, each atomically and durably (the one writer,
-    :mod:`trolley_tasks.storage.durable`); return their paths."""
+    :mod:`trolley_tasks.storage.durable`), and the linking table of a de-identified export that asked for one;
+    return the report's paths. Raises ConfigurationError when the export is de-identified and this host lacks
+    its key."""
     status = ledger.status(job_id)
     if status is None:
         raise KeyError(job_id)
+    fields = ledger.job_fields(job_id)
+    deid = deidentifier_for(fields)
     out = Path(status.output)
     json_path, csv_path = out / REPORT_JSON, out / REPORT_CSV
     with AtomicFile(out, text=True) as json_file, AtomicFile(out, text=True) as csv_file:
-        _write_both(ledger, status, json_file.handle, csv.writer(csv_file.handle))
+        _write_both(ledger, status, deid, json_file.handle, csv.writer(csv_file.handle))
         json_file.commit(json_path)
         csv_file.commit(csv_path)
+    if deid is not None and fields.get("link_table"):
+        write_link_table(ledger, job_id, Path(fields["link_table"]), deid)
     return json_path, csv_path
 
 
-def _write_both(ledger: Ledger, status: JobStatus, out: Any, rows: Any) -> None:
+def _write_both(ledger: Ledger, status: JobStatus, deid: Deidentifier | None, out: Any, rows: Any) -> None:
     """Stream the report: one JSON document and one CSV table, an instance (or a row) at a time."""
     job_id = status.job_id
     rows.writerow(CSV_COLUMNS)
-    summary = json.dumps(job_summary(status), indent=2)
+    summary = json.dumps(job_summary(status, deid), indent=2)
     out.write(summary[:-2] + ',\n  "instances": [')
-    for n, record in enumerate(_records(ledger, job_id, status.layout)):
+    for n, record in enumerate(_records(ledger, job_id, status.layout, deid)):
         item = {
             "StudyInstanceUID": record.study_uid,
             "SeriesInstanceUID": record.series_uid,
@@ -125,15 +153,19 @@ def _write_both(ledger: Ledger, status: JobStatus, out: Any, rows: Any) -> None:
         rows.writerow([item[c] for c in CSV_COLUMNS])
     out.write('\n  ],\n  "failed_rows": [')
     for n, (_, failure) in enumerate(ledger.row_failures(job_id)):
-        item = {"row": failure.row, "error_class": failure.error_class, "error_message": failure.message}
+        row, text = scrub_uids(failure.row, deid), scrub_uids(failure.message, deid)
+        item = {"row": row, "error_class": failure.error_class, "error_message": text}
         out.write(("\n    " if n == 0 else ",\n    ") + json.dumps(item))
-        message = f"{failure.row}: {failure.message}"
+        message = f"{row}: {text}"
         rows.writerow(["", "", "", "", "", "row-failed", failure.attempts, failure.error_class, message])
-    skipped = ledger.bad_rows(job_id)
+    skipped = [scrub_uids(line, deid) for line in ledger.bad_rows(job_id)]
     out.write('\n  ],\n  "skipped_rows": ' + json.dumps(skipped) + "\n}\n")
     for bad in skipped:
         rows.writerow(["", "", "", "", "", "row-skipped", 0, "request-rejected", bad])
     for excluded in status.excluded:  # left out on purpose: the rule, and how many instances it kept out
+        if excluded.instance_uid:
+            continue  # an instance left out has its own row above, with status "excluded" and the rule
+        excluded = _exclusion(excluded, deid)
         message = f"{excluded.rule}: {excluded.instances} instances"
         rows.writerow([excluded.study_uid, excluded.series_uid, "", "", "", "excluded", 0, "", message])
 
@@ -152,7 +184,7 @@ def finalize_job(ledger: Ledger, job_id: str) -> bool:
         return False
     try:
         write_report(ledger, job_id)
-    except OSError as exc:
+    except (OSError, TrolleyError) as exc:  # a full disk, or this host lacks the de-identification key
         log.error("job %s ended but its report could not be written: %s", job_id, exc)
         return False
     ledger.mark_reported(job_id)

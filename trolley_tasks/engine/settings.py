@@ -22,6 +22,8 @@ levels: ``TROLLEY_BROKER__URL``, ``TROLLEY_SOURCES__ORTHANC__MAX_CONCURRENCY``.
     max_attempts = 6
     [filters.ct-only]                  # trolley-tasks export --filters ct-only
     include_modality = ["CT"]; exclude_series_description = "scout|localizer"; min_instances = 20
+    [deid.study42]                     # trolley-tasks export --deid study42 (``basic`` exists without a table)
+    key_env = "STUDY42_DEID_KEY"; clean_descriptors = true
     [flower]                           # trolley-tasks flower; basic auth whenever the password is set
     address = "127.0.0.1"; port = 5555; username = "trolley"; password_env = "FLOWER_PASSWORD"
 
@@ -45,6 +47,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from trolley_tasks.deid import BUILT_IN, DeidProfile
 from trolley_tasks.errors import ConfigurationError
 from trolley_tasks.profiles import SourceProfile, check_secrets_present
 from trolley_tasks.series_filter import SeriesFilter
@@ -144,6 +147,7 @@ class Settings(BaseSettings):
     broker: BrokerConfig = BrokerConfig()
     sources: dict[str, SourceProfile] = {}
     filters: dict[str, SeriesFilter] = {}
+    deid: dict[str, DeidProfile] = {}
     flower: FlowerConfig = FlowerConfig()
     engine: EngineConfig = EngineConfig()
     state_dir: Path = Path.home() / ".local" / "state" / "trolley"
@@ -172,6 +176,17 @@ class Settings(BaseSettings):
             known = ", ".join(sorted(self.filters)) or "none"
             raise ConfigurationError(f"{where}: no [filters.{name}] (known filters: {known})")
         return self.filters[name]
+
+    def deid_profile(self, name: str) -> DeidProfile:
+        """The ``[deid.NAME]`` table, or the built-in ``basic`` when the configuration has no table of that name;
+        ConfigurationError naming the known ones otherwise."""
+        if name in self.deid:
+            return self.deid[name]
+        if name in BUILT_IN:
+            return BUILT_IN[name]
+        where = str(self.config_path) if self.config_path else "configuration"
+        known = ", ".join(sorted(set(self.deid) | set(BUILT_IN)))
+        raise ConfigurationError(f"{where}: no [deid.{name}] (known profiles: {known})")
 
     def source(self, name: str) -> SourceProfile:
         """The profile ``name``, with its secrets checked to be present; ConfigurationError otherwise."""

@@ -14,15 +14,18 @@ key                               type       content
                                              ``wait_until`` (deferred work is due by then), ``source output layout
                                              batch_size cohort pause_reason producer_done``
 ``trolley:{J}:series``            set        SeriesInstanceUIDs of the job
-``trolley:{J}:s:<series uid>``    hash       ``#st`` study uid, ``#e #d #f`` expected/done/failed, and one field
+``trolley:{J}:s:<series digest>`` hash       ``#st`` study uid, ``#e #d #f`` expected/done/failed, and one field
                                              per SOPInstanceUID: ``state|attempts|redeliveries|lease|busy|size|path``
-``trolley:{J}:excluded``          hash       SeriesInstanceUID -> JSON exclusion (rule, instances): left out on purpose
+``trolley:{J}:excluded``          hash       SeriesInstanceUID (``series/instance`` for one instance) -> JSON
+                                             exclusion (rule, instances): left out on purpose
 ``trolley:{J}:failures``          hash       SOPInstanceUID -> JSON failure record
 ``trolley:{J}:rowfail``           hash       row id -> JSON failure record of a row that could not be expanded
 ``trolley:{J}:rows``              set        ids of the cohort rows queued for expansion (digests of the rows)
 ``trolley:{J}:rowdata``           hash       row id -> the row (canonical JSON and cohort line): the ONE place that
                                              holds a search row's values (PatientID, AccessionNumber, dates)
 ``trolley:{J}:expanded``          set        ids of the rows whose expansion finished
+``trolley:{J}:link``              hash       StudyInstanceUID -> JSON of its PatientID and AccessionNumber, kept only
+                                             for a de-identified export with a linking table (``--link-table``)
 ``trolley:{J}:badrows``           list       JSON of rows left out by ``skip_bad_rows``
 ``trolley:staging:<token>[:rows]`` set, hash ids and rows of a cohort being read (a day's expiry)
 ``trolley:delayed``               zset       deferred messages (retries, holds) -> due time (:mod:`.scheduler`)
@@ -37,6 +40,7 @@ the job (retry-failed, re-run) removes it again.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -54,6 +58,19 @@ from trolley_tasks.engine.models import (
 )
 
 DAY = 24 * 3600
+JOB_KEY_SUFFIXES = (
+    "series",
+    "excluded",
+    "failures",
+    "rowfail",
+    "rows",
+    "rowdata",
+    "expanded",
+    "badrows",
+    "link",
+    "job",
+)
+"""A job's keys besides its series hashes (the table above): every one of them gets the job's one expiry."""
 
 
 class Outcome(StrEnum):
@@ -65,6 +82,9 @@ class Outcome(StrEnum):
     """Found on disk, valid, not fetched."""
     FAILED = "f"
     """Failed for good; the failure record says why."""
+    EXCLUDED = "e"
+    """Left out on purpose (:class:`~trolley_tasks.deid.ExcludedByProfile`): no longer expected; ``exclusion``
+    says why."""
     PENDING = "p"
     """Back to pending: the caller re-queues it."""
 
@@ -95,6 +115,7 @@ class Settled:
     size: int = 0
     path: str = ""
     failure: Failure | None = None
+    exclusion: Exclusion | None = None
 
 
 @dataclass(frozen=True)
@@ -253,7 +274,21 @@ class Ledger(LedgerReader):
     def exclude(self, job_id: str, exclusion: Exclusion) -> None:
         """Record a series the job's filter left out (once): its instances are never expected, and the status and
         the report list it with its rule."""
-        self.r.hsetnx(self.key(job_id, "excluded"), exclusion.series_uid, exclusion.model_dump_json())
+        self.r.hsetnx(self.key(job_id, "excluded"), exclusion.field(), exclusion.model_dump_json())
+
+    def link(self, job_id: str, identifiers: dict[str, dict[str, str]]) -> None:
+        """Keep, per original StudyInstanceUID, the study's original PatientID and AccessionNumber, for the linking
+        table of a de-identified export that asked for one (the first seen wins; they are the same for a study)."""
+        if identifiers:
+            pipe = self.r.pipeline(transaction=False)
+            for study_uid, values in identifiers.items():
+                pipe.hsetnx(self.key(job_id, "link"), study_uid, json.dumps(values, sort_keys=True))
+            pipe.execute()
+
+    def linked(self, job_id: str) -> Iterator[tuple[str, dict[str, str]]]:
+        """(original StudyInstanceUID, {"PatientID": ..., "AccessionNumber": ...}) kept by :meth:`link`."""
+        for study_uid, value in self.r.hscan_iter(self.key(job_id, "link"), count=500):
+            yield as_text(study_uid), json.loads(value)
 
     def row_done(self, job_id: str, row_key: str, failure: Failure | None = None) -> bool:
         """A row's expansion finished (or failed for good). Returns True when this call finalized the job."""
@@ -302,7 +337,8 @@ class Ledger(LedgerReader):
         """Record the outcome of a fetch for each instance. Returns True when this call finalized the job."""
         args: list[Any] = [series_uid]
         for item in results:
-            failure = item.failure.model_dump_json() if item.failure else ""
+            record = item.failure or item.exclusion
+            failure = record.model_dump_json() if record is not None else ""
             args += [
                 item.instance_uid,
                 item.outcome,
@@ -314,7 +350,12 @@ class Ledger(LedgerReader):
             ]
         if len(args) == 1:
             return False
-        keys = [self.key(job_id, "job"), self.series_key(job_id, series_uid), self.key(job_id, "failures")]
+        keys = [
+            self.key(job_id, "job"),
+            self.series_key(job_id, series_uid),
+            self.key(job_id, "failures"),
+            self.key(job_id, "excluded"),
+        ]
         return bool(self._run("SETTLE", keys, args))
 
     # -- control ---------------------------------------------------------------------------------------------------
@@ -355,7 +396,7 @@ class Ledger(LedgerReader):
     def _job_keys(self, job_id: str) -> Iterator[str]:
         for series_uid in self.series_uids(job_id):
             yield self.series_key(job_id, series_uid)
-        for suffix in ("series", "excluded", "failures", "rowfail", "rows", "rowdata", "expanded", "badrows", "job"):
+        for suffix in JOB_KEY_SUFFIXES:
             yield self.key(job_id, suffix)
 
     def asked_to_finalize(self, job_id: str) -> None:

@@ -9,7 +9,8 @@ clocks agree on leases.
 An instance record is a string ``state|attempts|redeliveries|lease_until|busy_counted_at|size|path`` kept as a field
 of its series hash (small hashes stay listpack-encoded in Redis, which is what keeps the cost per instance low).
 States: ``p`` pending, ``r`` running (claimed by a fetch until ``lease_until``), ``d`` done (fetched and stored),
-``s`` skipped (found on disk, valid, not fetched), ``f`` failed.
+``s`` skipped (found on disk, valid, not fetched), ``f`` failed, ``e`` excluded (its header showed an instance the
+export's de-identification profile leaves out: no longer expected, listed with the exclusions).
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ CLAIM = (
 -- KEYS: job, series hash, failures. ARGV: series uid, redelivered (0/1), lease seconds, max redeliveries, uids...
 -- Returns {job state, finalized, lease, then per uid: code, attempts, busy_counted_at}. The lease value written into
 -- every claimed record is the claim's token: only its holder can renew it (RENEW compares it).
--- Codes: c claimed, t terminal (done/skipped/failed), h held by a live fetch, x poison (failed now), u unknown.
+-- Codes: c claimed, t terminal (done/skipped/failed/excluded), h held by a live fetch, x poison (failed now),
+-- u unknown.
 local job, sh, failures = KEYS[1], KEYS[2], KEYS[3]
 local state = redis.call('HGET', job, 'state')
 if not active(state) then return {state or '', 0, ''} end
@@ -137,7 +139,7 @@ for i = 5, #ARGV do
   else
     local r = parse(rec)
     local code = 'c'
-    if r[1] == 'd' or r[1] == 's' or r[1] == 'f' then
+    if r[1] == 'd' or r[1] == 's' or r[1] == 'f' or r[1] == 'e' then
       code = 't'
     elseif r[1] == 'r' then
       if redelivered or num(r[4]) < now then
@@ -204,13 +206,14 @@ return {token, renewed}
 SETTLE = (
     COMMON
     + r"""
--- KEYS: job, series hash, failures. ARGV: series uid, then groups of 7:
---   uid, outcome, attempts, busy_counted_at, size, path, failure json
--- Outcomes: d done, s skipped (on disk already), f failed, p back to pending (will be re-queued).
+-- KEYS: job, series hash, failures, exclusions. ARGV: series uid, then groups of 7:
+--   uid, outcome, attempts, busy_counted_at, size, path, failure (or exclusion) json
+-- Outcomes: d done, s skipped (on disk already), f failed, e excluded (left out on purpose: no longer expected),
+-- p back to pending (will be re-queued).
 -- A terminal instance is never changed again here, so a duplicate delivery never double-counts.
-local job, sh, failures = KEYS[1], KEYS[2], KEYS[3]
+local job, sh, failures, exclusions = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = clock()
-local done, skipped, failed, bytes = 0, 0, 0, 0
+local done, skipped, failed, excluded, bytes = 0, 0, 0, 0, 0
 for i = 2, #ARGV, 7 do
   local uid, outcome = ARGV[i], ARGV[i + 1]
   local rec = redis.call('HGET', sh, uid)
@@ -227,12 +230,20 @@ for i = 2, #ARGV, 7 do
         r[1] = 'f'
         failed = failed + 1
         redis.call('HSET', failures, uid, ARGV[i + 6])
+      elseif outcome == 'e' then
+        r[1] = 'e'
+        excluded = excluded + 1
+        redis.call('HSET', exclusions, ARGV[1] .. '/' .. uid, ARGV[i + 6])
       else
         r[1] = 'p'
       end
       redis.call('HSET', sh, uid, pack(r))
     end
   end
+end
+if excluded > 0 then
+  redis.call('HINCRBY', job, 'expected', -excluded)
+  redis.call('HINCRBY', sh, '#e', -excluded)
 end
 if done > 0 then
   redis.call('HINCRBY', job, 'done', done)
@@ -245,7 +256,7 @@ if failed > 0 then
   redis.call('HINCRBY', sh, '#f', failed)
 end
 redis.call('HSET', job, 'updated_at', tostring(now))
-if done + failed == 0 then return 0 end
+if done + failed + excluded == 0 then return 0 end
 return check_done(job, now)
 """
 )

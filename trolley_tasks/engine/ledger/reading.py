@@ -6,6 +6,7 @@ safe to call from any process at any time, the CLI's ``status`` included.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,7 +42,9 @@ class LedgerReader:
         return f"trolley:{{{job_id}}}:{suffix}"
 
     def series_key(self, job_id: str, series_uid: str) -> str:
-        return self.key(job_id, f"s:{series_uid}")
+        """A digest of the SeriesInstanceUID names the key, never the UID itself: a key name is what ``redis-cli
+        --scan``, ``MONITOR`` and every Redis dashboard show, and a de-identified export must not show originals."""
+        return self.key(job_id, "s:" + hashlib.sha256(series_uid.encode()).hexdigest()[:24])
 
     def job_fields(self, job_id: str) -> dict[str, str]:
         return {as_text(k): as_text(v) for k, v in self.r.hgetall(self.key(job_id, "job")).items()}
@@ -104,7 +107,7 @@ class LedgerReader:
 
     def instances(self, job_id: str) -> Iterator[InstanceRecord]:
         """Every instance of the job with its state, for reports and completeness checks. Streams."""
-        failures_key = self.key(job_id, "failures")
+        failures_key, excluded_key = self.key(job_id, "failures"), self.key(job_id, "excluded")
         for series_uid in self.series_uids(job_id):
             study, records = self.iter_series_records(job_id, series_uid)
             for uid, rec in records:
@@ -115,6 +118,9 @@ class LedgerReader:
                     if raw:
                         failure = Failure.model_validate_json(raw)
                         error_class, message = failure.error_class, failure.message
+                elif state.value == "excluded":
+                    raw = self.r.hget(excluded_key, f"{series_uid}/{uid}")
+                    message = Exclusion.model_validate_json(raw).rule if raw else ""
                 yield InstanceRecord(
                     study_uid=study,
                     series_uid=series_uid,
