@@ -13,6 +13,7 @@ never a URL or a secret.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import socket
 import threading
@@ -25,13 +26,14 @@ import redis
 from trolley_tasks.deid import Deidentifier, DeidProfile
 from trolley_tasks.downloaders.base import Downloader
 from trolley_tasks.engine.breaker import Breaker
-from trolley_tasks.engine.deidentify import deidentifier_for, profile_of
+from trolley_tasks.engine.deidentify import UID_TEXT, deidentifier_for, profile_of, scrub_uids
 from trolley_tasks.engine.ledger import Ledger
 from trolley_tasks.engine.messages import Publisher
 from trolley_tasks.engine.policy import Policy, policy_with_overrides
 from trolley_tasks.engine.scheduler import DeferringPublisher
 from trolley_tasks.engine.settings import Settings
 from trolley_tasks.engine.throttle import Throttle
+from trolley_tasks.errors import TrolleyError
 from trolley_tasks.profiles import SourceProfile
 from trolley_tasks.searchers.base import Searcher
 from trolley_tasks.series_filter import SeriesFilter
@@ -224,6 +226,15 @@ class EngineContext:
         if job_id not in self.deidentifiers:
             self.deidentifiers[job_id] = deidentifier_for(self.ledger.job_fields(job_id))
         return self.deidentifiers[job_id]
+
+    def redact(self, job_id: str, text: str) -> str:
+        """``text`` for a log line: in a de-identified export every UID in it becomes its pseudonym (on a host
+        without the key, a digest), so that worker logs carry no original identifier; unchanged otherwise."""
+        try:
+            deid = self.deidentifier(job_id)
+        except TrolleyError:
+            return UID_TEXT.sub(lambda uid: "uid#" + hashlib.sha256(uid.group(0).encode()).hexdigest()[:12], text)
+        return scrub_uids(text, deid)
 
     def close(self) -> None:
         for runtime in self.sources.values():

@@ -241,5 +241,5 @@ def _expansion_failed(
         return False
     failure = Failure.of(error, attempt, study_uid=row.study_uid, row=row.describe())
     result.failed = f"{error_class.value}: {failure.message}"
-    log.warning("job %s: row %s failed: %s", job, row.describe(), result.failed)
+    log.warning("job %s: row %s failed: %s", job, ctx.redact(job, row.describe()), ctx.redact(job, result.failed))
     return ctx.ledger.row_done(job, row_id, failure)

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -261,7 +262,8 @@ def _claimed(
             download = _Download(runtime, ctx.storage(meta.layout), meta.output, tries, deid, meta.link_table)
             _work(ctx, message, download, claim.codes, claimed, beat, plan, result)
     except BaseException as exc:
-        result.failed += rescue(exc, runtime, message, claimed, tries, claim.codes, plan)
+        redact = functools.partial(ctx.redact, message.job)
+        result.failed += rescue(exc, runtime, message, claimed, tries, claim.codes, plan, redact)
         _conclude(ctx, message, plan, result)
         raise
     _conclude(ctx, message, plan, result)

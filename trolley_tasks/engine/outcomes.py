@@ -16,11 +16,12 @@ where and why (``trolley-tasks resume`` after the fix).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -173,17 +174,18 @@ def rescue(
     tries: dict[str, int],
     codes: dict[str, tuple[ClaimCode, int, float]],
     plan: Plan,
+    redact: Callable[[str], str],
 ) -> int:
     """Something escaped the fetch after the claim (a time limit, a full disk, a bug, a lost lease): every claimed
     instance not yet settled goes through the policy (or back to pending), so none stays running with no message.
-    Returns how many failed for good."""
+    Returns how many failed for good. ``redact`` readies text for the log (:meth:`EngineContext.redact`)."""
     settled = plan.settled_uids()
     rest = [uid for uid in claimed if uid not in settled]
     if isinstance(error, LeaseLost) or not isinstance(error, Exception):
         plan.back_to_pending(rest, codes)  # another holder, or the worker shutting down: nothing was tried
         plan.requeue.extend(rest)
         return 0
-    log.warning("job %s series %s: %s", message.job, message.series, f"{type(error).__name__}: {error}")
+    log.warning("job %s series %s: %s", message.job, redact(message.series), redact(f"{type(error).__name__}: {error}"))
     return apply_policy(runtime, message, {uid: error for uid in rest}, tries, codes, plan)
 
 
@@ -196,5 +198,6 @@ def carry_out(ctx: EngineContext, message: FetchMessage, plan: Plan) -> bool:
     if plan.requeue and not plan.pause:
         ctx.publisher.fetch(message.with_instances(plan.requeue), countdown=plan.delay)
     if plan.errors:
-        log.warning("job %s series %s: %s", message.job, message.series, plan.summary())
+        redact = functools.partial(ctx.redact, message.job)
+        log.warning("job %s series %s: %s", message.job, redact(message.series), redact(plan.summary()))
     return finalized

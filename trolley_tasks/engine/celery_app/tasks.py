@@ -120,8 +120,9 @@ def register_tasks(app: Celery) -> None:
         """Fetch a batch of instances of one series (see trolley_tasks.engine.fetch)."""
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
         message = FetchMessage(job, source, study, series, tuple(instances))
-        result = fetch_batch(context(self.app), message, redelivered=redelivered)
-        log.info("fetch %s series %s: %s", job, series, result)
+        ctx = context(self.app)
+        result = fetch_batch(ctx, message, redelivered=redelivered)
+        log.info("fetch %s series %s: %s", job, ctx.redact(job, series), ctx.redact(job, str(result)))
 
     @app.task(name=FINALIZE, bind=True, time_limit=4 * limit, soft_time_limit=4 * limit - 60)
     def finalize(self: Task, job: str) -> None:
@@ -132,5 +133,6 @@ def register_tasks(app: Celery) -> None:
     @app.task(name=EXPAND, bind=True)
     def expand_study(self: Task, job: str, source: str, row: str, attempt: int = 1) -> None:
         """Expand one cohort row into instances and fetch messages (see trolley_tasks.engine.expand)."""
-        result = expand_row(context(self.app), job, source, row, attempt)
-        log.info("expand %s %s: %s", job, row[:120], result)
+        ctx = context(self.app)
+        result = expand_row(ctx, job, source, row, attempt)
+        log.info("expand %s %s: %s", job, row[:120], ctx.redact(job, str(result)))

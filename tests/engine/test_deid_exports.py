@@ -1,0 +1,202 @@
+"""De-identified exports (``--deid``) against a real Orthanc serving the research cohort, with real workers.
+
+After an export with ``basic``: no byte of an original identifier in any output file, file name, report, log line or
+Redis key name; pixels byte-identical; one new SeriesInstanceUID per original series; one date shift per patient;
+the linking table only where asked, mode 0600. A re-run with the same key fetches nothing and gives the same files;
+another key gives other pseudonyms; an instance whose header says ``BurnedInAnnotation YES`` is left out at fetch
+time and reported; a missing key refuses the export with exit 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import BasicTextSRStorage
+
+from testbed.cohort import INSTITUTION, ResearchCohort
+from tests.conftest import service_missing
+from tests.engine.conftest import EngineEnv, Workers, celery_workers
+from trolley_tasks.deid import BUILT_IN, Deidentifier
+from trolley_tasks.engine.api import EngineClient
+from trolley_tasks.engine.models import JobState, JobStatus
+from trolley_tasks.engine.settings import load_settings
+
+pytestmark = pytest.mark.slow
+
+RESEARCH = ResearchCohort(studies=4, series=1, instances=4, seed=22)
+"""Two patients of two studies each; per study AXIAL (4 CT), SCOUT (2), SHORT (2), an SR and a burned-in SC."""
+KEY, OTHER_KEY = "first research key, long enough", "another research key, long enough"
+IMAGES = [item for item in RESEARCH if item.kind in ("axial", "scout", "short")]
+
+
+@pytest.fixture(scope="module")
+def orthanc(orthanc_factory: Any) -> Any:
+    return orthanc_factory(RESEARCH)
+
+
+@pytest.fixture(scope="module")
+def deid_env(engine_env: EngineEnv) -> Iterator[tuple[EngineClient, Workers]]:
+    """An engine and two workers whose configuration adds ``[deid.other]`` (another key; a profile that leaves the
+    secondary capture to the header check, where its BurnedInAnnotation shows), and whose environment holds both
+    keys."""
+    config = engine_env.tmp / "deid.toml"
+    config.write_text(
+        engine_env.config.read_text()
+        + f'\n[deid.other]\nkey_env = "OTHER_DEID_KEY"\nexclude_sop_classes = ["{BasicTextSRStorage}"]\n'
+    )
+    keys = {"TROLLEY_DEID_KEY": KEY, "OTHER_DEID_KEY": OTHER_KEY}
+    with celery_workers(config, 2, engine_env.tmp, environment=keys) as running:
+        engine = EngineClient(load_settings(config))
+        yield engine, running
+        engine.close()
+
+
+def originals() -> set[bytes]:
+    """Every identifying value of the cohort, as bytes: what must never reach the output side."""
+    needles = {INSTITUTION, "REFERRER^TROLLEY", "TROLLEY^PATIENT", "MRNTT"}
+    for item in RESEARCH:
+        needles |= {item.patient_id, item.accession_number, item.study_date}
+        needles |= {item.study_uid, item.series_uid, item.sop_instance_uid}
+    return {needle.encode() for needle in needles}
+
+
+def export(engine: EngineClient, out: Path, profile: str = "basic", **options: Any) -> JobStatus:
+    """Submit a de-identified export of the cohort and wait until its report (and linking table) is on disk."""
+    job = engine.submit(RESEARCH.study_refs(), source="wado-rs", output=out, deid=profile, **options)
+    deadline = time.monotonic() + 180
+    while (status := engine.status(job)).reported_at is None:
+        assert time.monotonic() < deadline, f"job {job} did not end: {status}"
+        time.sleep(0.2)
+    return status
+
+
+def files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_basic_export_leaves_no_original_anywhere(
+    deid_env: tuple[EngineClient, Workers], fresh: EngineEnv, redis_service: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    engine, workers = deid_env
+    monkeypatch.setenv("TROLLEY_DEID_KEY", KEY)
+    out, link = tmp_path / "research", tmp_path / "private" / "link.csv"
+    status = export(engine, out, link_table=link)
+    assert status.state is JobState.DONE, status
+    assert (status.expected, status.done, status.failed) == (len(IMAGES), len(IMAGES), 0)
+    rules = sorted({item.rule for item in status.excluded})
+    assert rules == [
+        "deid: secondary capture (screenshots carry names in pixels)",
+        "deid: structured report (free text, not cleaned: E.3.3 Clean Structured Content is not offered)",
+    ]
+    written = files(out)
+    deid = Deidentifier(BUILT_IN["basic"], KEY.encode())
+    needles = originals()
+    assert sorted(name for name in written if name.endswith(".dcm")) == sorted(
+        f"{deid.uid(i.study_uid)}/{deid.uid(i.series_uid)}/{deid.uid(i.sop_instance_uid)}.dcm" for i in IMAGES
+    )
+    for name, data in written.items():  # every file, its name, the report, .trolley: no original byte
+        assert [n for n in needles if n in data or n in name.encode()] == [], name
+    assert [n for n in needles if n in workers.log.read_bytes()] == []
+    key_names = b"\n".join(redis_service.client().scan_iter("*", count=1000))
+    assert [n for n in needles if n in key_names] == []
+    # pixels byte-identical; one new series UID per original series; one date shift per patient
+    series_map: dict[str, set[str]] = {}
+    shifts: dict[str, set[int]] = {}
+    for item in IMAGES:
+        path = out / deid.uid(item.study_uid) / deid.uid(item.series_uid) / f"{deid.uid(item.sop_instance_uid)}.dcm"
+        ds, original = pydicom.dcmread(path), RESEARCH.dataset(item)
+        assert ds.PixelData == original.PixelData
+        series_map.setdefault(item.series_uid, set()).add(ds.SeriesInstanceUID)
+        days = datetime.strptime(original.StudyDate, "%Y%m%d") - datetime.strptime(ds.StudyDate, "%Y%m%d")
+        shifts.setdefault(item.patient_id, set()).add(days.days)
+    assert all(len(new) == 1 for new in series_map.values()) and len(series_map) == 3 * RESEARCH.studies
+    assert all(len(days) == 1 and next(iter(days)) > 0 for days in shifts.values()) and len(shifts) == 2
+    # the linking table: only where named, 0600, originals to the pseudonyms the files carry
+    assert link.stat().st_mode & 0o777 == 0o600
+    rows = list(csv.DictReader(link.read_text().splitlines()))
+    pairs = {(row["kind"], row["original"]): row["pseudonym"] for row in rows}
+    for item in IMAGES:
+        assert pairs[("SOPInstanceUID", item.sop_instance_uid)] == deid.uid(item.sop_instance_uid)
+        assert pairs[("PatientID", item.patient_id)] == deid.names.identifier("PatientID", item.patient_id)
+        assert pairs[("AccessionNumber", item.accession_number)] == deid.names.identifier(
+            "AccessionNumber", item.accession_number
+        )
+    report = json.loads((out / "trolley-report.json").read_text())
+    assert {i["SOPInstanceUID"] for i in report["instances"]} == {deid.uid(i.sop_instance_uid) for i in IMAGES}
+
+
+def test_rerun_fetches_nothing_same_key_same_files_other_key_other_names(
+    deid_env: tuple[EngineClient, Workers], fresh: EngineEnv, tmp_path: Path, monkeypatch: Any
+) -> None:
+    engine, _ = deid_env
+    monkeypatch.setenv("TROLLEY_DEID_KEY", KEY)
+    monkeypatch.setenv("OTHER_DEID_KEY", OTHER_KEY)
+    first = export(engine, tmp_path / "a")
+    again = export(engine, tmp_path / "a", new_job=True)  # the ledger knows the originals, the files the pseudonyms
+    assert again.job_id != first.job_id and again.state is JobState.DONE
+    assert (again.done, again.skipped) == (len(IMAGES), len(IMAGES))
+    elsewhere = export(engine, tmp_path / "b")
+    assert elsewhere.done == len(IMAGES) and elsewhere.skipped == 0
+    dicom_a = {n: data for n, data in files(tmp_path / "a").items() if n.endswith(".dcm")}
+    dicom_b = {n: data for n, data in files(tmp_path / "b").items() if n.endswith(".dcm")}
+    assert dicom_a == dicom_b and len(dicom_b) == len(IMAGES)  # the same key gives byte-identical files
+    # another key, and a profile that leaves the secondary capture to the header check
+    other = export(engine, tmp_path / "c", profile="other")
+    assert other.state is JobState.DONE, other
+    assert other.expected == len(IMAGES) and other.done == len(IMAGES)
+    burned = [e for e in other.excluded if e.instance_uid]
+    assert len(burned) == RESEARCH.studies and {e.rule for e in burned} == {"deid: BurnedInAnnotation YES"}
+    names_c = {n for n in files(tmp_path / "c") if n.endswith(".dcm")}
+    assert len(names_c) == len(IMAGES) and not names_c & set(dicom_b)
+    csv_text = (tmp_path / "c" / "trolley-report.csv").read_text()
+    assert csv_text.count(",excluded,") == 2 * RESEARCH.studies  # the SR series, and each burned-in instance
+    assert [n for n in originals() if n in csv_text.encode()] == []
+
+
+def test_missing_key_refuses_the_export_with_exit_2(fresh: EngineEnv, redis_service: Any, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TROLLEY_")}
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("StudyInstanceUID\n" + "\n".join(ref.study_uid for ref in RESEARCH.study_refs()) + "\n")
+    command = [sys.executable, "-m", "trolley_tasks.cli", "--config", str(fresh.config), "export", str(cohort)]
+    command += ["--source", "wado-rs", "--out", str(tmp_path / "out"), "--deid", "basic"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "TROLLEY_DEID_KEY" in done.stderr
+    assert not (tmp_path / "out").exists()
+    assert [k for k in redis_service.client().scan_iter("trolley:{*") if b":job" in k] == []
+    link_only = subprocess.run([*command[:-2], "--link-table", str(tmp_path / "l.csv")], capture_output=True, env=env)
+    assert link_only.returncode == 2 and b"--link-table needs --deid" in link_only.stderr
+
+
+def _dciodvfy_errors(path: Path) -> set[str]:
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return {line.strip() for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")}
+
+
+def test_exported_files_pass_dciodvfy_without_new_errors(
+    deid_env: tuple[EngineClient, Workers], fresh: EngineEnv, tmp_path: Path, monkeypatch: Any
+) -> None:
+    if shutil.which("dciodvfy") is None:
+        service_missing("dciodvfy is not installed; apt-get install -y dicom3tools")
+    engine, _ = deid_env
+    monkeypatch.setenv("TROLLEY_DEID_KEY", KEY)
+    export(engine, tmp_path / "out")
+    deid = Deidentifier(BUILT_IN["basic"], KEY.encode())
+    for item in [next(i for i in IMAGES if i.kind == kind) for kind in ("axial", "scout", "short")]:
+        original = tmp_path / "original.dcm"
+        original.write_bytes(RESEARCH.encode(item))
+        cleaned = tmp_path / "out" / deid.uid(item.study_uid) / deid.uid(item.series_uid)
+        cleaned = cleaned / f"{deid.uid(item.sop_instance_uid)}.dcm"
+        assert pydicom.dcmread(cleaned).SOPInstanceUID == deid.uid(item.sop_instance_uid)
+        assert _dciodvfy_errors(cleaned) - _dciodvfy_errors(original) == set()
