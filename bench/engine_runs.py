@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -180,8 +180,11 @@ class EngineRun:
         return dict(self.__dict__)
 
 
-def _export_command(config: Path, cohort_csv: Path, source: str, out: Path, workers: int | None) -> list[str]:
+def _export_command(
+    config: Path, cohort_csv: Path, source: str, out: Path, workers: int | None, extra: Sequence[str] = ()
+) -> list[str]:
     command = [*TROLLEY, "export", str(cohort_csv), "--config", str(config), "--source", source, "--out", str(out)]
+    command += extra
     if workers is not None:
         command += ["--workers", str(workers)]
     else:
@@ -197,14 +200,23 @@ def _environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def run_embedded(
-    config: Path, cohort_csv: Path, source: str, out: Path, workers: int, log: Path, pacs_pid: int
+    config: Path,
+    cohort_csv: Path,
+    source: str,
+    out: Path,
+    workers: int,
+    log: Path,
+    pacs_pid: int,
+    deid_key: str = "",
 ) -> EngineRun:
-    """``trolley-tasks export --workers N`` in embedded mode (see the module docstring)."""
-    command = _export_command(config, cohort_csv, source, out, workers)
+    """``trolley-tasks export --workers N`` in embedded mode (see the module docstring); with ``deid_key``, a
+    de-identified export (``--deid basic``, the key in ``TROLLEY_DEID_KEY``)."""
+    extra, env = (["--deid", "basic"], {"TROLLEY_DEID_KEY": deid_key}) if deid_key else ([], {})
+    command = _export_command(config, cohort_csv, source, out, workers, extra)
     cpu_before, pacs_before = children_cpu(), cpu_of([pacs_pid])
     started = time.perf_counter()
     with open(log, "wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=_environment())
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=_environment(env))
     try:
         with ProcessWatch([process.pid]) as watch:
             code = process.wait()

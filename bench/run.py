@@ -36,12 +36,13 @@ from bench import engine_runs, reference
 from bench.engine_runs import EngineRun, cpu_of
 from bench.profile import Profiler, summarise
 from bench.relay import Relay
-from bench.verify import Catalogue, encode_all, verify
+from bench.verify import Catalogue, encode_all, pseudonymous, verify
 from testbed import hosts as nshosts
 from testbed.cohort import GeneratedCohort, generate_cohort
 from testbed.memory_probe import run_probe
 from testbed.orthanc import OrthancServer, free_port
 from testbed.redis_server import redis_server
+from trolley_tasks.deid import BUILT_IN, Deidentifier
 
 DICOMTROLLEY = "dicomtrolley==4.1.0"
 DICOMTROLLEY_VENV = Path(".bench/venv-dicomtrolley")
@@ -49,6 +50,8 @@ RESULTS = Path("bench/results")
 PERFORMANCE_DOC = Path("docs/performance.md")
 BEGIN, END = "<!-- bench:begin (written by make bench; edit outside) -->", "<!-- bench:end -->"
 PROTOCOLS = ("wado-rs", "wado-uri", "c-get", "c-move")
+DEID_KEY = "the bench's de-identification key"
+"""A throwaway key for the de-identified run (its pseudonyms are checked against it, then deleted with the output)."""
 MB = 1_000_000
 
 
@@ -287,12 +290,20 @@ class Bench:
             record["submit_to_done_seconds"] = round(run.submit_to_done_seconds, 3)
 
     def embedded_run(
-        self, protocol: str, far: bool = False, workers: int = 2, cohort_csv: Path | None = None, label: str = ""
+        self,
+        protocol: str,
+        far: bool = False,
+        workers: int = 2,
+        cohort_csv: Path | None = None,
+        label: str = "",
+        deid: bool = False,
     ) -> dict[str, Any]:
         name = f"{protocol}-{far}-{workers}-{len(self.runs)}"
         out = self.root / "out" / f"tt-{name}"
         config = engine_runs.write_config(self.root / f"{name}.toml", self.root / "state" / name, self.sources())
-        label = label or f"trolley-tasks {protocol}" + (" 10 ms" if far else "") + f", embedded, {workers} workers"
+        what = f"trolley-tasks {protocol}" + (" --deid basic" if deid else "") + (" 10 ms" if far else "")
+        label = label or f"{what}, embedded, {workers} workers"
+        catalogue = self.catalogue if cohort_csv is None else self.large
         with self.measured(label) as record:
             run = engine_runs.run_embedded(
                 config,
@@ -302,10 +313,14 @@ class Bench:
                 workers,
                 self.root / f"{name}.log",
                 self.pacs_pid,
+                deid_key=DEID_KEY if deid else "",
             )
             self.engine_record(record, run, protocol, far)
+            if deid:
+                record["deid"] = "basic"
+                catalogue = pseudonymous(catalogue, Deidentifier(BUILT_IN["basic"], DEID_KEY.encode()))
         shutil.rmtree(self.root / "state" / name, ignore_errors=True)
-        return self.finish(record, out, self.catalogue if cohort_csv is None else self.large, run.job_seconds)
+        return self.finish(record, out, catalogue, run.job_seconds)
 
     def dicomtrolley_run(self, protocol: str, far: bool = False) -> dict[str, Any]:
         python = ensure_dicomtrolley()
@@ -537,6 +552,8 @@ class Bench:
         for protocol in size.protocols:
             self.reference_run(protocol)
             self.embedded_run(protocol)
+            if protocol == "wado-rs":  # issue 14: de-identifying on the way to disk, against the run just before
+                self.embedded_run(protocol, deid=True)
             if size.dicomtrolley and protocol in ("wado-rs", "wado-uri"):
                 self.dicomtrolley_run(protocol)
         if size.broker_protocols:

@@ -136,6 +136,13 @@ def targets_table(results: dict[str, Any]) -> str:
                 _verdict(value, (value or 0) >= goal),
             )
         )
+    plain = _find(results, kind="trolley-tasks", protocol="wado-rs", network="loopback", mode="embedded", deid=None)
+    deid = _find(results, kind="trolley-tasks", protocol="wado-rs", network="loopback", deid="basic")
+    if plain is not None and deid is not None:
+        value = _ratio(deid, plain)
+        measured = f"{_fmt(value)} ({_fmt(_rate(deid), '', 0)} vs {_fmt(_rate(plain), '', 0)} inst/s)"
+        label = "issue 14, wado-rs: --deid basic / byte-identical export"
+        rows.append((label, ">= 0.8", measured, _verdict(value, (value or 0) >= 0.8)))
     uri = _find(results, kind="dicomtrolley", protocol="wado-uri", network="loopback")
     if uri is not None and not uri.get("ok"):
         rows.append(("dicomtrolley 4.1.0 wado-uri", "", f"fails: {short_error(str(uri.get('error')))}", ""))

@@ -30,6 +30,7 @@ from typing import Any
 import pydicom
 
 from testbed.cohort import GeneratedCohort, GeneratedInstance
+from trolley_tasks.deid import Deidentifier
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _UID_RE = re.compile(r"^\d+(\.\d+)+$")
@@ -103,6 +104,18 @@ class Catalogue:
     @property
     def total_bytes(self) -> int:
         return sum(item.size for item in self.instances.values())
+
+
+def pseudonymous(catalogue: Catalogue, deid: Deidentifier) -> Catalogue:
+    """The catalogue a de-identified export is checked against: every instance under its pseudonyms, known by its
+    pixel data only (the header is rewritten, so no file or dataset digest can match; the pixels must)."""
+    renamed = Catalogue()
+    for uid, item in catalogue.instances.items():
+        new = deid.uid(uid)
+        renamed.instances[new] = Expected(
+            deid.uid(item.study_uid), deid.uid(item.series_uid), new, "", "", item.pixel_sha, item.size
+        )
+    return renamed
 
 
 def encode_all(cohort: GeneratedCohort, catalogue: Catalogue) -> Iterator[bytes]:

@@ -85,6 +85,29 @@ def files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
+def test_a_worker_without_the_key_pauses_the_job_then_resume_finishes_it(
+    engine_env: EngineEnv, fresh: EngineEnv, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Runs before the module's keyed workers exist: only the worker started here takes the job's messages."""
+    monkeypatch.setenv("TROLLEY_DEID_KEY", KEY)
+    engine = fresh.engine
+    job = engine.submit(RESEARCH.study_refs(), source="wado-rs", output=tmp_path / "out", deid="basic")
+    with celery_workers(engine_env.config, 1, engine_env.tmp, environment={"TROLLEY_DEID_KEY": None}):
+        paused = fresh.wait(job, until=lambda s: s.state is JobState.PAUSED)
+    assert "TROLLEY_DEID_KEY" in paused.pause_reason and paused.done == 0, paused
+    assert not list((tmp_path / "out").rglob("*.dcm"))
+    with celery_workers(
+        engine_env.config, 1, engine_env.tmp, environment={"TROLLEY_DEID_KEY": "a key, but not that one"}
+    ):
+        engine.resume(job)
+        again = fresh.wait(job, until=lambda s: s.state is JobState.PAUSED and s.pause_reason != paused.pause_reason)
+        assert "not the one the export started with" in again.pause_reason and again.done == 0, again
+    with celery_workers(engine_env.config, 1, engine_env.tmp, environment={"TROLLEY_DEID_KEY": KEY}):
+        engine.resume(job)
+        done = fresh.wait(job, until=lambda s: s.reported_at is not None)
+    assert (done.state, done.done) == (JobState.DONE, len(IMAGES))
+
+
 def test_basic_export_leaves_no_original_anywhere(
     deid_env: tuple[EngineClient, Workers], fresh: EngineEnv, redis_service: Any, tmp_path: Path, monkeypatch: Any
 ) -> None:
