@@ -28,7 +28,7 @@ from testbed.cohort import INSTITUTION, ResearchCohort
 from tests.conftest import service_missing
 from tests.engine.conftest import EngineEnv, Workers, celery_workers
 from trolley_tasks.deid import BUILT_IN, Deidentifier
-from trolley_tasks.engine.api import EngineClient
+from trolley_tasks.engine.api import EngineClient, dry_run
 from trolley_tasks.engine.models import JobState, JobStatus
 from trolley_tasks.engine.settings import load_settings
 
@@ -223,3 +223,15 @@ def test_exported_files_pass_dciodvfy_without_new_errors(
         cleaned = cleaned / f"{deid.uid(item.sop_instance_uid)}.dcm"
         assert pydicom.dcmread(cleaned).SOPInstanceUID == deid.uid(item.sop_instance_uid)
         assert _dciodvfy_errors(cleaned) - _dciodvfy_errors(original) == set()
+
+
+def test_dry_run_shows_what_the_profile_leaves_out(engine_env: EngineEnv) -> None:
+    result = dry_run(engine_env.settings, RESEARCH.study_refs(), source="wado-rs", deid="basic")
+    kinds = {item.series_uid: item.kind for item in RESEARCH}
+    dropped = sorted((kinds[s.series_uid], s.rule) for s in result.series if s.rule is not None)
+    assert dropped == sorted(
+        [("burned", "deid: secondary capture (screenshots carry names in pixels)")] * RESEARCH.studies
+        + [("sr", "deid: structured report (free text, not cleaned: E.3.3 Clean Structured Content is not offered)")]
+        * RESEARCH.studies
+    )
+    assert result.kept[2] == len(IMAGES)

@@ -235,7 +235,8 @@ def export(
         exclude_sop_class=exclude_sop_class,
     )
     if dry_run:  # no broker, no ledger, no worker: the searcher and one sampled instance
-        print_preview(engine_dry_run(settings, given, source=source, filters=chosen, skip_bad_rows=skip_bad_rows))
+        preview = engine_dry_run(settings, given, source=source, filters=chosen, skip_bad_rows=skip_bad_rows, deid=deid)
+        print_preview(preview)
         raise typer.Exit(EXIT_OK)
     window_notice(settings, source)
     embedded = not settings.broker.url

@@ -279,11 +279,13 @@ def dry_run(
     source: str,
     filters: SeriesFilter | None = None,
     skip_bad_rows: bool = False,
+    deid: str | None = None,
 ) -> Preview:
-    """What :meth:`EngineClient.submit` with the same cohort, source and filter would take: studies, series and
-    instances kept and excluded, and a size estimate, without a broker, a ledger or a queued message
-    (:mod:`~trolley_tasks.engine.preview`)."""
-    return preview(settings, cohort, source=source, filters=filters, skip_bad_rows=skip_bad_rows)
+    """What :meth:`EngineClient.submit` with the same cohort, source, filter and de-identification profile would take:
+    studies, series and instances kept and excluded, and a size estimate, without a broker, a ledger or a queued
+    message (:mod:`~trolley_tasks.engine.preview`)."""
+    profile = settings.deid_profile(deid) if deid else None
+    return preview(settings, cohort, source=source, filters=filters, skip_bad_rows=skip_bad_rows, deid=profile)
 
 
 @contextmanager

@@ -164,9 +164,11 @@ class _Download:
                 continue
             try:
                 self.saved[uid] = self._save(wanted[uid], payload)
-            except (QuarantinedPayloadError, UnsafePathError, DeidentificationError) as exc:  # this instance only
+            except (QuarantinedPayloadError, UnsafePathError) as exc:  # this instance only; the stream goes on
                 self.bad[uid] = exc
-                _drain(payload)  # the stream goes on with the next instance
+            except DeidentificationError as exc:  # refused from its header: the rest of its bytes are skipped
+                self.bad[uid] = exc
+                _drain(payload)
             except ExcludedByProfile as exc:
                 self.excluded[uid] = exc.reason
                 _drain(payload)

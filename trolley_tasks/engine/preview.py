@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from trolley_tasks.cohort import CohortError, CohortRow
 from trolley_tasks.core import InstanceReference, QueryLevels, Study
+from trolley_tasks.deid import DeidProfile
 from trolley_tasks.downloaders.base import Downloader
 from trolley_tasks.engine.producer import Cohort, cohort_rows
 from trolley_tasks.engine.settings import Settings
@@ -68,9 +69,16 @@ class Preview:
 
 
 def preview(
-    settings: Settings, cohort: Cohort, *, source: str, filters: SeriesFilter | None, skip_bad_rows: bool = False
+    settings: Settings,
+    cohort: Cohort,
+    *,
+    source: str,
+    filters: SeriesFilter | None,
+    skip_bad_rows: bool = False,
+    deid: DeidProfile | None = None,
 ) -> Preview:
-    """Search every study of ``cohort`` on ``source`` and apply ``filters``; fetch one kept instance to size it.
+    """Search every study of ``cohort`` on ``source`` and apply ``filters`` (and the SOP class exclusions of a
+    de-identification profile, as expansion does); fetch one kept instance to size it.
 
     Raises what the searcher raises (a study not found, a source that is down), and CohortError for a bad row
     (unless ``skip_bad_rows``): a dry run that hides a failure would promise an export that cannot happen.
@@ -83,7 +91,7 @@ def preview(
             if isinstance(item, CohortError):
                 result.bad_rows.append(str(item))
                 continue
-            result.series.extend(_row_series(searcher, item, filters or SeriesFilter()))
+            result.series.extend(_row_series(searcher, item, filters or SeriesFilter(), deid))
     finally:
         searcher.close()
     sample = next((s for s in result.series if s.rule is None and s.sample_uid), None)
@@ -97,7 +105,9 @@ def preview(
     return result
 
 
-def _row_series(searcher: Searcher, row: CohortRow, rules: SeriesFilter) -> Iterator[SeriesPreview]:
+def _row_series(
+    searcher: Searcher, row: CohortRow, rules: SeriesFilter, deid: DeidProfile | None
+) -> Iterator[SeriesPreview]:
     if row.instance_uids:  # the cohort names each instance: taken as given, as expansion does
         for series_uid in dict.fromkeys(row.series_uids):
             uids = [uid for uid, se in zip(row.instance_uids, row.series_uids, strict=True) if se == series_uid]
@@ -110,16 +120,24 @@ def _row_series(searcher: Searcher, row: CohortRow, rules: SeriesFilter) -> Iter
             searcher.find_study_by_id(s.uid, QueryLevels.INSTANCE) for s in searcher.find_studies(row.to_query())
         ]
     for study in studies:
-        yield from _study_series(study, row, rules)
+        yield from _study_series(study, row, rules, deid)
 
 
-def _study_series(study: Study, row: CohortRow, rules: SeriesFilter) -> Iterator[SeriesPreview]:
+def _study_series(
+    study: Study, row: CohortRow, rules: SeriesFilter, deid: DeidProfile | None
+) -> Iterator[SeriesPreview]:
     wanted = set(row.series_uids)
     for series in study.series:
         if wanted and series.uid not in wanted:
             continue
         rule = rules.exclusion(series)
         kept = rules.kept_instances(series)
+        if rule is None and deid is not None:
+            sop_classes = {i.uid: str(i.data.get("SOPClassUID", "") or "") for i in series.instances}
+            reasons = [deid.exclusion(sop_classes[uid], None) for uid in kept]
+            if kept and all(reasons):
+                rule = reasons[0]
+            kept = [uid for uid, reason in zip(kept, reasons, strict=True) if reason is None]
         count = len(series.instances) if rule is not None else len(kept)
         modality = str(series.data.get("Modality", "") or "")
         description = str(series.data.get("SeriesDescription", "") or "")

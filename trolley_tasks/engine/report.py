@@ -30,7 +30,7 @@ from trolley_tasks.deid import Deidentifier
 from trolley_tasks.engine.context import storage_for_layout
 from trolley_tasks.engine.deidentify import deidentifier_for, scrub_uids, write_link_table
 from trolley_tasks.engine.ledger import Ledger
-from trolley_tasks.engine.models import Exclusion, InstanceRecord, JobStatus
+from trolley_tasks.engine.models import Exclusion, InstanceRecord, InstanceState, JobStatus
 from trolley_tasks.errors import TrolleyError
 from trolley_tasks.storage.disk import clean_temp_files
 from trolley_tasks.storage.durable import AtomicFile
@@ -137,7 +137,10 @@ def _write_both(ledger: Ledger, status: JobStatus, deid: Deidentifier | None, ou
     rows.writerow(CSV_COLUMNS)
     summary = json.dumps(job_summary(status, deid), indent=2)
     out.write(summary[:-2] + ',\n  "instances": [')
-    for n, record in enumerate(_records(ledger, job_id, status.layout, deid)):
+    n = 0
+    for record in _records(ledger, job_id, status.layout, deid):
+        if record.state is InstanceState.EXCLUDED:
+            continue  # listed once, with the other exclusions, below
         item = {
             "StudyInstanceUID": record.study_uid,
             "SeriesInstanceUID": record.series_uid,
@@ -151,6 +154,7 @@ def _write_both(ledger: Ledger, status: JobStatus, deid: Deidentifier | None, ou
         }
         out.write(("\n    " if n == 0 else ",\n    ") + json.dumps(item))
         rows.writerow([item[c] for c in CSV_COLUMNS])
+        n += 1
     out.write('\n  ],\n  "failed_rows": [')
     for n, (_, failure) in enumerate(ledger.row_failures(job_id)):
         row, text = scrub_uids(failure.row, deid), scrub_uids(failure.message, deid)
@@ -163,11 +167,10 @@ def _write_both(ledger: Ledger, status: JobStatus, deid: Deidentifier | None, ou
     for bad in skipped:
         rows.writerow(["", "", "", "", "", "row-skipped", 0, "request-rejected", bad])
     for excluded in status.excluded:  # left out on purpose: the rule, and how many instances it kept out
-        if excluded.instance_uid:
-            continue  # an instance left out has its own row above, with status "excluded" and the rule
         excluded = _exclusion(excluded, deid)
         message = f"{excluded.rule}: {excluded.instances} instances"
-        rows.writerow([excluded.study_uid, excluded.series_uid, "", "", "", "excluded", 0, "", message])
+        where = [excluded.study_uid, excluded.series_uid, excluded.instance_uid]
+        rows.writerow([*where, "", "", "excluded", 0, "", message])
 
 
 def finalize_job(ledger: Ledger, job_id: str) -> bool:
