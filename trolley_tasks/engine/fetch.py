@@ -11,6 +11,9 @@
 3. an instance whose file is already on disk and valid is counted done without a fetch;
 4. one concurrency slot of the source's throttle is held while the downloader's raw path streams the rest to
    storage (atomic write, SOPInstanceUID checked, no pixel decoding); tokens of the rate limit are taken as it goes;
+   in a de-identified export (``--deid``) each header is rewritten on the way (the pixel data bytes pass unchanged)
+   and the file is stored and checked under its pseudonyms; an instance the profile leaves out once its header is
+   seen is settled as excluded, with nothing written;
 5. cheap failures are retried at once (tenacity); every other failure goes through the retry table and the breaker:
    re-queue (only the failed instances, parked until due), fail the instance, or pause the job;
 6. the plan is carried out: pause, then one Lua call settles every instance, then the re-queue is published; if

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import redis
@@ -51,6 +49,7 @@ import redis
 from trolley_tasks.cohort import CohortRow
 from trolley_tasks.engine.ledger import lua
 from trolley_tasks.engine.ledger.reading import JOBS_KEY, LedgerReader, as_text
+from trolley_tasks.engine.ledger.transitions import Claim, ClaimCode, Settled
 from trolley_tasks.engine.models import (
     Exclusion,
     Failure,
@@ -58,79 +57,8 @@ from trolley_tasks.engine.models import (
 )
 
 DAY = 24 * 3600
-JOB_KEY_SUFFIXES = (
-    "series",
-    "excluded",
-    "failures",
-    "rowfail",
-    "rows",
-    "rowdata",
-    "expanded",
-    "badrows",
-    "link",
-    "job",
-)
+JOB_KEY_SUFFIXES = ("series", "excluded", "failures", "rowfail", "rows", "rowdata", "expanded", "badrows", "link")
 """A job's keys besides its series hashes (the table above): every one of them gets the job's one expiry."""
-
-
-class Outcome(StrEnum):
-    """What a fetch did with one instance, for :meth:`Ledger.settle` (the Lua scripts use the one-letter codes)."""
-
-    DONE = "d"
-    """Fetched and stored."""
-    SKIPPED = "s"
-    """Found on disk, valid, not fetched."""
-    FAILED = "f"
-    """Failed for good; the failure record says why."""
-    EXCLUDED = "e"
-    """Left out on purpose (:class:`~trolley_tasks.deid.ExcludedByProfile`): no longer expected; ``exclusion``
-    says why."""
-    PENDING = "p"
-    """Back to pending: the caller re-queues it."""
-
-
-class ClaimCode(StrEnum):
-    """The ledger's answer for one instance a fetch wants to work on (see :meth:`Ledger.claim`)."""
-
-    CLAIMED = "c"
-    """Yours, under a lease, until you settle it."""
-    TERMINAL = "t"
-    """Done, skipped or failed already: nothing to do."""
-    HELD = "h"
-    """Another live fetch holds it (a duplicate message): leave it."""
-    POISON = "x"
-    """Redelivered too often (its worker kept dying): failed now."""
-    UNKNOWN = "u"
-    """Not an instance of this job (an expired or foreign message)."""
-
-
-@dataclass(frozen=True)
-class Settled:
-    """One instance's outcome of a fetch, for :meth:`Ledger.settle`."""
-
-    instance_uid: str
-    outcome: Outcome
-    attempts: int
-    busy_counted_at: float = 0.0
-    size: int = 0
-    path: str = ""
-    failure: Failure | None = None
-    exclusion: Exclusion | None = None
-
-
-@dataclass(frozen=True)
-class Claim:
-    """The ledger's answer to a fetch that wants to work on some instances."""
-
-    job_state: str
-    finalized: bool
-    lease: str
-    """The claim's token: the lease written into every claimed record, which only this claim can renew."""
-    codes: dict[str, tuple[ClaimCode, int, float]]
-    """uid -> (code, attempts so far, busy_counted_at)."""
-
-    def with_code(self, code: ClaimCode) -> list[str]:
-        return [uid for uid, (c, _, _) in self.codes.items() if c == code]
 
 
 class Ledger(LedgerReader):
@@ -285,11 +213,6 @@ class Ledger(LedgerReader):
                 pipe.hsetnx(self.key(job_id, "link"), study_uid, json.dumps(values, sort_keys=True))
             pipe.execute()
 
-    def linked(self, job_id: str) -> Iterator[tuple[str, dict[str, str]]]:
-        """(original StudyInstanceUID, {"PatientID": ..., "AccessionNumber": ...}) kept by :meth:`link`."""
-        for study_uid, value in self.r.hscan_iter(self.key(job_id, "link"), count=500):
-            yield as_text(study_uid), json.loads(value)
-
     def row_done(self, job_id: str, row_key: str, failure: Failure | None = None) -> bool:
         """A row's expansion finished (or failed for good). Returns True when this call finalized the job."""
         keys = [self.key(job_id, "job"), self.key(job_id, "expanded"), self.key(job_id, "rowfail")]
@@ -396,7 +319,7 @@ class Ledger(LedgerReader):
     def _job_keys(self, job_id: str) -> Iterator[str]:
         for series_uid in self.series_uids(job_id):
             yield self.series_key(job_id, series_uid)
-        for suffix in JOB_KEY_SUFFIXES:
+        for suffix in (*JOB_KEY_SUFFIXES, "job"):
             yield self.key(job_id, suffix)
 
     def asked_to_finalize(self, job_id: str) -> None:

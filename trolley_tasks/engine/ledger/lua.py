@@ -206,11 +206,9 @@ return {token, renewed}
 SETTLE = (
     COMMON
     + r"""
--- KEYS: job, series hash, failures, exclusions. ARGV: series uid, then groups of 7:
---   uid, outcome, attempts, busy_counted_at, size, path, failure (or exclusion) json
--- Outcomes: d done, s skipped (on disk already), f failed, e excluded (left out on purpose: no longer expected),
--- p back to pending (will be re-queued).
--- A terminal instance is never changed again here, so a duplicate delivery never double-counts.
+-- KEYS: job, series hash, failures, exclusions. ARGV: series uid, then groups of 7: uid, outcome, attempts,
+-- busy_counted_at, size, path, failure (or exclusion) json. Outcomes: d done, s skipped (on disk already), f failed,
+-- e excluded (no longer expected), p back to pending. A terminal instance is never changed again here.
 local job, sh, failures, exclusions = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = clock()
 local done, skipped, failed, excluded, bytes = 0, 0, 0, 0, 0

@@ -7,6 +7,7 @@ safe to call from any process at any time, the CLI's ``status`` included.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -162,6 +163,11 @@ class LedgerReader:
         """(row key, failure) for each row whose expansion failed."""
         for key, value in self.r.hscan_iter(self.key(job_id, "rowfail"), count=500):
             yield as_text(key), Failure.model_validate_json(value)
+
+    def linked(self, job_id: str) -> Iterator[tuple[str, dict[str, str]]]:
+        """(original StudyInstanceUID, {"PatientID": ..., "AccessionNumber": ...}) kept by ``Ledger.link``."""
+        for study_uid, value in self.r.hscan_iter(self.key(job_id, "link"), count=500):
+            yield as_text(study_uid), json.loads(value)
 
     def series_progress(self, job_id: str) -> Iterator[SeriesProgress]:
         for series_uid in self.series_uids(job_id):
