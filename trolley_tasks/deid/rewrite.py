@@ -18,9 +18,11 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import date, datetime, timedelta
 
 from pydicom import Dataset, dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.deid.actions import Action, action_table, clean_text, lookup
@@ -70,6 +72,10 @@ class Deidentifier:
         self.profile = profile
         self.names = Pseudonyms(key)
         self.actions = action_table(profile)
+        codes = [BASIC_CODE] + [(code, meaning) for code, meaning, on in OPTION_CODES if getattr(profile, on)]
+        self._method = "trolley-tasks " + " ".join(code for code, _ in codes)  # LO: 64 characters at most
+        self._codes = [self._code(code, meaning) for code, meaning in codes]
+        """Built once: every instance's sequence holds the same items (written, never changed)."""
 
     def __repr__(self) -> str:
         return f"Deidentifier({self.profile!r})"
@@ -95,9 +101,8 @@ class Deidentifier:
         if meta is not None and "SOPInstanceUID" in ds:
             meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.PatientIdentityRemoved = "YES"
-        codes = [BASIC_CODE] + [(code, meaning) for code, meaning, on in OPTION_CODES if getattr(self.profile, on)]
-        ds.DeidentificationMethod = "trolley-tasks " + " ".join(code for code, _ in codes)  # LO: 64 at most
-        ds.DeidentificationMethodCodeSequence = Sequence([self._code(code, meaning) for code, meaning in codes])
+        ds.DeidentificationMethod = self._method
+        ds.DeidentificationMethodCodeSequence = Sequence(self._codes)
         if self.profile.retain_modified_dates:
             ds.LongitudinalTemporalInformationModified = "MODIFIED"
 
@@ -108,12 +113,21 @@ class Deidentifier:
         return item
 
     def _items(self, ds: Dataset, shift: timedelta, identifying: list[str]) -> None:
-        for element in list(ds):
-            if element.tag.is_private:
-                if not self._safe_private(ds, element):
-                    del ds[element.tag]
+        """Apply the profile to every element of ``ds``. An element kept as it is (most of a CT header) is never
+        decoded: pydicom writes an undecoded element back byte for byte, and decoding every element was half of
+        the rewrite's time (2.6 ms of a 526 KB CT instance's, measured with cProfile on the generated cohort)."""
+        for tag in list(ds.keys()):
+            if tag.is_private:
+                if not self._safe_private(ds, tag):
+                    del ds[tag]
                 continue
-            action = lookup(self.actions, int(element.tag))
+            action = lookup(self.actions, int(tag))
+            if action is Action.REMOVE:
+                del ds[tag]
+                continue
+            if action is Action.KEEP and _vr(ds, tag) != "SQ":
+                continue
+            element = ds[tag]
             if element.VR == "SQ" and action in (Action.KEEP, Action.CLEAN, Action.UID):
                 for item in element.value or []:
                     self._items(item, shift, identifying)
@@ -151,12 +165,12 @@ class Deidentifier:
             return "REMOVED" if element.VR != "CS" else ""
         return None
 
-    def _safe_private(self, ds: Dataset, element: DataElement) -> bool:
-        if not self.profile.safe_private or element.tag.element < 0x1000:
+    def _safe_private(self, ds: Dataset, tag: BaseTag) -> bool:
+        if not self.profile.safe_private or tag.element < 0x1000:
             return False  # private creators go with their block: kept only when something of the block is kept
-        creator_tag = (element.tag.group << 16) | (element.tag.element >> 8)
-        creator = str(ds.get(creator_tag).value if creator_tag in ds else "")
-        name = f"{creator}:{element.tag.group:04X},xx{element.tag.element & 0xFF:02X}"
+        creator_tag = (tag.group << 16) | (tag.element >> 8)
+        creator = str(ds[creator_tag].value if creator_tag in ds else "")
+        name = f"{creator}:{tag.group:04X},xx{tag.element & 0xFF:02X}"
         return name.upper() in {item.upper() for item in self.profile.safe_private}
 
     # -- the stream ----------------------------------------------------------------------------------------------
@@ -214,6 +228,17 @@ _IDENTIFYING = (
     "PatientName", "PatientID", "OtherPatientIDs", "AccessionNumber", "InstitutionName", "ReferringPhysicianName",
     "PerformingPhysicianName", "OperatorsName", "PatientBirthName",
 )  # fmt: skip
+
+
+def _vr(ds: Dataset, tag: BaseTag) -> str:
+    """The VR of an element without decoding it (an implicit VR file's raw element has none: the dictionary's)."""
+    vr = ds.get_item(tag).VR
+    if vr:
+        return str(vr)
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return "UN"
 
 
 def _identifying_values(ds: Dataset) -> list[str]:
