@@ -85,12 +85,13 @@ def status(
         ):
             table.add_row(name, value)
         console.print(table)
-        if current.excluded:  # left out on purpose by the job's series filter, each with its rule
-            excluded = Table(
-                "SeriesInstanceUID", "instances", "excluded by", title="excluded series", title_justify="left"
-            )
-            for item in current.excluded:
-                excluded.add_row(item.series_uid, str(item.instances), item.rule)
+        if current.excluded:  # left out on purpose (series filter, de-identification), each with its rule
+            counts: dict[tuple[str, str], int] = {}
+            for item in current.excluded:  # one row per series and rule, instances left out one by one summed
+                counts[(item.series_uid, item.rule)] = counts.get((item.series_uid, item.rule), 0) + item.instances
+            excluded = Table("SeriesInstanceUID", "instances", "excluded by", title="excluded", title_justify="left")
+            for (series_uid, rule), count in counts.items():
+                excluded.add_row(series_uid, str(count), rule)
             console.print(excluded)
         if current.failed or current.rows_failed:
             console.print(failure_table(current, engine.failures(job)))
