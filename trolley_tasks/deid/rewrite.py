@@ -17,7 +17,7 @@ import io
 from collections.abc import Callable, Iterable, Iterator
 from datetime import date, datetime, timedelta
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset, FileDataset, dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.errors import InvalidDicomError
@@ -26,12 +26,14 @@ from pydicom.tag import BaseTag
 
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.deid.actions import Action, action_table, clean_text, lookup
+from trolley_tasks.deid.encode import encode, raw_sequence
 from trolley_tasks.deid.profile import DeidProfile
 from trolley_tasks.deid.pseudonyms import Pseudonyms
 from trolley_tasks.errors import PayloadInvalidError
 from trolley_tasks.formats import part10_scan
 
 _PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
+_CODES_TAG = 0x00120064  # DeidentificationMethodCodeSequence
 _DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
 _DUMMY_BY_VR = {"PN": "ANONYMOUS", "DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y"}
 BASIC_CODE = ("113100", "Basic Application Confidentiality Profile")
@@ -75,7 +77,8 @@ class Deidentifier:
         codes = [BASIC_CODE] + [(code, meaning) for code, meaning, on in OPTION_CODES if getattr(profile, on)]
         self._method = "trolley-tasks " + " ".join(code for code, _ in codes)  # LO: 64 characters at most
         self._codes = [self._code(code, meaning) for code, meaning in codes]
-        """Built once: every instance's sequence holds the same items (written, never changed)."""
+        self._encoded_codes = {implicit: raw_sequence(_CODES_TAG, self._codes, implicit) for implicit in (False, True)}
+        """Built and encoded once: every instance's sequence holds the same items (written, never changed)."""
 
     def __repr__(self) -> str:
         return f"Deidentifier({self.profile!r})"
@@ -102,7 +105,11 @@ class Deidentifier:
             meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = self._method
-        ds.DeidentificationMethodCodeSequence = Sequence(self._codes)
+        implicit = ds.original_encoding[0] if isinstance(ds, FileDataset) else None
+        if implicit is None:  # a dataset built in memory: pydicom encodes the sequence when it is written
+            ds.DeidentificationMethodCodeSequence = Sequence(self._codes)
+        else:
+            ds[_CODES_TAG] = self._encoded_codes[implicit]
         if self.profile.retain_modified_dates:
             ds.LongitudinalTemporalInformationModified = "MODIFIED"
 
@@ -219,9 +226,7 @@ class Deidentifier:
             seen(ds)
         start = buffer.tell()
         self.dataset(ds)
-        out = io.BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        return out.getvalue(), start
+        return encode(ds), start
 
 
 _IDENTIFYING = (
