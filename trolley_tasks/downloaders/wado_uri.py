@@ -9,8 +9,8 @@ A batch keeps up to ``max_in_flight`` requests running at once (:mod:`~trolley_t
 hands the answers back in the order asked. Each request's thread reads its answer's first ``PREFETCH_BYTES`` into
 memory, which is the whole of a typical instance (a 512x512 CT slice is 0.5 MB); the rest of a larger one is
 streamed by the caller as it writes, so a 500 MB enhanced multi-frame instance never sits in memory, and a worker
-holds at most ``max_in_flight`` x ``PREFETCH_BYTES`` of answers. Measured with ``make bench`` (1,000 instances of
-0.5 MB, 2 worker processes, redis-server runs): see docs/performance.md, "What was tuned".
+holds at most ``max_in_flight`` x ``PREFETCH_BYTES`` of answers. What it gave in the bench's WADO-URI runs (1,000
+instances of 0.5 MB, 2 worker processes) is in docs/performance.md, "What was tuned".
 
 The default is one request at a time, as before: the engine holds one concurrency slot of the source per batch and
 counts a slot per request (DESIGN.md: a global cap on what all workers together ask of one PACS), so a second
@@ -75,10 +75,10 @@ class WadoURI(http.HTTPEndpoint, DownloaderBase):
         or a transfer syntax UID, sent as the ``transferSyntax`` query parameter (PS3.18 chapter 9); a file that
         comes back in another syntax is an invalid payload.
     max_in_flight
-        Requests running at once per call of :meth:`iter_raw`: 1 (the default) sends them one after another; 4 kept
-        the engine's two worker processes level with an 8-thread client (docs/performance.md). A session's
-        connection pool keeps 10 connections per host alive (requests' default), so more than 10 would open and
-        close connections.
+        Requests running at once per call of :meth:`iter_raw`: 1 (the default) sends them one after another; 4 gives
+        the engine's two worker processes the 8 requests at once of the reference client's 8 threads
+        (docs/performance.md). A session's connection pool keeps 10 connections per host alive (requests'
+        default), so more than 10 would open and close connections.
     request_gate
         Where each request beyond the first takes its permission (see the module docstring); None: ``max_in_flight``
         alone bounds them.
