@@ -125,3 +125,20 @@ def test_a_caller_that_stops_early_leaves_nothing_running() -> None:
 def test_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         next(in_order([1], lambda x: x, limit=0, release=lambda x: None))
+
+
+def test_one_at_a_time_runs_in_the_callers_thread_and_fetches_nothing_ahead() -> None:
+    seen: list[tuple[int, str]] = []
+
+    def fetch(item: int) -> int:
+        seen.append((item, threading.current_thread().name))
+        if item == 2:
+            raise RuntimeError("boom")
+        return item
+
+    got = []
+    with pytest.raises(RuntimeError, match="boom"):
+        for _item, future in in_order(range(5), fetch, limit=1, release=lambda item: None):
+            got.append(future.result())
+    assert got == [0, 1]
+    assert seen == [(n, threading.current_thread().name) for n in range(3)]  # nothing after the failure was asked

@@ -91,6 +91,17 @@ class _Leases:
         self.spare.clear()
 
 
+def _one_at_a_time(items: Iterable[T], fetch: Callable[[T], R]) -> Generator[tuple[T, Future[R]], None, None]:
+    """:func:`in_order` with ``limit=1``, in the caller's thread: each fetch runs when the caller asks for it."""
+    for item in items:
+        future: Future[R] = Future()
+        try:
+            future.set_result(fetch(item))
+        except Exception as exc:  # handed over at its turn, as from a thread; KeyboardInterrupt and kin go up now
+            future.set_exception(exc)
+        yield item, future
+
+
 def in_order(
     items: Iterable[T],
     fetch: Callable[[T], R],
@@ -107,6 +118,9 @@ def in_order(
     """
     if limit < 1:
         raise ValueError("limit must be at least 1")
+    if limit == 1:  # one at a time: no thread to hand each request to and wait for
+        yield from _one_at_a_time(items, fetch)
+        return
     pending = iter(items)
     exhausted = False
     running: deque[tuple[T, Future[R], _Lease]] = deque()
