@@ -11,16 +11,44 @@ import requests
 from tests.conftest import RunningOrthanc
 from tests.fakehttp import FakeHTTPServer, Reply
 from trolley_tasks.core import InstanceReference, SeriesReference, Study, StudyReference
-from trolley_tasks.downloaders import Downloader
+from trolley_tasks.downloaders import Downloader, wado_uri
 from trolley_tasks.downloaders.wado_uri import WadoURI
 from trolley_tasks.errors import ConfigurationError, NonInstanceParameterError, NotFoundError, PayloadInvalidError
 
 
-def test_downloads_a_study_byte_identical(orthanc: RunningOrthanc) -> None:
+class OneMoreAtOnce:
+    """A shared cap that lets a batch send one request beyond its own (tests/test_in_flight.py tests the bounds)."""
+
+    def __init__(self) -> None:
+        self.out: set[str] = set()
+
+    def try_acquire(self) -> str | None:
+        if self.out:
+            return None
+        self.out.add("token")
+        return "token"
+
+    def release(self, token: str) -> None:
+        self.out.remove(token)
+
+
+IN_FLIGHT = {"one at a time": {}, "4 at once": {"max_in_flight": 4}, "gated": {"max_in_flight": 4, "gate": True}}
+
+
+def in_flight(options: dict[str, object]) -> dict[str, object]:
+    """WadoURI keywords for one of :data:`IN_FLIGHT`."""
+    found = dict(options)
+    if found.pop("gate", False):
+        found["request_gate"] = OneMoreAtOnce()
+    return found
+
+
+@pytest.mark.parametrize("options", IN_FLIGHT.values(), ids=list(IN_FLIGHT))
+def test_downloads_a_study_byte_identical(orthanc: RunningOrthanc, options: dict[str, object]) -> None:
     cohort = orthanc.cohort
     study_uid = cohort.study_refs()[1].study_uid
     items = cohort.in_study(study_uid)
-    downloader = WadoURI(requests.Session(), orthanc.wado_url)
+    downloader = WadoURI(requests.Session(), orthanc.wado_url, **in_flight(options))  # type: ignore[arg-type]
     assert isinstance(downloader, Downloader)
     files = {}
     for ref, payload in downloader.iter_raw([item.reference() for item in items]):
@@ -34,6 +62,16 @@ def test_downloads_a_study_byte_identical(orthanc: RunningOrthanc) -> None:
         assert pydicom.dcmread(BytesIO(data)).SOPInstanceUID == item.sop_instance_uid
 
 
+def test_an_answer_larger_than_the_read_ahead_streams_the_rest(
+    orthanc: RunningOrthanc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wado_uri, "PREFETCH_BYTES", 64 * 1024)  # the instances are 0.5 MB: most of each streams later
+    items = orthanc.cohort.in_study(orthanc.cohort.study_refs()[0].study_uid)
+    downloader = WadoURI(requests.Session(), orthanc.wado_url, max_in_flight=3)
+    files = {ref: b"".join(payload) for ref, payload in downloader.iter_raw([item.reference() for item in items])}
+    assert [files[item.reference()] for item in items] == [orthanc.cohort.encode(item) for item in items]
+
+
 def test_query_keeps_the_slash_literal(orthanc: RunningOrthanc) -> None:
     ref = orthanc.cohort.instance_refs()[0]
     url = WadoURI(requests.Session(), orthanc.wado_url).instance_url(ref)
@@ -41,12 +79,14 @@ def test_query_keeps_the_slash_literal(orthanc: RunningOrthanc) -> None:
     assert f"objectUID={ref.instance_uid}" in url and url.startswith(f"{orthanc.wado_url}?requestType=WADO&")
 
 
-def test_missing_instance_raises_after_the_others(orthanc: RunningOrthanc) -> None:
+@pytest.mark.parametrize("options", IN_FLIGHT.values(), ids=list(IN_FLIGHT))
+def test_missing_instance_raises_after_the_others(orthanc: RunningOrthanc, options: dict[str, object]) -> None:
     refs = orthanc.cohort.instance_refs()[:3]
     ghost = InstanceReference(refs[0].study_uid, refs[0].series_uid, "1.2.3.4.404")
     delivered = []
+    downloader = WadoURI(requests.Session(), orthanc.wado_url, **in_flight(options))  # type: ignore[arg-type]
     with pytest.raises(NotFoundError) as caught:
-        for ref, payload in WadoURI(requests.Session(), orthanc.wado_url).iter_raw([refs[0], ghost, *refs[1:]]):
+        for ref, payload in downloader.iter_raw([refs[0], ghost, *refs[1:]]):
             delivered.append(ref)
             b"".join(payload)
     assert delivered == refs

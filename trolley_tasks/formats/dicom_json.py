@@ -1,6 +1,7 @@
 """DICOM JSON (PS3.18 Annex F.2) to pydicom Datasets, for QIDO-RS answers and WADO-RS metadata.
 
-pydicom's :meth:`~pydicom.dataset.Dataset.from_json` does the decoding. What this module adds:
+The result is what pydicom's :meth:`~pydicom.dataset.Dataset.from_json` gives (``tests/test_dicom_json.py`` compares
+the two element by element), with three differences:
 
 - **No fetching.** An element given by ``BulkDataURI`` (PS3.18 F.2.5, for example PixelData in WADO-RS metadata)
   is kept with an empty value. A searcher must never start downloading pixel data behind the caller's back, and
@@ -8,6 +9,14 @@ pydicom's :meth:`~pydicom.dataset.Dataset.from_json` does the decoding. What thi
 - **Errors are the server's.** A body that is not JSON, not a list of objects, or holds an element pydicom cannot
   decode is the server's fault: :class:`~trolley_tasks.errors.PayloadInvalidError`, with the source, never a
   ``ValueError`` that the engine would take for a bug.
+- **Plain values are converted here, not by pydicom's JSON converter.** pydicom builds a
+  ``JsonDataElementConverter`` per element and calls ``inspect.signature`` on the bulk data handler each time. The
+  expansion of every study-level cohort row parses an instance-level answer, and this was most of the 37% of a
+  WADO-RS worker's CPU that expansion took (docs/performance.md). Measured with ``python -m bench.qido_expansion``
+  (one study of 2 x 50 CT instances as Orthanc 1.10 answers it, 22 attributes an instance, median of 30): this
+  function took 512 us an instance through pydicom's converter, and 177 us with the values converted here. Only a
+  ``"Value"`` of a plain VR, a PN given as components, or a sequence of those is converted here; anything else
+  (InlineBinary, BulkDataURI, AT, a malformed PN) goes to pydicom's converter as before.
 """
 
 from __future__ import annotations
@@ -15,14 +24,72 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import DataElement, Dataset
+from pydicom.dataelem import empty_value_for_VR
+from pydicom.jsonrep import convert_to_python_number
+from pydicom.valuerep import FLOAT_VR, INT_VR, VR
 
 from trolley_tasks.errors import PayloadInvalidError
+
+_NUMBER_VRS = frozenset((INT_VR - {VR.AT}) | {VR.US_SS} | FLOAT_VR)
+"""The VRs whose JSON values pydicom turns into int or float (``jsonrep.convert_to_python_number``)."""
+_OTHER_VALUE_KEYS = ("InlineBinary", "BulkDataURI")
+_PN_COMPONENTS = ("Alphabetic", "Ideographic", "Phonetic")
 
 
 def _keep_bulk_data_empty(tag: str, vr: str, uri: str) -> None:
     """The bulk data handler: the element stays, without value; the URI is not fetched (see module docstring)."""
     return None
+
+
+def _person_name(value: dict[str, str]) -> str:
+    """A PN value from its JSON components (PS3.18 F.2.2), joined as pydicom's converter joins them."""
+    count = 3 if "Phonetic" in value else 2 if "Ideographic" in value else 1
+    return "=".join(value.get(name, "") for name in _PN_COMPONENTS[:count])
+
+
+def _plain_values(vr: str, values: list[Any]) -> list[Any] | None:
+    """The element values of a ``"Value"`` list, or None when pydicom's converter must decide (AT, odd PN)."""
+    if vr == "SQ":
+        return [_dataset(item if item is not None else {}) for item in values]
+    if vr == "PN":
+        if not all(isinstance(item, dict) or item is None for item in values):
+            return None  # pydicom warns and keeps it as it came
+        return [_person_name(item) if item is not None else empty_value_for_VR(vr) for item in values]
+    if vr == "AT":
+        return None
+    return [item if item is not None else empty_value_for_VR(vr) for item in values]
+
+
+def _element(key: str, mapping: dict[str, Any]) -> DataElement:
+    """One DICOM JSON attribute (``{"vr": ..., "Value": [...]}``) as a DataElement, as pydicom would make it."""
+    vr = mapping["vr"]
+    values = mapping.get("Value")
+    if isinstance(values, list) and not any(other in mapping for other in _OTHER_VALUE_KEYS):
+        converted = _plain_values(vr, values) if values else []
+        if converted is not None:
+            value: Any = converted
+            if not converted:
+                value = empty_value_for_VR(vr)
+            elif len(converted) == 1 and vr != "SQ":
+                value = converted[0]
+            if vr in _NUMBER_VRS:
+                value = convert_to_python_number(value, vr)
+            try:
+                return DataElement(int(key, 16), vr, value)
+            except Exception as exc:  # as pydicom's from_json words it
+                raise ValueError(f"Data element '{key}' could not be loaded from JSON: {value}") from exc
+    if not any(name in mapping for name in ("Value", *_OTHER_VALUE_KEYS)):
+        return DataElement(int(key, 16), vr, empty_value_for_VR(vr))
+    value_key = next(name for name in ("Value", *_OTHER_VALUE_KEYS) if name in mapping)
+    return DataElement.from_json(Dataset, key, vr, mapping[value_key], value_key, _keep_bulk_data_empty)
+
+
+def _dataset(obj: dict[str, Any]) -> Dataset:
+    dataset = Dataset()
+    for key, mapping in obj.items():
+        dataset.add(_element(key, mapping))
+    return dataset
 
 
 def dataset_from_json(obj: Any, *, source: str | None = None, what: str = "DICOM JSON") -> Dataset:
@@ -38,7 +105,7 @@ def dataset_from_json(obj: Any, *, source: str | None = None, what: str = "DICOM
             f"{what}: expected a JSON object per DICOM object, got {type(obj).__name__}", source=source
         )
     try:
-        return Dataset.from_json(obj, bulk_data_uri_handler=_keep_bulk_data_empty)
+        return _dataset(obj)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise PayloadInvalidError(f"{what}: an element could not be decoded: {exc}", source=source) from exc
 

@@ -119,7 +119,7 @@ class QidoRS(HTTPEndpoint, SearcherBase):
         if isinstance(query, QidoRSQueryBase):
             finder: QidoRSQueryBase = query
             if query.limit or query.offset:
-                return build_tree(self.search(query), level, source=self.source)
+                return self._tree(self.search(query), level)
         elif level == QueryLevels.STUDY:
             finder = self.ensure_query_type(query)
         else:
@@ -129,7 +129,7 @@ class QidoRS(HTTPEndpoint, SearcherBase):
             else:  # the series filter is applied by the expansion: /studies?SeriesInstanceUID= matches nothing
                 values.update(query_level=QueryLevels.STUDY, SeriesInstanceUID="")
             finder = self.ensure_query_type(type(query).model_construct(**values))
-        found = build_tree(self.search(finder), finder.query_level, source=self.source)
+        found = self._tree(self.search(finder), finder.query_level)
         if level == QueryLevels.STUDY:
             return found
         expanded = [
@@ -151,6 +151,10 @@ class QidoRS(HTTPEndpoint, SearcherBase):
 
     # ----------------------------------------------------------------------------------------------------------------
 
+    def _tree(self, datasets: list[Dataset], level: QueryLevels) -> list[Study]:
+        """The tree of our own answer's datasets, adopted rather than copied (:mod:`~trolley_tasks.searchers.tree`)."""
+        return build_tree(datasets, level, source=self.source, adopt=True)
+
     def _study_dataset(self, study_uid: str, include_fields: list[str]) -> Dataset:
         query = HierarchicalQuery(StudyInstanceUID=study_uid, include_fields=_with(include_fields, _STUDY_COUNTS))
         for ds in self.search(query):
@@ -170,7 +174,7 @@ class QidoRS(HTTPEndpoint, SearcherBase):
         """Study ``study_uid`` to ``level``, from what ``found`` already holds plus what is missing, checked against
         the server's counts. ``series_uid`` limits it to one series, as the query that found it did."""
         include = list(include_fields or [])
-        builder = TreeBuilder(source=self.source)
+        builder = TreeBuilder(source=self.source, adopt=True)
         if found is not None:
             builder.add(found.data, QueryLevels.STUDY)
             for series in found.series:
@@ -209,7 +213,7 @@ class QidoRS(HTTPEndpoint, SearcherBase):
             )
             expected = None if series_uid else _count(study_ds, "NumberOfStudyRelatedInstances")
             found = (
-                build_tree(self.search(relational, expected=expected), QueryLevels.INSTANCE, source=self.source)[0]
+                self._tree(self.search(relational, expected=expected), QueryLevels.INSTANCE)[0]
                 if expected != 0
                 else None
             )
