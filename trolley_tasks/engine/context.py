@@ -25,6 +25,7 @@ import redis
 
 from trolley_tasks.deid import Deidentifier, DeidProfile
 from trolley_tasks.downloaders.base import Downloader
+from trolley_tasks.downloaders.wado_uri import WadoURI
 from trolley_tasks.engine.breaker import Breaker
 from trolley_tasks.engine.deidentify import UID_TEXT, deidentifier_for, profile_of, scrub_uids
 from trolley_tasks.engine.ledger import Ledger
@@ -76,6 +77,11 @@ class SourceRuntime:
     def downloader(self) -> Downloader:
         if self._downloader is None:
             self._downloader = self.build_downloader()
+            if isinstance(self._downloader, WadoURI):
+                # a batch keeps several requests in flight, each beyond the first on a slot of the source's
+                # throttle: the PACS sees no more requests at once than max_concurrency, across every host
+                self._downloader.max_in_flight = min(WADO_URI_IN_FLIGHT, self.profile.max_concurrency)
+                self._downloader.request_gate = self.throttle
         return self._downloader
 
     def gate(self) -> tuple[float, bool]:
@@ -257,6 +263,9 @@ def default_clients(profile: SourceProfile, name: str) -> tuple[Callable[[], Sea
 
     return searcher, downloader
 
+
+WADO_URI_IN_FLIGHT = 4
+"""WADO-URI requests one batch keeps in flight at most (per-instance requests are latency-bound; issue 12)."""
 
 RECEIVER_WAIT = 2.0
 """Seconds a C-MOVE batch waits when this host's receiver is not listening (its worker died): well within the
