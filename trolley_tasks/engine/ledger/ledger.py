@@ -200,8 +200,8 @@ class Ledger(LedgerReader):
         return [as_text(v) for v in self._run("EXPAND", keys, [study_uid, series_uid, *instance_uids])]
 
     def exclude(self, job_id: str, exclusion: Exclusion) -> None:
-        """Record a series the job's filter left out (once): its instances are never expected, and the status and
-        the report list it with its rule."""
+        """Record a series (or one instance) the job's filter or de-identification profile left out, once: it is
+        never expected, and the status and the report list it with its rule."""
         self.r.hsetnx(self.key(job_id, "excluded"), exclusion.field(), exclusion.model_dump_json())
 
     def link(self, job_id: str, identifiers: dict[str, dict[str, str]]) -> None:
