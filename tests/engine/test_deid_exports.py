@@ -31,6 +31,7 @@ from trolley_tasks.deid import BUILT_IN, Deidentifier
 from trolley_tasks.engine.api import EngineClient, dry_run
 from trolley_tasks.engine.models import JobState, JobStatus
 from trolley_tasks.engine.settings import load_settings
+from trolley_tasks.errors import MissingCredentialError
 
 pytestmark = pytest.mark.slow
 
@@ -157,6 +158,12 @@ def test_basic_export_leaves_no_original_anywhere(
         )
     report = json.loads((out / "trolley-report.json").read_text())
     assert {i["SOPInstanceUID"] for i in report["instances"]} == {deid.uid(i.sop_instance_uid) for i in IMAGES}
+    # a report asked for on a host without the key: refused in one line, the report on disk left as it was
+    monkeypatch.delenv("TROLLEY_DEID_KEY")
+    before = (out / "trolley-report.csv").read_bytes()
+    with pytest.raises(MissingCredentialError, match="TROLLEY_DEID_KEY"):
+        engine.write_report(status.job_id)
+    assert (out / "trolley-report.csv").read_bytes() == before
 
 
 def test_rerun_fetches_nothing_same_key_same_files_other_key_other_names(

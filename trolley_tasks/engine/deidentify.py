@@ -34,7 +34,8 @@ UID_TEXT = re.compile(r"(?<![0-9.])[0-9]+(?:\.[0-9]+){3,}(?![0-9.])")
 
 
 def job_fields(name: str, profile: DeidProfile, key: bytes, link_table: Path | None) -> dict[str, str]:
-    """The job record's de-identification fields (all empty strings for a byte-identical export)."""
+    """The job record's fields for a de-identified export: the profile (key-free), the key's fingerprint and where
+    the linking table goes ('' for none)."""
     return {
         "deid": json.dumps({"name": name, "profile": profile.model_dump(mode="json")}, sort_keys=True),
         "deid_check": Deidentifier(profile, key).names.fingerprint(),
