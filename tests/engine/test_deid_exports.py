@@ -173,9 +173,12 @@ def test_rerun_fetches_nothing_same_key_same_files_other_key_other_names(
     monkeypatch.setenv("TROLLEY_DEID_KEY", KEY)
     monkeypatch.setenv("OTHER_DEID_KEY", OTHER_KEY)
     first = export(engine, tmp_path / "a")
-    again = export(engine, tmp_path / "a", new_job=True)  # the ledger knows the originals, the files the pseudonyms
+    link = tmp_path / "again-link.csv"  # the ledger knows the originals, the files the pseudonyms:
+    again = export(engine, tmp_path / "a", new_job=True, link_table=link)
     assert again.job_id != first.job_id and again.state is JobState.DONE
     assert (again.done, again.skipped) == (len(IMAGES), len(IMAGES))
+    kinds = {(row["kind"], row["original"]) for row in csv.DictReader(link.read_text().splitlines())}
+    assert {("PatientID", item.patient_id) for item in IMAGES} <= kinds  # from the search, nothing was fetched
     elsewhere = export(engine, tmp_path / "b")
     assert elsewhere.done == len(IMAGES) and elsewhere.skipped == 0
     dicom_a = {n: data for n, data in files(tmp_path / "a").items() if n.endswith(".dcm")}

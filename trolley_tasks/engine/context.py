@@ -134,7 +134,8 @@ class JobMeta:
     deid: DeidProfile | None = None
     """The job's de-identification profile (``--deid``), from the job record; None for a byte-identical export."""
     link_table: bool = False
-    """The export asked for a linking table: the fetch keeps each study's original PatientID and AccessionNumber."""
+    """The export asked for a linking table: expansion (from the search's answer) and the fetch (from the header)
+    keep each study's original PatientID and AccessionNumber, whichever sees them first."""
 
 
 @dataclass

@@ -156,6 +156,10 @@ def _record_study(
     present = {series.uid for series in study.series}
     rules = ctx.job(job)
     series_filter = rules.filters if rules is not None else None
+    if rules is not None and rules.link_table:  # the linking table's originals, also for studies already on disk
+        values = {kw: str(study.data.get(kw, "") or "") for kw in ("PatientID", "AccessionNumber")}
+        if any(values.values()):
+            ctx.ledger.link(job, {study.uid: values})
     for series in study.series:
         if wanted_series and series.uid not in wanted_series:
             continue
