@@ -245,3 +245,23 @@ def test_dry_run_shows_what_the_profile_leaves_out(engine_env: EngineEnv) -> Non
         * RESEARCH.studies
     )
     assert result.kept[2] == len(IMAGES)
+
+
+def test_a_bad_row_is_reported_by_where_it_is_not_by_what_it_says(
+    deid_env: tuple[EngineClient, Workers], fresh: EngineEnv, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A bad row's reason quotes the row's value, which may be patient data: the de-identified report keeps only its
+    place."""
+    engine, _ = deid_env
+    monkeypatch.setenv("TROLLEY_DEID_KEY", KEY)
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text(f"StudyInstanceUID\n{RESEARCH.study_refs()[0].study_uid}\nTROLLEY^SECRET\n")
+    job = engine.submit(cohort, source="wado-rs", output=tmp_path / "out", deid="basic", skip_bad_rows=True)
+    assert any("TROLLEY^SECRET" in line for line in engine.bad_rows(job))  # the operator's view keeps it whole
+    deadline = time.monotonic() + 120
+    while engine.status(job).reported_at is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    report = (tmp_path / "out" / "trolley-report.csv").read_text()
+    assert "row 3, column StudyInstanceUID: rejected" in report and "SECRET" not in report
+    assert b"SECRET" not in (tmp_path / "out" / "trolley-report.json").read_bytes()

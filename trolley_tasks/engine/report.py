@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,16 @@ def _exclusion(item: Exclusion, deid: Deidentifier | None) -> Exclusion:
     return item.model_copy(update=uids)
 
 
+_WHERE = re.compile(r"^.*?: row \d+(?:, column [^:]+)?")
+
+
+def _withheld(line: str) -> str:
+    """A bad row's description for a de-identified export's report: where it is, not what it says (its reason may
+    quote a value of the row, a PatientID say). ``trolley-tasks status`` and the submitting command show it whole."""
+    where = _WHERE.match(line)
+    return f"{where.group(0) if where else 'a cohort row'}: rejected (the reason is withheld in a de-identified export)"
+
+
 def _records(ledger: Ledger, job_id: str, layout: str, deid: Deidentifier | None) -> Iterator[InstanceRecord]:
     """The ledger's records with their paths filled in where the layout derives them from the UIDs (string work only:
     no filesystem call per instance); in a de-identified export, under the pseudonyms the files carry."""
@@ -162,7 +173,7 @@ def _write_both(ledger: Ledger, status: JobStatus, deid: Deidentifier | None, ou
         out.write(("\n    " if n == 0 else ",\n    ") + json.dumps(item))
         message = f"{row}: {text}"
         rows.writerow(["", "", "", "", "", "row-failed", failure.attempts, failure.error_class, message])
-    skipped = [scrub_uids(line, deid) for line in ledger.bad_rows(job_id)]
+    skipped = [_withheld(line) if deid else line for line in ledger.bad_rows(job_id)]
     out.write('\n  ],\n  "skipped_rows": ' + json.dumps(skipped) + "\n}\n")
     for bad in skipped:
         rows.writerow(["", "", "", "", "", "row-skipped", 0, "request-rejected", bad])
