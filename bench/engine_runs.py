@@ -34,6 +34,8 @@ from typing import Any
 
 import psutil
 
+from testbed.processes import stop, stop_all
+
 TROLLEY = [sys.executable, "-m", "trolley_tasks.cli"]
 
 
@@ -222,12 +224,7 @@ def run_embedded(
             code = process.wait()
             watch.sample()
     except BaseException:  # interrupted: the command pauses its job and stops its workers and Redis on SIGINT
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, signal.SIGINT, timeout=90)
         raise
     wall = time.perf_counter() - started
     if code != 0:
@@ -289,15 +286,7 @@ def started_workers(
         wait_for_workers(config, len(prefixes))
         yield processes
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_all(processes, timeout=60)
 
 
 def run_on_broker(

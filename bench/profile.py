@@ -17,6 +17,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from testbed.processes import stop_all
+
 TOOLS = Path(".bench/venv-tools")
 PY_SPY = TOOLS / "bin" / "py-spy"
 RATE = 100
@@ -60,15 +62,7 @@ class Profiler:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.started
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)  # py-spy writes its output and exits
-        for process in self.processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_all(self.processes, signal.SIGINT, timeout=60)  # on SIGINT, py-spy writes its output and exits
 
     def stacks(self) -> Counter[tuple[str, ...]]:
         counts: Counter[tuple[str, ...]] = Counter()

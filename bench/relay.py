@@ -24,6 +24,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from testbed.processes import stop
+
 CHUNK = 256 * 1024
 QUEUED_BYTES = 16 * 1024 * 1024
 """Bytes one direction may hold in flight: a window far above 10 ms of loopback traffic, so it never throttles."""
@@ -147,13 +149,7 @@ class Relay:
         return self.process.pid
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop(self.process, timeout=10)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 import requests
 
 from testbed.cohort import GeneratedCohort
+from testbed.processes import stop
 
 PLUGIN_PATHS = (
     "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
@@ -162,13 +163,8 @@ class OrthancServer:
         raise OrthancUnavailable(f"Orthanc did not answer /system within {timeout:g}s; see {self.log_path}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop(self.process, timeout=20)
         self.process = None
         self.session.close()
 

@@ -21,6 +21,7 @@ import psutil
 import pytest
 import requests
 
+from testbed.processes import stop
 from tests.engine.proxy import PacsProxy
 from trolley_tasks.engine import api
 from trolley_tasks.engine.models import JobStatus
@@ -146,12 +147,7 @@ def celery_workers(
     try:
         yield workers
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop(process, timeout=30, group=True)
 
 
 @dataclass
@@ -242,9 +238,4 @@ def cli_service(
                 time.sleep(0.1)
         yield
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, signal.SIGINT, timeout=15)

@@ -26,6 +26,7 @@ from pydicom import dcmread
 
 from testbed.cohort import GeneratedCohort, GeneratedInstance
 from testbed.orthanc import free_port
+from testbed.processes import stop
 from tests.conftest import service_missing
 from tests.engine.conftest import FAST_RETRY, Workers, celery_workers
 from tests.engine.proxy import PacsProxy
@@ -100,13 +101,8 @@ class PrivateRedis:
         self.process.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop(self.process, timeout=15)
 
 
 # -- a small disk -----------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ run was killed before its teardown.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 import redis
 
 from testbed.hosts import TESTS, Host, HostsUnavailable, namespace_hosts
+from testbed.processes import stop
 from testbed.redis_server import redis_server
 from tests.conftest import service_missing
 
@@ -95,10 +95,4 @@ def worker_in(
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process, timeout=30)
