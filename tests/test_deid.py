@@ -15,7 +15,7 @@ from pydicom.datadict import tag_for_keyword
 
 from testbed.cohort import INSTITUTION, ResearchCohort
 from tests.conftest import service_missing
-from trolley_tasks.deid import BUILT_IN, Deidentifier, DeidProfile
+from trolley_tasks.deid import BUILT_IN, DeidentificationError, Deidentifier, DeidProfile
 from trolley_tasks.deid.actions import DESCRIPTORS, DEVICE_IDENTITY, PATIENT_CHARACTERISTICS, Action, action_table
 from trolley_tasks.errors import ConfigurationError, MissingCredentialError
 
@@ -141,3 +141,16 @@ def test_dciodvfy_finds_no_new_error(tmp_path: Path) -> None:
         original.write_bytes(COHORT.encode(item))
         cleaned.write_bytes(out[item.sop_instance_uid])
         assert _dciodvfy_errors(cleaned) - _dciodvfy_errors(original) == set()
+
+
+def test_a_header_that_breaks_the_rewrite_fails_that_instance_only() -> None:
+    """Whatever pydicom raises while the profile is applied or the header written becomes a DeidentificationError
+    (the engine fails that instance and goes on with its batch), before a byte of it was yielded."""
+
+    class Broken(Deidentifier):
+        def dataset(self, ds: pydicom.Dataset) -> None:
+            raise ValueError("an element pydicom cannot convert")
+
+    stream = Broken(BUILT_IN["basic"], KEY).stream(chunks(COHORT.encode(IMAGES[0])))
+    with pytest.raises(DeidentificationError, match="ValueError"):
+        next(stream)

@@ -225,8 +225,12 @@ class Deidentifier:
         if seen is not None:
             seen(ds)
         start = buffer.tell()
-        self.dataset(ds)
-        return encode(ds), start
+        try:
+            self.dataset(ds)
+            return encode(ds), start
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            # an element pydicom cannot decode or encode again: this instance fails, its batch goes on
+            raise DeidentificationError(f"cannot de-identify this header ({type(exc).__name__})") from exc
 
 
 _IDENTIFYING = (
