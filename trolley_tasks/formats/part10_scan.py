@@ -216,6 +216,8 @@ class Walker:
         self.error: NotDicom | None = None
         self.unsupported: str | None = None
         self._buffer = bytearray()
+        self._walked = 0
+        """The length of the bytes being walked, which end at ``size`` (for the offsets errors give)."""
         self._skip = 0
         self._state = "preamble"  # -> meta -> dataset <-> fragments
         self._syntax: str | None = None
@@ -231,9 +233,8 @@ class Walker:
             if taken == len(chunk):
                 return
             chunk = memoryview(chunk)[taken:]
-        self._buffer += chunk
         try:
-            self._advance()
+            self._advance(chunk)
         except (_Malformed, NotDicom) as exc:
             # a fresh exception, without the traceback: its frames hold views of the caller's buffer (an mmap,
             # which could then not be closed: "BufferError: cannot close exported pointers exist")
@@ -274,14 +275,24 @@ class Walker:
         self.found.complete = True
         return self.found
 
-    def _advance(self) -> None:
-        with memoryview(self._buffer) as view:
+    def _advance(self, chunk: bytes | memoryview) -> None:
+        """Walk the held bytes and ``chunk``. With nothing held, ``chunk`` is walked where it is and only the start
+        of an element it cuts off is kept: copying every chunk into the buffer first cost as much as the walk of a
+        526 KB instance arriving in one piece (0.05 of 0.1 ms, measured on the generated cohort)."""
+        if self._buffer:
+            self._buffer += chunk
+            with memoryview(self._buffer) as view:
+                consumed = self._walk(view)
+            del self._buffer[:consumed]
+            return
+        with memoryview(chunk) as view:
             consumed = self._walk(view)
-        del self._buffer[:consumed]
+            self._buffer += view[consumed:]
 
     def _walk(self, view: memoryview) -> int:
         """Walk whole elements as far as ``view`` allows; return where the first incomplete one starts."""
         size = len(view)
+        self._walked = size
         offset = 0
         try:
             if self._state == "preamble":
@@ -366,4 +377,4 @@ class Walker:
         return end
 
     def _at(self, offset: int) -> int:
-        return self.size - len(self._buffer) + offset
+        return self.size - self._walked + offset
