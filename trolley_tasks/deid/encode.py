@@ -19,8 +19,6 @@ from pydicom import Dataset
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
-from pydicom.sequence import Sequence
-from pydicom.tag import BaseTag
 
 _LONG = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 _UNDEFINED = 0xFFFFFFFF
@@ -66,11 +64,21 @@ def _raw(element: RawDataElement, implicit: bool) -> bytes:
     return head + vr.encode() + struct.pack("<H", len(value)) + value
 
 
-def raw_sequence(tag: int, items: list[Dataset], implicit: bool) -> RawDataElement:
-    """A sequence of constant items, encoded once: an instance's copy is written as these bytes (the method code
-    sequence every de-identified instance carries took a sixth of the rewrite's time when built per instance)."""
+def raw_element(
+    element: DataElement, implicit: bool, encodings: str | list[str] | None = None
+) -> RawDataElement | None:
+    """``element`` encoded once, as an element :func:`encode` writes back byte for byte; None when pydicom writes it
+    with an undefined length (only a defined length can be copied as it is)."""
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, implicit
-    write_data_element(fp, DataElement(tag, "SQ", Sequence(items)))
-    value = fp.getvalue()[8 if implicit else 12 :]
-    return RawDataElement(BaseTag(tag), "SQ", len(value), value, 0, implicit, True, True, False)
+    write_data_element(fp, element, encodings)
+    data = fp.getvalue()
+    if implicit:
+        length, start = struct.unpack_from("<I", data, 4)[0], 8
+    elif str(element.VR) in _LONG:
+        length, start = struct.unpack_from("<I", data, 8)[0], 12
+    else:
+        length, start = struct.unpack_from("<H", data, 6)[0], 8
+    if length == _UNDEFINED:
+        return None
+    return RawDataElement(element.tag, element.VR, length, data[start:], 0, implicit, True, True, False)

@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from typing import Any
 
 from pydicom import Dataset, FileDataset, dcmread
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
 from trolley_tasks.core import InstanceReference
 from trolley_tasks.deid.actions import Action, action_table, clean_text, lookup
-from trolley_tasks.deid.encode import encode, raw_sequence
+from trolley_tasks.deid.encode import encode, raw_element
 from trolley_tasks.deid.profile import DeidProfile
 from trolley_tasks.deid.pseudonyms import Pseudonyms
 from trolley_tasks.errors import PayloadInvalidError
@@ -77,8 +79,18 @@ class Deidentifier:
         codes = [BASIC_CODE] + [(code, meaning) for code, meaning, on in OPTION_CODES if getattr(profile, on)]
         self._method = "trolley-tasks " + " ".join(code for code, _ in codes)  # LO: 64 characters at most
         self._codes = [self._code(code, meaning) for code, meaning in codes]
-        self._encoded_codes = {implicit: raw_sequence(_CODES_TAG, self._codes, implicit) for implicit in (False, True)}
-        """Built and encoded once: every instance's sequence holds the same items (written, never changed)."""
+        added = [
+            DataElement(0x00120062, "CS", "YES"),  # PatientIdentityRemoved
+            DataElement(0x00120063, "LO", self._method),  # DeidentificationMethod
+            DataElement(_CODES_TAG, "SQ", Sequence(self._codes)),
+        ]
+        if profile.retain_modified_dates:
+            added.append(DataElement(0x00280303, "CS", "MODIFIED"))  # LongitudinalTemporalInformationModified
+        self._added = {implicit: [_encoded(element, implicit) for element in added] for implicit in (False, True)}
+        """The elements every de-identified instance gets, the same in each, encoded once per VR encoding (the method
+        code sequence took a sixth of the rewrite's time when it was built per instance)."""
+        self._patients: dict[tuple[object, ...], _Patient] = {}
+        self._memos: dict[tuple[object, ...], _Memo] = {}
 
     def __repr__(self) -> str:
         return f"Deidentifier({self.profile!r})"
@@ -94,24 +106,17 @@ class Deidentifier:
 
     # -- the dataset ---------------------------------------------------------------------------------------------
 
-    def dataset(self, ds: Dataset) -> None:
-        """Apply the profile to ``ds`` (and its file meta) in place."""
-        patient = str(ds.get("PatientID", "") or "")
-        shift = timedelta(days=self.names.date_shift_days(patient))
-        identifying = _identifying_values(ds)
-        self._items(ds, shift, identifying)
+    def dataset(self, ds: FileDataset) -> None:
+        """Apply the profile to ``ds``, as ``dcmread`` read it, and to its file meta, in place."""
+        implicit = bool(ds.original_encoding[0])
+        patient = self._patient(ds, implicit)
+        memo = self._memo(patient.key) if patient.key is not None else None
+        self._items(ds, patient, memo)
         meta = getattr(ds, "file_meta", None)
         if meta is not None and "SOPInstanceUID" in ds:
             meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = self._method
-        implicit = ds.original_encoding[0] if isinstance(ds, FileDataset) else None
-        if implicit is None:  # a dataset built in memory: pydicom encodes the sequence when it is written
-            ds.DeidentificationMethodCodeSequence = Sequence(self._codes)
-        else:
-            ds[_CODES_TAG] = self._encoded_codes[implicit]
-        if self.profile.retain_modified_dates:
-            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        for element in self._added[implicit]:
+            ds[element.tag] = element
 
     @staticmethod
     def _code(value: str, meaning: str) -> Dataset:
@@ -119,10 +124,39 @@ class Deidentifier:
         item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
         return item
 
-    def _items(self, ds: Dataset, shift: timedelta, identifying: list[str]) -> None:
+    def _patient(self, ds: FileDataset, implicit: bool) -> _Patient:
+        """What the rewrite of ``ds``'s elements depends on besides each element itself: the patient's date shift,
+        the values a descriptor must not repeat, the PatientID a dummy name is made from, the character set. Worked
+        out once per distinct set of those elements' original bytes (one per patient, study or series in practice).
+        """
+        raw = [ds.get_item(tag) for tag in _PATIENT_TAGS] if ds.original_encoding[1] else []
+        key = None
+        if raw and all(element is None or isinstance(element, RawDataElement) for element in raw):
+            key = (implicit, *(None if element is None else element.value for element in raw))
+            found = self._patients.get(key)
+            if found is not None:
+                return found
+        patient_id = str(ds.get("PatientID", "") or "")
+        shift = timedelta(days=self.names.date_shift_days(patient_id))
+        patient = _Patient(key, implicit, ds.get("SpecificCharacterSet"), patient_id, shift, _identifying_values(ds))
+        if key is not None:
+            _bounded(self._patients, _MEMO_PATIENTS)[key] = patient
+        return patient
+
+    def _memo(self, key: tuple[object, ...]) -> _Memo:
+        return _bounded(self._memos, _MEMO_PATIENTS).setdefault(key, {})
+
+    def _items(self, ds: Dataset, patient: _Patient, memo: _Memo | None = None) -> None:
         """Apply the profile to every element of ``ds``. An element kept as it is (most of a CT header) is never
         decoded: pydicom writes an undecoded element back byte for byte, and decoding every element was half of
-        the rewrite's time (2.6 ms of a 526 KB CT instance's, measured with cProfile on the generated cohort)."""
+        the rewrite's time (2.6 ms of a 526 KB CT instance's, measured with cProfile on the generated cohort).
+
+        With ``memo`` (the top level of a little endian file), an element the profile changes is rewritten once per
+        patient and original value: the result is kept encoded, under the element's tag and original bytes, and an
+        instance with the same bytes gets it without a decode, a rewrite or an encode. In a CT series all but the
+        instance's own UIDs repeat; this took the header's read, rewrite and write from 1.2 to 0.5 ms per instance
+        (measured as above).
+        """
         for tag in list(ds.keys()):
             if tag.is_private:
                 if not self._safe_private(ds, tag):
@@ -134,17 +168,23 @@ class Deidentifier:
                 continue
             if action is Action.KEEP and _vr(ds, tag) != "SQ":
                 continue
+            key = _memo_key(ds, tag) if memo is not None else None
+            if memo is not None and key is not None and key in memo:
+                _put(ds, tag, memo[key])
+                continue
             element = ds[tag]
             if element.VR == "SQ" and action in (Action.KEEP, Action.CLEAN, Action.UID):
                 for item in element.value or []:
-                    self._items(item, shift, identifying)
-                continue
-            self._apply(ds, element, action, shift, identifying)
+                    self._items(item, patient)
+            else:
+                self._apply(ds, element, action, patient)
+            if memo is not None and key is not None:
+                _remember(memo, key, ds, tag, patient)
 
-    def _apply(self, ds: Dataset, element: DataElement, action: Action, shift: timedelta, idents: list[str]) -> None:
+    def _apply(self, ds: Dataset, element: DataElement, action: Action, patient: _Patient) -> None:
         touched = action not in (Action.KEEP, Action.REMOVE, Action.UID)
         if element.VR in ("DA", "DT") and touched and self.profile.retain_modified_dates and element.value:
-            element.value = _shifted(element, shift)
+            element.value = _shifted(element, patient.shift)
             return
         if action is Action.KEEP:
             return
@@ -157,15 +197,15 @@ class Deidentifier:
         elif action is Action.PSEUDONYM:
             element.value = self.names.identifier(element.keyword, str(element.value)) if element.value else ""
         elif action is Action.CLEAN:
-            element.value = clean_text(str(element.value or ""), idents)
+            element.value = clean_text(str(element.value or ""), patient.identifying)
         elif action is Action.EMPTY or element.VR == "SQ":
             element.value = Sequence() if element.VR == "SQ" else ("" if element.VR not in ("US", "SS", "UL") else None)
         else:  # DUMMY
-            element.value = self._dummy(ds, element)
+            element.value = self._dummy(element, patient)
 
-    def _dummy(self, ds: Dataset, element: DataElement) -> object:
+    def _dummy(self, element: DataElement, patient: _Patient) -> object:
         if element.keyword == "PatientName":  # the pseudonymous PatientID: a name a viewer shows, and consistent
-            return self.names.identifier("PatientID", str(ds.get("PatientID", "")))
+            return self.names.identifier("PatientID", patient.patient_id)
         if element.VR in _DUMMY_BY_VR:
             return _DUMMY_BY_VR[element.VR]
         if element.VR in ("LO", "SH", "ST", "LT", "UT", "UC", "CS"):
@@ -196,16 +236,17 @@ class Deidentifier:
         """
         rest = iter((bytes(chunks),) if isinstance(chunks, bytes | bytearray | memoryview) else chunks)
         walker = part10_scan.Walker()
-        held = bytearray()
+        held: list[bytes] = []
         for chunk in rest:
             walker.feed(chunk)
-            held += chunk
+            held.append(chunk)
             if walker.error is not None or walker.unsupported is not None or walker.last_tag >= _PIXEL_TAGS[0]:
                 break
-        header, start = self._header(bytes(held), seen)
+        data = held[0] if len(held) == 1 else b"".join(held)
+        header, start = self._header(data, seen)
         yield header
-        if start < len(held):
-            yield bytes(held[start:])
+        if start < len(data):
+            yield data[start:]
         yield from rest
 
     def _header(self, data: bytes, seen: Seen | None) -> tuple[bytes, int]:
@@ -233,10 +274,76 @@ class Deidentifier:
             raise DeidentificationError(f"cannot de-identify this header ({type(exc).__name__})") from exc
 
 
+_MEMO_PATIENTS = 64
+_MEMO_ELEMENTS = 4096
+"""Bounds of the memo: patients (of one worker's batches at a time, a handful) and rewritten elements per patient (a
+series' repeating elements are a few dozen; each instance adds its own SOPInstanceUID). A full memo is emptied."""
+_UNDEFINED = 0xFFFFFFFF
+
+_Memo = dict[tuple[int, object, bytes], RawDataElement | None]
+"""(tag, original VR, original value bytes) -> the rewritten element, encoded; None: removed."""
+
+
+@dataclass(frozen=True)
+class _Patient:
+    """What the rewrite of one instance's elements depends on besides the element (see ``Deidentifier._patient``)."""
+
+    key: tuple[object, ...] | None
+    """The original bytes this was worked out from (with the VR encoding); None: a dataset that is not memoized."""
+    implicit: bool
+    encodings: str | list[str] | None
+    patient_id: str
+    shift: timedelta
+    identifying: list[str]
+
+
+def _bounded(memo: dict[Any, Any], size: int) -> dict[Any, Any]:
+    if len(memo) >= size:
+        memo.clear()
+    return memo
+
+
+def _memo_key(ds: Dataset, tag: BaseTag) -> tuple[int, object, bytes] | None:
+    """An element's tag, VR and original bytes, while pydicom has not decoded it (and its length is defined)."""
+    raw = ds.get_item(tag)
+    if isinstance(raw, RawDataElement) and raw.value is not None and raw.length != _UNDEFINED:
+        return int(tag), raw.VR, bytes(raw.value)
+    return None
+
+
+def _put(ds: Dataset, tag: BaseTag, rewritten: RawDataElement | None) -> None:
+    if rewritten is None:
+        del ds[tag]
+    else:
+        ds[tag] = rewritten
+
+
+def _remember(memo: _Memo, key: tuple[int, object, bytes], ds: Dataset, tag: BaseTag, patient: _Patient) -> None:
+    """Keep the rewritten element under ``key``, and put its encoded form in ``ds`` (written as it is)."""
+    if tag not in ds:
+        _bounded(memo, _MEMO_ELEMENTS)[key] = None
+        return
+    encoded = raw_element(ds[tag], patient.implicit, patient.encodings)
+    if encoded is not None:  # written with an undefined length: rewritten again next time
+        _bounded(memo, _MEMO_ELEMENTS)[key] = encoded
+        ds[tag] = encoded
+
+
+def _encoded(element: DataElement, implicit: bool) -> RawDataElement:
+    encoded = raw_element(element, implicit)
+    assert encoded is not None, "pydicom writes a new element with a defined length"
+    return encoded
+
+
 _IDENTIFYING = (
     "PatientName", "PatientID", "OtherPatientIDs", "AccessionNumber", "InstitutionName", "ReferringPhysicianName",
     "PerformingPhysicianName", "OperatorsName", "PatientBirthName",
 )  # fmt: skip
+
+
+_PATIENT_TAGS = tuple(
+    BaseTag(tag_for_keyword(keyword) or 0) for keyword in ("SpecificCharacterSet", "PatientID", *_IDENTIFYING)
+)
 
 
 def _vr(ds: Dataset, tag: BaseTag) -> str:
