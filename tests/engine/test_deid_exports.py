@@ -56,7 +56,9 @@ def deid_env(engine_env: EngineEnv) -> Iterator[tuple[EngineClient, Workers]]:
         engine_env.config.read_text()
         + f'\n[deid.other]\nkey_env = "OTHER_DEID_KEY"\nexclude_sop_classes = ["{BasicTextSRStorage}"]\n'
     )
-    keys = {"TROLLEY_DEID_KEY": KEY, "OTHER_DEID_KEY": OTHER_KEY}
+    spool = engine_env.tmp / "deid-worker-tmp"  # the workers' TMPDIR: C-GET's arrivals wait there
+    spool.mkdir(exist_ok=True)
+    keys = {"TROLLEY_DEID_KEY": KEY, "OTHER_DEID_KEY": OTHER_KEY, "TMPDIR": str(spool)}
     with celery_workers(config, 2, engine_env.tmp, environment=keys) as running:
         engine = EngineClient(load_settings(config))
         yield engine, running
@@ -72,9 +74,11 @@ def originals() -> set[bytes]:
     return {needle.encode() for needle in needles}
 
 
-def export(engine: EngineClient, out: Path, profile: str = "basic", **options: Any) -> JobStatus:
+def export(
+    engine: EngineClient, out: Path, profile: str = "basic", source: str = "wado-rs", **options: Any
+) -> JobStatus:
     """Submit a de-identified export of the cohort and wait until its report (and linking table) is on disk."""
-    job = engine.submit(RESEARCH.study_refs(), source="wado-rs", output=out, deid=profile, **options)
+    job = engine.submit(RESEARCH.study_refs(), source=source, output=out, deid=profile, **options)
     deadline = time.monotonic() + 180
     while (status := engine.status(job)).reported_at is None:
         assert time.monotonic() < deadline, f"job {job} did not end: {status}"
@@ -195,6 +199,34 @@ def test_rerun_fetches_nothing_same_key_same_files_other_key_other_names(
     csv_text = (tmp_path / "c" / "trolley-report.csv").read_text()
     assert csv_text.count(",excluded,") == 2 * RESEARCH.studies  # the SR series, and each burned-in instance
     assert [n for n in originals() if n in csv_text.encode()] == []
+
+
+@pytest.mark.parametrize("source", ["c-get", "c-move"])
+def test_dimse_arrivals_are_deidentified_and_an_excluded_one_leaves_no_file_behind(
+    deid_env: tuple[EngineClient, Workers],
+    engine_env: EngineEnv,
+    fresh: EngineEnv,
+    tmp_path: Path,
+    monkeypatch: Any,
+    source: str,
+) -> None:
+    """C-GET and C-MOVE hand storage a file already on disk (the arrival). De-identified, it is read, rewritten
+    into the output and removed; one the header check leaves out (the burned-in secondary capture, under a profile
+    that fetches it) is removed too, without a byte of it in the output."""
+    engine, _ = deid_env
+    monkeypatch.setenv("OTHER_DEID_KEY", OTHER_KEY)
+    status = export(engine, tmp_path / "out", profile="other", source=source)
+    assert (status.state, status.done, status.failed) == (JobState.DONE, len(IMAGES), 0), status
+    assert len([e for e in status.excluded if e.instance_uid]) == RESEARCH.studies
+    deid = Deidentifier(BUILT_IN["basic"], OTHER_KEY.encode())
+    for item in IMAGES:
+        path = tmp_path / "out" / deid.uid(item.study_uid) / deid.uid(item.series_uid)
+        ds = pydicom.dcmread(path / f"{deid.uid(item.sop_instance_uid)}.dcm")
+        assert ds.PixelData == RESEARCH.dataset(item).PixelData and ds.PatientIdentityRemoved == "YES"
+    written = files(tmp_path / "out")
+    assert [n for n in originals() if any(n in data or n in name.encode() for name, data in written.items())] == []
+    spools = [engine_env.tmp / "deid-worker-tmp", Path(fresh.settings.state_dir) / "spool"]
+    assert [p for spool in spools for p in spool.rglob("*") if p.is_file()] == []
 
 
 def test_missing_key_refuses_the_export_with_exit_2(fresh: EngineEnv, redis_service: Any, tmp_path: Path) -> None:
