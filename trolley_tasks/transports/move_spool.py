@@ -116,7 +116,10 @@ class MoveSpool:
     def _stale(self, entry: os.DirEntry[str], now: float, is_marker: bool) -> bool:
         if entry.is_symlink():
             return True  # nothing we write is a symlink
-        if is_marker:
+        temp = entry.name.startswith((TEMP_PREFIX, "."))
+        if is_marker and not temp:
             return self.token(entry.name) is None
-        ours = entry.name.endswith(".dcm") or entry.name.startswith((TEMP_PREFIX, "."))
+        # a temp file may be a marker or an arrival being written right now: only one a killed process left
+        # (older than any write takes) is removed; judged by its token, it was unreadable, and its rename failed
+        ours = temp or entry.name.endswith(".dcm")
         return ours and entry.stat(follow_symlinks=False).st_mtime < now - STALE_SECONDS
