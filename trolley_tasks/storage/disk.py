@@ -230,10 +230,17 @@ class DICOMDiskStorage:
         the other way round) fetches nothing again; the file found is left where it is. Always None when
         :meth:`reference_path` is None.
         """
+        root = self._root(path)
         for template in (self._template(), *self.also_recognised):
-            final = self.reference_path(reference, path, template)
-            if final is None:
+            if template.needs_dataset:
                 continue
+            relative = template.render(lambda kw: _reference_value(reference, kw))
+            if not os.path.lexists(root / relative):
+                # nothing there (a fresh export, a layout not in use): nothing to confine or read. Confining first
+                # resolved every component of a directory not made yet, on every call: 15% of a WADO-RS fetch
+                # task's samples (py-spy, the bench's cohort), for a file that was not there.
+                continue
+            final = self._confined(root, relative)
             try:
                 size = final.stat().st_size
                 check_identity(read_part10_header(final), reference)
