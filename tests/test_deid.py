@@ -8,6 +8,7 @@ import io
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -148,9 +149,27 @@ def test_a_header_that_breaks_the_rewrite_fails_that_instance_only() -> None:
     (the engine fails that instance and goes on with its batch), before a byte of it was yielded."""
 
     class Broken(Deidentifier):
-        def dataset(self, ds: pydicom.Dataset) -> None:
+        def _apply(self, *args: Any, **kwargs: Any) -> None:
             raise ValueError("an element pydicom cannot convert")
 
     stream = Broken(BUILT_IN["basic"], KEY).stream(chunks(COHORT.encode(IMAGES[0])))
     with pytest.raises(DeidentificationError, match="ValueError"):
         next(stream)
+
+
+def test_nothing_after_the_pixel_data_is_written() -> None:
+    """Elements that sort after the pixel data (a private 7FE1 group some vendors keep their headers in, trailing
+    padding) never reach the output, whether they arrive with the header or chunks later; the pixels do, whole."""
+    item = IMAGES[0]
+    ds = COHORT.dataset(item)
+    block = ds.private_block(0x7FE1, "VENDOR CSA NON-IMAGE", create=True)
+    block.add_new(0x10, "OB", b"TRAILING PHI " * 64)
+    ds.add_new(0xFFFCFFFC, "OB", b"\0" * 64)  # DataSetTrailingPadding
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    for pieces in ([data], chunks(data, 1000), chunks(data, 64 * 1024)):
+        out = b"".join(Deidentifier(BUILT_IN["basic"], KEY).stream(pieces))
+        assert b"TRAILING PHI" not in out and b"VENDOR CSA" not in out
+        cleaned = pydicom.dcmread(io.BytesIO(out))
+        assert cleaned.PixelData == ds.PixelData and max(cleaned.keys()) == 0x7FE00010

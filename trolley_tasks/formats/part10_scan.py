@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 PREAMBLE_AND_MAGIC = 132
 _IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -38,6 +39,19 @@ class _Short(Exception):
 
 class _Malformed(Exception):
     """The bytes cannot be a dataset (an item tag where an element belongs, a length that cannot be)."""
+
+
+class Span(NamedTuple):
+    """Where one top-level element lies in the stream: its header starts at ``start``, its value at ``value``, and
+    it ends at ``end`` (after the Sequence Delimitation Item of an ``undefined`` length). Offsets from the file's
+    first byte; ``vr`` is None in an implicit VR dataset."""
+
+    tag: int
+    vr: str | None
+    start: int
+    value: int
+    end: int
+    undefined: bool
 
 
 @dataclass
@@ -204,11 +218,17 @@ class Walker:
     ----------
     size
         Bytes fed so far.
+    spans
+        With ``spans=True``: where each top-level element walked lies in the stream, file meta included, as
+        :class:`Span` (the de-identifier rewrites a header from them without parsing it again); else None.
     """
 
-    def __init__(self, wanted: frozenset[int] | set[int] = frozenset(), keep: int = KEEP_SIZE) -> None:
+    def __init__(
+        self, wanted: frozenset[int] | set[int] = frozenset(), keep: int = KEEP_SIZE, *, spans: bool = False
+    ) -> None:
         self.wanted = wanted
         self.keep = keep
+        self.spans: list[Span] | None = [] if spans else None
         self.size = 0
         self.found: Scan | None = None
         self.last_tag = -1
@@ -324,11 +344,12 @@ class Walker:
             self.found = Scan(transfer_syntax=self._syntax, implicit=self._syntax == _IMPLICIT_LE)
             self._state = "dataset"
             return offset
-        tag, _, length, value_at = _explicit_header(view, offset, size)
+        tag, vr, length, value_at = _explicit_header(view, offset, size)
         if value_at + length > size:
             raise _Short
         if tag == _TRANSFER_SYNTAX:
             self._syntax = bytes(view[value_at : value_at + length]).decode("latin-1").rstrip("\x00 ")
+        self._span(tag, vr, offset, value_at, value_at + length, False)
         return value_at + length
 
     def _element(self, view: memoryview, offset: int, size: int) -> int:
@@ -351,6 +372,7 @@ class Walker:
             nested_implicit = found.implicit or vr == "UN"  # PS3.5 6.2.2: UN of undefined length is implicit
             end = _skip_undefined(view, value_at, size, vr == "SQ" or vr is None or vr == "UN", nested_implicit)
             self.last_tag = tag
+            self._span(tag, vr, offset, value_at, end, True)
             return end
         end = value_at + length
         if length <= self.keep or tag in self.wanted:
@@ -358,7 +380,13 @@ class Walker:
                 raise _Short
             found.values[tag] = (vr, bytes(view[value_at:end]))
         self.last_tag = tag
+        self._span(tag, vr, offset, value_at, end, False)
         return self._skip_to(end, size)
+
+    def _span(self, tag: int, vr: str | None, offset: int, value_at: int, end: int, undefined: bool) -> None:
+        if self.spans is not None:
+            at = self._at(0)
+            self.spans.append(Span(tag, vr, at + offset, at + value_at, at + end, undefined))
 
     def _fragment(self, view: memoryview, offset: int, size: int) -> int:
         tag, _, length, value_at = _implicit_header(view, offset, size)
