@@ -109,10 +109,10 @@ def identifying_values(ds: Dataset) -> list[str]:
     values: list[str] = []
     for keyword in IDENTIFYING:
         value = ds.get(keyword)
-        for text in value if isinstance(value, list) else [value]:
-            if text:
-                values.append(str(text))
-                values.extend(part for part in str(text).replace("^", " ").split() if part)
+        for one in value if isinstance(value, list) else [value]:
+            if one:
+                values.append(str(one))
+                values.extend(part for part in str(one).replace("^", " ").split() if part)
     return values
 
 
@@ -125,10 +125,10 @@ def shifted(element: DataElement, shift: timedelta) -> object:
 def _shift_one(value: str, vr: str, shift: timedelta) -> str:
     """A DA (YYYYMMDD) or the date part of a DT moved back by ``shift``; a value we cannot read becomes the dummy
     date (never left as it was)."""
-    text = value.strip()
+    stripped = value.strip()
     try:
-        day = datetime.strptime(text[:8], "%Y%m%d").date()
+        day = datetime.strptime(stripped[:8], "%Y%m%d").date()
     except ValueError:
         return DUMMY_BY_VR[vr]
     moved = (day - shift) if day - shift > date(1, 1, 1) else day
-    return moved.strftime("%Y%m%d") + (text[8:] if vr == "DT" else "")
+    return moved.strftime("%Y%m%d") + (stripped[8:] if vr == "DT" else "")

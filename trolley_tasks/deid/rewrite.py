@@ -221,8 +221,8 @@ class Deidentifier:
 
     def stream(self, chunks: bytes | Iterable[bytes], seen: Seen | None = None) -> Iterator[bytes]:
         """The de-identified Part 10 bytes of one instance: a rewritten header, then the original bytes of the pixel
-        data element (see :func:`_pixels` for what may follow it). Nothing is yielded before the header is rewritten,
-        so an instance refused here leaves no byte behind.
+        data element, and nothing after it (:func:`~trolley_tasks.deid.elements.pixels`). Nothing is yielded before
+        the header is rewritten, so an instance refused here leaves no byte behind.
 
         Raises
         ------
