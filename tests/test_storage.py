@@ -226,6 +226,22 @@ def test_existing_valid_finds_only_whole_files(tmp_path: Path) -> None:
     assert storage.reference_path(SECOND.reference(), tmp_path) == saved.path.parent / f"{SECOND.sop_instance_uid}.dcm"
 
 
+def test_existing_valid_never_counts_a_file_behind_a_symlink(tmp_path: Path) -> None:
+    """The lookup asks whether anything is at the path before it confines the directory (a fresh export confined
+    directories not made yet on every call); what is there is still confined first: a valid file of the instance,
+    reached through a series directory swapped for a symlink, is refused, never counted as done."""
+    storage = DcmStorageDir()
+    elsewhere = tmp_path / "elsewhere"
+    saved = storage.save_raw(FIRST.reference(), raw(), elsewhere)
+    out = tmp_path / "out"
+    series = out / saved.path.parent.relative_to(elsewhere)
+    series.parent.mkdir(parents=True)
+    series.symlink_to(saved.path.parent, target_is_directory=True)
+    with pytest.raises(UnsafePathError):
+        storage.existing_valid(FIRST.reference(), out)
+    assert storage.existing_valid(SECOND.reference(), out) is None  # nothing there: nothing to refuse or read
+
+
 # ----------------------------------------------------------------------------------------------- quarantine
 
 
