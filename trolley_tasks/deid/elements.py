@@ -17,6 +17,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag
 
+from trolley_tasks.errors import PayloadInvalidError
 from trolley_tasks.formats import part10_scan
 
 PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
@@ -28,13 +29,15 @@ def pixels(data: bytes, start: int, rest: Iterator[bytes], walker: part10_scan.W
 
     An element after the pixel data is never written, nor anything after it: a private group that sorts after it
     (7FE1, where some vendors keep their own headers), Digital Signatures (FFFA,FFFA), trailing padding. None of
-    them is identifying-free by rule, and none is rewritten here. A stream the walk finds malformed past the header
-    stops where it went wrong (storage then sees a truncated file). The stream is still read to its end, so that the
-    downloader's connection or arrival file is left as a whole read leaves it."""
+    them is identifying-free by rule, and none is rewritten here. The stream is still read to its end (so that the
+    downloader's connection or arrival file is left as a whole read leaves it) and walked: an original that is not a
+    whole file raises PayloadInvalidError once its last byte has passed, as it would have without de-identification
+    (cutting at what follows the pixel data must not make a truncated instance look whole).
+    """
     spans = walker.spans if walker.spans is not None else []
     checked, position = 0, 0
-    chunk = data
-    while True:
+    chunk: bytes | None = data
+    while chunk is not None:
         cut = None
         if walker.error is not None or walker.unsupported is not None:
             cut = walker.size - len(chunk)  # from the start of this chunk on
@@ -48,14 +51,18 @@ def pixels(data: bytes, start: int, rest: Iterator[bytes], walker: part10_scan.W
             yield chunk[begin:end]
         position += len(chunk)
         if cut is not None:
-            for _ in rest:  # read to the end, write nothing more
-                pass
-            return
-        following = next(rest, None)
-        if following is None:
-            return
-        chunk = following
-        walker.feed(chunk)
+            for following in rest:  # read to the end, write nothing more
+                walker.feed(following)
+            break
+        chunk = next(rest, None)
+        if chunk is not None:
+            walker.feed(chunk)
+    try:
+        walker.finish()
+    except (part10_scan.Truncated, part10_scan.NotDicom) as exc:
+        raise PayloadInvalidError(f"cannot de-identify: not a whole DICOM file ({exc})") from exc
+    except part10_scan.Unsupported:
+        pass  # big endian: pydicom read the header; storage checks what was written
 
 
 def dataset_of(spans: list[part10_scan.Span], data: bytes, implicit: bool) -> Dataset:
@@ -67,9 +74,12 @@ def dataset_of(spans: list[part10_scan.Span], data: bytes, implicit: bool) -> Da
     return ds
 
 
-def text(value: bytes | None) -> str | None:
-    """A UI or CS value as text (both are ASCII, padded with a NUL or a space)."""
-    return None if value is None else value.decode("ascii", "replace").strip(" \0")
+def copied(data: bytes, span: part10_scan.Span) -> bytes:
+    """An element kept as it is: its bytes, with the two reserved bytes of an explicit VR long header as zeros (as
+    any writer writes them; PS3.5 7.1.2)."""
+    if span.value - span.start == 12 and data[span.start + 6 : span.start + 8] != b"\0\0":
+        return data[span.start : span.start + 6] + b"\0\0" + data[span.start + 8 : span.end]
+    return data[span.start : span.end]
 
 
 def element_bytes(element: DataElement, implicit: bool, encodings: str | list[str] | None) -> bytes:
