@@ -38,6 +38,12 @@ def flower_server(config: Path, log: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     env = {"FLOWER_PASSWORD": PASSWORD, "FLOWER_BASIC_AUTH": None}
     with cli_service(["flower", "--port", str(port)], config, log, f"{url}/healthcheck", env):
+        # Flower answers its health check before its event consumer is connected; an event sent before that is
+        # lost (a task then shows without a name). kombu logs "Connected to" just before it subscribes.
+        deadline = time.monotonic() + 30
+        while b"Connected to " not in log.read_bytes():
+            assert time.monotonic() < deadline, f"Flower's event consumer did not connect:\n{log.read_text()[-2000:]}"
+            time.sleep(0.05)
         yield url
 
 
