@@ -110,6 +110,7 @@ class Deidentifier:
         }
         self._patients: dict[tuple[object, ...], _Patient] = {}
         self._memos: dict[tuple[object, ...], _Memo] = {}
+        self._exclusions: dict[tuple[object, ...], str | None] = {}
 
     def __repr__(self) -> str:
         return f"Deidentifier({self.profile!r})"
@@ -278,10 +279,7 @@ class Deidentifier:
             span = body.get(tag)
             return None if span is None else data[span.value : span.end - 8 if span.undefined else span.end]
 
-        decided = dataset_of([body[tag] for tag in (_SOP_CLASS, _BURNED_IN) if tag in body], data, implicit)
-        reason = self.profile.exclusion(
-            str(decided.get("SOPClassUID", "") or ""), str(decided.get("BurnedInAnnotation", ""))
-        )
+        reason = self._exclusion(data, [body[tag] for tag in (_SOP_CLASS, _BURNED_IN) if tag in body], implicit)
         if reason is not None:
             raise ExcludedByProfile(reason)
         key = (implicit, *(raw(tag) for tag in PATIENT_TAGS))
@@ -296,13 +294,22 @@ class Deidentifier:
         out = {tag: self._element(data, span, implicit, charset, patient, memo) for tag, span in body.items()}
         out.update(self._added_bytes[implicit])
         new_meta = {span.tag: copied(data, span) for span in meta if span.tag != 0x00020000}
-        if out.get(_SOP_INSTANCE):  # MediaStorageSOPInstanceUID: the new SOPInstanceUID, as pydicom reads it back
-            rewritten = out[_SOP_INSTANCE]
-            value = dataset_of([Span(_SOP_INSTANCE, "UI", 0, 8, len(rewritten), False)], rewritten, implicit)
-            new_meta[0x00020003] = element_bytes(DataElement(0x00020003, "UI", value[_SOP_INSTANCE].value), False, None)
+        rewritten = out.get(_SOP_INSTANCE)
+        if rewritten:  # MediaStorageSOPInstanceUID: the new SOPInstanceUID's value bytes (after its 8-byte header)
+            new_meta[0x00020003] = struct.pack("<HH2sH", 0x0002, 0x0003, b"UI", len(rewritten) - 8) + rewritten[8:]
         meta_bytes = b"".join(new_meta[tag] for tag in sorted(new_meta))
         length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(meta_bytes))
         return b"\0" * 128 + b"DICM" + length + meta_bytes + b"".join(out[tag] for tag in sorted(out))
+
+    def _exclusion(self, data: bytes, spans: list[Span], implicit: bool) -> str | None:
+        """The profile's reason to leave the instance out, from pydicom's reading of its SOPClassUID and
+        BurnedInAnnotation (``spans``); decided once per pair of original values (a series repeats them)."""
+        key = (implicit, *(data[span.value : span.end] for span in spans), *(span.tag for span in spans))
+        if key not in self._exclusions:
+            decided = dataset_of(spans, data, implicit)
+            sop_class, burned_in = str(decided.get("SOPClassUID", "") or ""), str(decided.get("BurnedInAnnotation", ""))
+            _bounded(self._exclusions, _MEMO_ELEMENTS)[key] = self.profile.exclusion(sop_class, burned_in)
+        return self._exclusions[key]
 
     def _element(
         self,
