@@ -232,6 +232,8 @@ class Deidentifier:
             Not a Part 10 file pydicom can read, or a deflated one.
         ExcludedByProfile
             The header shows an instance the profile leaves out.
+        PayloadInvalidError
+            After the pixel data: the original was not a whole DICOM file (see ``pixels``).
         """
         rest = iter((bytes(chunks),) if isinstance(chunks, bytes | bytearray | memoryview) else chunks)
         walker = part10_scan.Walker(spans=True)
@@ -295,8 +297,10 @@ class Deidentifier:
         out.update(self._added_bytes[implicit])
         new_meta = {span.tag: copied(data, span) for span in meta if span.tag != 0x00020000}
         rewritten = out.get(_SOP_INSTANCE)
-        if rewritten:  # MediaStorageSOPInstanceUID: the new SOPInstanceUID's value bytes (after its 8-byte header)
-            new_meta[0x00020003] = struct.pack("<HH2sH", 0x0002, 0x0003, b"UI", len(rewritten) - 8) + rewritten[8:]
+        if rewritten:  # MediaStorageSOPInstanceUID: the new SOPInstanceUID's value bytes, after its header
+            head = 12 if not implicit and rewritten[4:6] in part10_scan.LONG_VRS else 8
+            value = rewritten[head:]
+            new_meta[0x00020003] = struct.pack("<HH2sH", 0x0002, 0x0003, b"UI", len(value)) + value
         meta_bytes = b"".join(new_meta[tag] for tag in sorted(new_meta))
         length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(meta_bytes))
         return b"\0" * 128 + b"DICM" + length + meta_bytes + b"".join(out[tag] for tag in sorted(out))

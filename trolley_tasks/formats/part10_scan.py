@@ -23,7 +23,8 @@ PREAMBLE_AND_MAGIC = 132
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
 _DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+"""VRs whose explicit VR header has two reserved bytes and a 4-byte length: 12 bytes, not 8 (PS3.5 7.1.2)."""
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _TRANSFER_SYNTAX = 0x00020010
@@ -142,7 +143,7 @@ def _explicit_header(view: memoryview, offset: int, size: int) -> tuple[int, str
     vr_bytes = bytes(view[offset + 4 : offset + 6])
     if not (65 <= vr_bytes[0] <= 90 and 65 <= vr_bytes[1] <= 90):
         raise _Malformed(f"no VR at offset {offset + 4} (explicit VR expected)")
-    if vr_bytes in _LONG_VRS:
+    if vr_bytes in LONG_VRS:
         if offset + 12 > size:
             raise _Short
         return tag, vr_bytes.decode(), _U32.unpack_from(view, offset + 8)[0], offset + 12
