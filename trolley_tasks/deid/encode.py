@@ -64,14 +64,12 @@ def _raw(element: RawDataElement, implicit: bool) -> bytes:
     return head + vr.encode() + struct.pack("<H", len(value)) + value
 
 
-def raw_element(
-    element: DataElement, implicit: bool, encodings: str | list[str] | None = None
-) -> RawDataElement | None:
-    """``element`` encoded once, as an element :func:`encode` writes back byte for byte; None when pydicom writes it
-    with an undefined length (only a defined length can be copied as it is)."""
+def raw_element(element: DataElement, implicit: bool) -> RawDataElement:
+    """A new element (written once, the same in every instance) as an element :func:`encode` writes back byte for
+    byte."""
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, implicit
-    write_data_element(fp, element, encodings)
+    write_data_element(fp, element)
     data = fp.getvalue()
     if implicit:
         length, start = struct.unpack_from("<I", data, 4)[0], 8
@@ -79,6 +77,5 @@ def raw_element(
         length, start = struct.unpack_from("<I", data, 8)[0], 12
     else:
         length, start = struct.unpack_from("<H", data, 6)[0], 8
-    if length == _UNDEFINED:
-        return None
+    assert length != _UNDEFINED, "pydicom writes a new element with a defined length"
     return RawDataElement(element.tag, element.VR, length, data[start:], 0, implicit, True, True, False)

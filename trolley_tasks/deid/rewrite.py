@@ -101,7 +101,7 @@ class Deidentifier:
         ]
         if profile.retain_modified_dates:
             added.append(DataElement(0x00280303, "CS", "MODIFIED"))  # LongitudinalTemporalInformationModified
-        self._added = {implicit: [_encoded(element, implicit) for element in added] for implicit in (False, True)}
+        self._added = {implicit: [raw_element(element, implicit) for element in added] for implicit in (False, True)}
         """The elements every de-identified instance gets, the same in each, encoded once per VR encoding (the method
         code sequence took a sixth of the rewrite's time when it was built per instance)."""
         self._added_bytes = {
@@ -407,9 +407,3 @@ def _bounded(memo: dict[Any, Any], size: int) -> dict[Any, Any]:
     if len(memo) >= size:
         memo.clear()
     return memo
-
-
-def _encoded(element: DataElement, implicit: bool) -> RawDataElement:
-    encoded = raw_element(element, implicit)
-    assert encoded is not None, "pydicom writes a new element with a defined length"
-    return encoded
