@@ -7,7 +7,7 @@ import io
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from testbed.cohort import ResearchCohort
 from trolley_tasks.deid import BUILT_IN, Deidentifier
@@ -50,11 +50,12 @@ def _undefined_lengths(ds: pydicom.Dataset) -> None:
 
 def test_the_header_rewritten_from_the_walk_is_the_header_pydicom_rewrites() -> None:
     """:meth:`Deidentifier.stream` rewrites a header from the walk's spans, with a memo of rewritten elements; a
-    header it cannot take that way is read, rewritten and written by pydicom. Both give the same bytes, for every kind
-    of instance (the structured report's nested sequences included), in explicit and implicit VR, with sequences of
-    defined and undefined length, whether the memo is cold (a new deidentifier per file) or warm (one that has seen
-    every file), in the default character set and in UTF-8. Two patients with two studies each: a memo that mixed
-    patients would shift a date or name a patient wrongly. Nothing is excluded, so that every kind is rewritten."""
+    header it cannot take that way (here: the structured report, which has no pixel data) is read, rewritten and
+    written by pydicom. Both give the same bytes, for every kind of image, with a nested UID to replace, in explicit
+    and implicit VR, with sequences of defined and undefined length, whether the memo is cold (a new deidentifier
+    per file) or warm (one that has seen every file), in the default character set and in UTF-8. Two patients with
+    two studies each: a memo that mixed patients would shift a date or name a patient wrongly. Nothing is excluded,
+    so that every kind is rewritten."""
     profile = BUILT_IN["basic"].model_copy(update={"exclude_burned_in": False, "exclude_sop_classes": []})
     warm = Deidentifier(profile, b"a key for the encoder test, long enough")
     cohort = ResearchCohort(studies=4, series=1, instances=3, seed=42)
@@ -64,6 +65,9 @@ def test_the_header_rewritten_from_the_walk_is_the_header_pydicom_rewrites() -> 
             for item in cohort:
                 original = cohort.dataset(item)
                 original.file_meta.TransferSyntaxUID = syntax
+                reference = pydicom.Dataset()  # a nested UID to replace, in every image
+                reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = CTImageStorage, item.series_uid
+                original.ReferencedImageSequence = [reference]
                 if undefined:  # and a character set other than the default, with a descriptor that needs it
                     _undefined_lengths(original)
                     original.SpecificCharacterSet = "ISO_IR 192"
