@@ -1,7 +1,7 @@
 """The pieces of a header rewrite that work on one element's bytes or values, and the pixel data's way past it.
 
 Split from :mod:`trolley_tasks.deid.rewrite`, which decides what happens to each element; here is how an element is
-read from the walk's spans (undecoded), encoded again, shifted or searched for identifying values, and how the
+read from the walk's spans (undecoded) or copied, shifted or searched for identifying values, and how the
 bytes after the header are passed on.
 """
 
@@ -13,8 +13,6 @@ from datetime import date, datetime, timedelta
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag
 
 from trolley_tasks.errors import PayloadInvalidError
@@ -65,11 +63,16 @@ def pixels(data: bytes, start: int, rest: Iterator[bytes], walker: part10_scan.W
         pass  # big endian: pydicom read the header; storage checks what was written
 
 
+def value_of(data: bytes, span: part10_scan.Span) -> bytes:
+    """An element's value bytes (an undefined length's items, without their Sequence Delimitation Item)."""
+    return data[span.value : span.end - 8 if span.undefined else span.end]
+
+
 def dataset_of(spans: list[part10_scan.Span], data: bytes, implicit: bool) -> Dataset:
     """A dataset of these elements, undecoded (pydicom decodes each when it is read)."""
     ds = Dataset()
     for span in spans:
-        value = data[span.value : span.end - 8 if span.undefined else span.end]
+        value = value_of(data, span)
         ds[span.tag] = RawDataElement(BaseTag(span.tag), span.vr, len(value), value, 0, implicit, True, True, False)
     return ds
 
@@ -80,13 +83,6 @@ def copied(data: bytes, span: part10_scan.Span) -> bytes:
     if span.value - span.start == 12 and data[span.start + 6 : span.start + 8] != b"\0\0":
         return data[span.start : span.start + 6] + b"\0\0" + data[span.start + 8 : span.end]
     return data[span.start : span.end]
-
-
-def element_bytes(element: DataElement, implicit: bool, encodings: str | list[str] | None) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, implicit
-    write_data_element(fp, element, encodings)
-    return fp.getvalue()
 
 
 IDENTIFYING = (

@@ -64,13 +64,18 @@ def _raw(element: RawDataElement, implicit: bool) -> bytes:
     return head + vr.encode() + struct.pack("<H", len(value)) + value
 
 
+def element_bytes(element: DataElement, implicit: bool, encodings: str | list[str] | None = None) -> bytes:
+    """``element`` as pydicom writes it, header included, little endian."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    write_data_element(fp, element, encodings)
+    return fp.getvalue()
+
+
 def raw_element(element: DataElement, implicit: bool) -> RawDataElement:
     """A new element (written once, the same in every instance) as an element :func:`encode` writes back byte for
     byte."""
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, implicit
-    write_data_element(fp, element)
-    data = fp.getvalue()
+    data = element_bytes(element, implicit)
     if implicit:
         length, start = struct.unpack_from("<I", data, 4)[0], 8
     elif str(element.VR) in _LONG:

@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 from pydicom import Dataset, FileDataset, dcmread
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
@@ -37,13 +37,13 @@ from trolley_tasks.deid.elements import (
     copied,
     dataset_of,
     dictionary_vr,
-    element_bytes,
     identifying_values,
     pixels,
     shifted,
+    value_of,
     vr_of,
 )
-from trolley_tasks.deid.encode import encode, raw_element
+from trolley_tasks.deid.encode import element_bytes, encode, raw_element
 from trolley_tasks.deid.profile import DeidProfile
 from trolley_tasks.deid.pseudonyms import Pseudonyms
 from trolley_tasks.errors import PayloadInvalidError, TrolleyError
@@ -279,7 +279,7 @@ class Deidentifier:
 
         def raw(tag: int) -> bytes | None:
             span = body.get(tag)
-            return None if span is None else data[span.value : span.end - 8 if span.undefined else span.end]
+            return None if span is None else value_of(data, span)
 
         reason = self._exclusion(data, [body[tag] for tag in (_SOP_CLASS, _BURNED_IN) if tag in body], implicit)
         if reason is not None:
@@ -308,7 +308,7 @@ class Deidentifier:
     def _exclusion(self, data: bytes, spans: list[Span], implicit: bool) -> str | None:
         """The profile's reason to leave the instance out, from pydicom's reading of its SOPClassUID and
         BurnedInAnnotation (``spans``); decided once per pair of original values (a series repeats them)."""
-        key = (implicit, *(data[span.value : span.end] for span in spans), *(span.tag for span in spans))
+        key = (implicit, *(value_of(data, span) for span in spans), *(span.tag for span in spans))
         if key not in self._exclusions:
             decided = dataset_of(spans, data, implicit)
             sop_class, burned_in = str(decided.get("SOPClassUID", "") or ""), str(decided.get("BurnedInAnnotation", ""))
@@ -333,12 +333,10 @@ class Deidentifier:
             return b""
         if action is Action.KEEP and (span.vr or dictionary_vr(tag)) != "SQ":
             return copied(data, span)
-        value = data[span.value : span.end - 8 if span.undefined else span.end]
-        key = (tag, span.vr, value, span.undefined)
+        key = (tag, span.vr, value_of(data, span), span.undefined)
         encoded = memo.get(key)
         if encoded is None:
-            one = dataset_of([charset] if charset is not None and charset.tag != tag else [], data, implicit)
-            one[tag] = RawDataElement(BaseTag(tag), span.vr, len(value), value, 0, implicit, True, True, False)
+            one = dataset_of([charset, span] if charset is not None and charset.tag != tag else [span], data, implicit)
             self._items(one, patient)
             encoded = b""
             if tag in one:
