@@ -19,6 +19,7 @@ from tests.conftest import service_missing
 from trolley_tasks.deid import BUILT_IN, DeidentificationError, Deidentifier, DeidProfile
 from trolley_tasks.deid.actions import DESCRIPTORS, DEVICE_IDENTITY, PATIENT_CHARACTERISTICS, Action, action_table
 from trolley_tasks.errors import ConfigurationError, MissingCredentialError
+from trolley_tasks.storage import StorageDir
 
 COHORT = ResearchCohort(studies=4, series=2, instances=3, seed=31)
 KEY = b"a research key of enough length"
@@ -173,3 +174,18 @@ def test_nothing_after_the_pixel_data_is_written() -> None:
         assert b"TRAILING PHI" not in out and b"VENDOR CSA" not in out
         cleaned = pydicom.dcmread(io.BytesIO(out))
         assert cleaned.PixelData == ds.PixelData and max(cleaned.keys()) == 0x7FE00010
+
+
+def test_a_truncated_original_fails_as_that_instance_and_leaves_no_original_header(tmp_path: Path) -> None:
+    """An original cut inside its pixel data: the stream fails with a DeidentificationError (which the engine takes
+    for this instance only, as storage's own check would a truncated byte-identical one) once its last byte has
+    passed, and what storage keeps in quarantine is the de-identified header and the pixel bytes that came."""
+    item = IMAGES[0]
+    data = COHORT.encode(item)[:-100]
+    with pytest.raises(DeidentificationError, match="not a whole DICOM file"):
+        b"".join(Deidentifier(BUILT_IN["basic"], KEY).stream(chunks(data)))
+    deid = Deidentifier(BUILT_IN["basic"], KEY)
+    with pytest.raises(DeidentificationError):
+        StorageDir().save_raw(deid.reference(item.reference()), deid.stream(chunks(data)), tmp_path)
+    (kept,) = (tmp_path / ".trolley" / "quarantine").iterdir()
+    assert item.patient_id.encode() not in kept.read_bytes() and b"TROLLEY^PATIENT" not in kept.read_bytes()

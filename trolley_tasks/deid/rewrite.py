@@ -65,8 +65,9 @@ and each option with the profile field that turns it on."""
 
 
 class DeidentificationError(PayloadInvalidError):
-    """The header cannot be de-identified (not a readable DICOM header, a deflated syntax). Nothing of the instance
-    was written: its original bytes never reach the output, not even the quarantine."""
+    """The instance cannot be de-identified (not a readable DICOM header, a deflated syntax, not a whole file). Its
+    original header never reaches the output, not even the quarantine: a refused header was never written, and a
+    file found not whole after its pixel data leaves only its de-identified header and pixel bytes behind."""
 
 
 class ExcludedByProfile(Exception):  # noqa: N818 - an outcome, not an error: the instance is left out on purpose
@@ -229,11 +230,11 @@ class Deidentifier:
         Raises
         ------
         DeidentificationError
-            Not a Part 10 file pydicom can read, or a deflated one.
+            Not a Part 10 file pydicom can read, or a deflated one. Also after the pixel data, when the original
+            was not a whole DICOM file (see ``pixels``): what was yielded is the de-identified header and the
+            original's pixel bytes, which storage quarantines.
         ExcludedByProfile
             The header shows an instance the profile leaves out.
-        PayloadInvalidError
-            After the pixel data: the original was not a whole DICOM file (see ``pixels``).
         """
         rest = iter((bytes(chunks),) if isinstance(chunks, bytes | bytearray | memoryview) else chunks)
         walker = part10_scan.Walker(spans=True)
@@ -250,7 +251,12 @@ class Deidentifier:
         data = held[0] if len(held) == 1 else b"".join(held)
         header, start = self._header(data, walker, seen)
         yield header
-        yield from pixels(data, start, rest, walker)
+        try:
+            yield from pixels(data, start, rest, walker)
+        except DeidentificationError:
+            raise
+        except PayloadInvalidError as exc:  # this instance only, like a truncated one without de-identification
+            raise DeidentificationError(exc.message) from exc
 
     def _header(self, data: bytes, walker: part10_scan.Walker, seen: Seen | None) -> tuple[bytes, int]:
         """The rewritten header of ``data`` and where the original bytes go on (the pixel data element).
