@@ -36,17 +36,19 @@ def test_a_purge_never_removes_a_marker_a_fetch_is_writing(tmp_path: Path) -> No
     spool = MoveSpool(tmp_path / "spool").prepare()
     context = multiprocessing.get_context("spawn")
     purger = context.Process(target=_purge, args=(str(spool.directory), time.time() + 30))
+    writers = [context.Process(target=_expect, args=(str(spool.directory), 150)) for _ in range(2)]
     purger.start()
     try:
-        writers = [context.Process(target=_expect, args=(str(spool.directory), 150)) for _ in range(2)]
         for writer in writers:
             writer.start()
         for writer in writers:
             writer.join(timeout=60)
         assert [writer.exitcode for writer in writers] == [0, 0]
     finally:
-        purger.terminate()
-        purger.join(timeout=10)
+        for process in (purger, *writers):
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=10)
 
 
 def test_a_purge_removes_what_is_stale_and_keeps_what_is_fresh(tmp_path: Path) -> None:
