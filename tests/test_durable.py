@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from trolley_tasks.storage.durable import TEMP_PREFIX, AtomicFile, Committer, commit_now, write_file
 
@@ -45,3 +48,17 @@ def test_an_atomic_file_not_committed_is_removed(tmp_path: Path) -> None:
         path = temp.path
         assert path.name.startswith(TEMP_PREFIX) and path.parent == tmp_path
     assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_sync_false_is_atomic_without_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C-MOVE spool's markers: whole or absent, and no journal commit spent on them (a durable write fsyncs the
+    file and its folder)."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    target = tmp_path / "expected" / "1.2.3"
+    write_file(target, b"token 123", sync=False)
+    assert target.read_bytes() == b"token 123" and synced == []
+    assert [p.name for p in target.parent.iterdir()] == ["1.2.3"]  # no temp file left beside it
+    write_file(target, b"token 456")
+    assert target.read_bytes() == b"token 456" and len(synced) == 2  # the file, then its folder

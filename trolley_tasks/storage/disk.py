@@ -182,7 +182,8 @@ class DICOMDiskStorage:
         self, reference: InstanceReference, source: Path, root: Path, committer: Committer | None
     ) -> SaveResult:
         """:meth:`save_raw` for a file already on disk: checked in place, then renamed (never read into memory)."""
-        root.mkdir(parents=True, exist_ok=True)
+        if not root.is_dir():
+            root.mkdir(parents=True, exist_ok=True)
         try:
             header = read_part10_header(source)
             check_identity(header, reference)
@@ -360,7 +361,8 @@ def _work_dir(root: Path, name: str) -> Path:
     """``<root>/.trolley/tmp`` or ``.../quarantine``, made if missing and checked to lie inside ``root`` (a
     ``.trolley`` swapped for a symlink must not carry instance bytes elsewhere)."""
     directory = root / name
-    directory.mkdir(parents=True, exist_ok=True)
+    if not directory.is_dir():  # per instance: a stat, where a mkdir of an existing folder locked its parent
+        directory.mkdir(parents=True, exist_ok=True)
     return confined_directory(root, directory)
 
 

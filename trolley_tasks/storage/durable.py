@@ -5,7 +5,8 @@ filesystem), created with ``O_CREAT | O_EXCL`` under a random name (two writers 
 final name in one step. A reader sees the old file, the new file or no file, never half of one:
 
 - :func:`open_temp` / :class:`AtomicFile`: the temp file;
-- :func:`write_file`: bytes or chunks to a final path, durable on return (the C-MOVE spool, quarantine);
+- :func:`write_file`: bytes or chunks to a final path, durable on return (quarantine, state files), or only atomic
+  with ``sync=False`` (the C-MOVE spool's markers, which nothing needs after a crash);
 - :func:`commit_now` and :class:`Committer`: fsync, rename, directory fsync, inline or in the background.
 
 A file is durable once its bytes are fsynced *before* the rename (otherwise a power cut can leave an empty file
@@ -105,12 +106,19 @@ class AtomicFile:
             self.path.unlink(missing_ok=True)
 
 
-def write_file(path: Path, data: bytes | Iterable[bytes]) -> None:
-    """Write ``data`` (bytes, or chunks in order) to ``path`` atomically and durably, through a temp file beside it."""
+def write_file(path: Path, data: bytes | Iterable[bytes], *, sync: bool = True) -> None:
+    """Write ``data`` (bytes, or chunks in order) to ``path`` atomically and durably, through a temp file beside it.
+
+    With ``sync=False`` the file is still atomic (a reader sees all of it or nothing) but not fsynced: a power cut
+    may lose it or leave it empty under its name. Only for files nothing needs after a crash; each fsync costs a
+    journal commit (see the module docstring)."""
     with AtomicFile(path.parent) as temp:
         for chunk in (data,) if isinstance(data, bytes | bytearray | memoryview) else data:
             temp.handle.write(chunk)
-        temp.commit(path)
+        if sync:
+            temp.commit(path)
+        else:
+            replace(temp.detach(), path)
 
 
 def fsync_path(path: Path) -> None:

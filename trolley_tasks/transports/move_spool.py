@@ -65,7 +65,8 @@ class MoveSpool:
             if not is_valid_uid(uid):
                 continue
             token = secrets.token_hex(16)
-            write_file(self.expected_dir / uid, f"{token} {deadline:.0f}".encode())
+            # atomic, not durable: an expectation outlives no crash (its fetch is gone), so its fsyncs bought nothing
+            write_file(self.expected_dir / uid, f"{token} {deadline:.0f}".encode(), sync=False)
             tokens[uid] = token
         return tokens
 

@@ -40,7 +40,7 @@ from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
 
 from trolley_tasks.errors import ConfigurationError, UnsafePathError
-from trolley_tasks.storage.durable import commit_now, write_file
+from trolley_tasks.storage.durable import replace, write_file
 from trolley_tasks.transports.move_spool import MoveSpool
 
 logger = logging.getLogger("trolley.dimse")
@@ -118,12 +118,19 @@ def count_dataset_bytes(pdu: Any, counts: list[int]) -> bool:
 
 
 def take_dataset(event: Any, target: Path) -> None:
-    """Put the dataset of an EVT_C_STORE event at ``target`` as a Part 10 file, durably: moved from pynetdicom's
-    temporary file (:func:`receive_datasets_on_disk`), or written from memory if that option was turned off."""
+    """Put the dataset of an EVT_C_STORE event at ``target`` as a Part 10 file, in one step: moved from pynetdicom's
+    temporary file (:func:`receive_datasets_on_disk`), or written from memory if that option was turned off.
+
+    Atomic, not durable: ``target`` is a hand-off (a C-GET's arrival folder, the C-MOVE spool), and storage fsyncs
+    the file before it renames it into the output (:class:`~trolley_tasks.storage.durable.Committer`). A power cut
+    loses at most an arrival that no ledger counted yet, which the next run fetches again; a C-MOVE arrival's name
+    holds its expectation's token, so one left empty by a crash is never claimed, and the spool's purge removes it.
+    Two fsyncs here (file and folder) were a second and third journal commit per instance on the C-GET and C-MOVE
+    paths."""
     if _config.STORE_RECV_CHUNKED_DATASET:
-        commit_now(Path(event.dataset_path), target)
+        replace(Path(event.dataset_path), target)
     else:
-        write_file(target, event.encoded_dataset(include_meta=True))
+        write_file(target, event.encoded_dataset(include_meta=True), sync=False)
 
 
 def remove_partial_dataset(assoc: Any) -> None:
