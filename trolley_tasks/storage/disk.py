@@ -150,9 +150,9 @@ class DICOMDiskStorage:
             Whatever the payload iterator raises (a broken stream); the temp file is removed, or, when the stream
             broke as invalid with bytes already written, kept in quarantine like a bad payload.
 
-        With a ``committer`` (:class:`trolley_tasks.storage.durable.Committer`), the fsync and the rename run in the
-        background and the file is under its final name only once ``committer.flush()`` returned without naming
-        ``reference.instance_uid``; the engine uses it to overlap disk waits with the next instance's download.
+        With a ``committer`` (:class:`trolley_tasks.storage.durable.Committer`), the sync and the rename wait for
+        the batch: the file is under its final name only once ``committer.flush()`` returned without naming
+        ``reference.instance_uid``; the engine syncs a batch's files together (one ``syncfs``, not an fsync each).
         """
         root = self._root(path)
         if isinstance(payload, Part10File):

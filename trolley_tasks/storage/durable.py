@@ -7,43 +7,37 @@ final name in one step. A reader sees the old file, the new file or no file, nev
 - :func:`open_temp` / :class:`AtomicFile`: the temp file;
 - :func:`write_file`: bytes or chunks to a final path, durable on return (quarantine, state files), or only atomic
   with ``sync=False`` (the C-MOVE spool's markers, which nothing needs after a crash);
-- :func:`commit_now` and :class:`Committer`: fsync, rename, directory fsync, inline or in the background.
+- :func:`commit_now` and :class:`Committer`: sync, rename, directory fsync, for one file or for a batch.
 
-A file is durable once its bytes are fsynced *before* the rename (otherwise a power cut can leave an empty file
-under the final name) and its directory is fsynced *after* it (otherwise the new name itself can be lost). Those two
-fsyncs cost about a millisecond per file here, which at hundreds of instances a second is a quarter of a worker's
-time, while the CPU has other work (the next instance's bytes). So:
+A file is durable once its bytes are on disk *before* the rename (otherwise a power cut can leave an empty file
+under the final name) and its directory is fsynced *after* it (otherwise the new name itself can be lost). On ext4
+each fsync of a new file is a journal commit of its own, and the next file's create waits behind it. So:
 
 - :func:`commit_now` does both for one file (what ``storage.save_raw`` does on its own);
-- a :class:`Committer` runs the fsync-then-rename of each file on a small thread pool while the caller goes on, and
-  :meth:`Committer.flush` waits for them and fsyncs each directory once. The engine flushes a batch before its
-  ledger counts any instance of it as done, so "done" still means "durable on disk".
+- a :class:`Committer` collects a batch's files and :meth:`Committer.flush` syncs them together (one ``syncfs``),
+  renames them, and fsyncs each directory once. The engine flushes a batch before its ledger counts any instance of
+  it as done, so "done" still means "durable on disk".
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import re
 import secrets
 import shutil
-import threading
+import sys
 import time
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 TEMP_PREFIX = ".trolley-tmp-"
 """Temp files start with this; a crash may leave some, which ``storage.clean_temp_files`` removes later."""
 
 COPY_CHUNK = 1024 * 1024
 """Bytes per read when a file must be copied across filesystems: memory stays one chunk whatever the file's size."""
-COMMIT_THREADS = 4
-"""fsyncs in flight per worker process: enough to keep the disk queue busy while Python parses the next part."""
-
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = 0
-_pool_lock = threading.Lock()
 
 
 def open_temp(directory: Path, *, text: bool = False) -> tuple[IO[Any], Path]:
@@ -160,45 +154,114 @@ def commit_now(temp: Path, final: Path) -> None:
     fsync_path(final.parent)
 
 
-def _shared_pool() -> ThreadPoolExecutor:
-    """One pool per process, made after a fork (a forked child must not inherit its parent's threads)."""
-    global _pool, _pool_pid
-    with _pool_lock:
-        if _pool is None or _pool_pid != os.getpid():
-            _pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="trolley-commit")
-            _pool_pid = os.getpid()
-        return _pool
+def _syncfs_function() -> Callable[[int], int] | None:
+    """libc's ``syncfs`` where it reports write-back errors (Linux 5.8 and later), else None.
+
+    Python has no ``os.syncfs``; ctypes reaches it. Before 5.8, syncfs returned 0 whatever the disk said, which would
+    make "durable" a guess, so those kernels (and other systems) keep one fsync per file."""
+    if not sys.platform.startswith("linux"):
+        return None
+    release = tuple(int(part) for part in re.findall(r"\d+", os.uname().release)[:2])
+    if release < (5, 8):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    return cast(Callable[[int], int], function)
+
+
+_syncfs = _syncfs_function()
+
+
+def sync_filesystem_of(directory: Path) -> None:
+    """Every dirty byte of the filesystem that holds ``directory`` reaches the disk (``syncfs``); raises the
+    write-back error if one happened since this filesystem was last synced through any descriptor."""
+    assert _syncfs is not None
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"syncfs {directory}: {os.strerror(code)}")
+    finally:
+        os.close(fd)
 
 
 class Committer:
-    """Commits files in the background; :meth:`flush` makes them all durable and reports the ones that failed.
+    """Commits a batch of files at once; :meth:`flush` makes them all durable and reports the ones that failed.
 
     >>> committer = Committer()
-    >>> storage.save_raw(ref, payload, out, committer=committer)   # returns at once; fsync + rename run behind
+    >>> storage.save_raw(ref, payload, out, committer=committer)   # returns at once: written, not yet renamed
     >>> failed = committer.flush()                                  # {key: exception}; the rest are durable
+
+    One ``syncfs`` per filesystem per flush, not one fsync per file. Measured in the engine (docs/performance.md,
+    "One syncfs per batch"): each fsync of a new file forces an ext4 journal commit of its own, which the next
+    file's create then waits behind, and the commit threads that ran them in the background cost CPU of their own.
+    syncfs writes the batch's files back together and commits the journal once. It also writes back whatever else
+    is dirty on that filesystem (other workers' batches, mostly), which is why it runs once per batch. Where syncfs
+    does not report errors (see :func:`_syncfs_function`), each file is fsynced here instead.
     """
 
     def __init__(self) -> None:
-        self._pending: list[tuple[str, Future[None], Path]] = []
+        self._pending: list[tuple[str, Path, Path]] = []
 
     def submit(self, key: str, temp: Path, final: Path) -> None:
-        """Start committing ``temp`` as ``final``; ``key`` names it in :meth:`flush`'s answer."""
-        self._pending.append((key, _shared_pool().submit(sync_and_replace, temp, final), final.parent))
+        """``temp`` (closed, all bytes written) becomes ``final`` at :meth:`flush`; ``key`` names it there."""
+        self._pending.append((key, temp, final))
 
     def flush(self) -> dict[str, BaseException]:
-        """Wait for every submitted commit, then fsync each directory once. Returns the commits that failed."""
+        """Sync the temp files, rename each, then fsync each directory once. Returns the commits that failed; a
+        failed sync fails every file it covered (which one the disk lost is not known), and removes them."""
+        pending, self._pending = self._pending, []
         failed: dict[str, BaseException] = {}
+        synced: dict[Path, OSError | None] = {}
+        devices: dict[int, OSError | None] = {}
+        for key, temp, _ in pending:
+            if _syncfs is None:
+                error = _fsync_or_error(temp)
+            else:
+                if temp.parent not in synced:
+                    synced[temp.parent] = _sync_once(temp.parent, devices)
+                error = synced[temp.parent]
+            if error is not None:
+                failed[key] = error
+                temp.unlink(missing_ok=True)
         directories: set[Path] = set()
-        for key, future, directory in self._pending:
+        for key, temp, final in pending:
+            if key in failed:
+                continue
             try:
-                future.result()
-                directories.add(directory)
-            except Exception as exc:  # an OSError (disk full, permissions): that instance is not on disk
+                replace(temp, final)
+                directories.add(final.parent)
+            except OSError as exc:  # the target's folder went away, permissions: that instance is not on disk
                 failed[key] = exc
-        self._pending.clear()
         for directory in directories:
             fsync_path(directory)
         return failed
+
+
+def _sync_once(folder: Path, devices: dict[int, OSError | None]) -> OSError | None:
+    """syncfs the filesystem of ``folder`` unless this flush did already; the error, if any."""
+    try:
+        device = os.stat(folder).st_dev
+    except OSError as exc:
+        return exc
+    if device not in devices:
+        try:
+            sync_filesystem_of(folder)
+            devices[device] = None
+        except OSError as exc:
+            devices[device] = exc
+    return devices[device]
+
+
+def _fsync_or_error(temp: Path) -> OSError | None:
+    try:
+        fsync_path(temp)
+    except OSError as exc:
+        return exc
+    return None
 
 
 def remove_stale_temp_files(directory: Path, older_than: float) -> int:
