@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from trolley_tasks.storage import durable
 from trolley_tasks.storage.durable import TEMP_PREFIX, AtomicFile, Committer, commit_now, write_file
+
+T = TypeVar("T")
+
+
+def recording(calls: list[int], function: Callable[[int], T]) -> Callable[[int], T]:
+    """``function``, noting each descriptor it is called with in ``calls``."""
+
+    def record(fd: int) -> T:
+        calls.append(fd)
+        return function(fd)
+
+    return record
 
 
 def test_commit_now_and_background_commits(tmp_path: Path) -> None:
@@ -57,7 +71,7 @@ def test_sync_false_is_atomic_without_fsync(tmp_path: Path, monkeypatch: pytest.
     file and its folder)."""
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "fsync", recording(synced, real_fsync))
     target = tmp_path / "expected" / "1.2.3"
     write_file(target, b"token 123", sync=False)
     assert target.read_bytes() == b"token 123" and synced == []
@@ -77,17 +91,63 @@ def _batch(tmp_path: Path, committer: Committer, count: int) -> list[Path]:
     return temps
 
 
-def test_a_batch_is_synced_once_per_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def watchers(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, int]]:
+    """A fresh registry of syncfs descriptors, as in a process that has synced nothing yet; closed afterwards."""
+    fresh: dict[int, int] = {}
+    monkeypatch.setattr(durable, "_watchers", fresh)
+    yield fresh
+    for fd in fresh.values():
+        os.close(fd)
+
+
+def test_a_batch_is_synced_once_per_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watchers: dict[int, int]
+) -> None:
+    """A process's first flush on a filesystem fsyncs each file (write-back errors are watched from then on); every
+    later flush is one syncfs, and no file fsync."""
     if durable._syncfs is None:
         pytest.fail("this kernel's syncfs does not report errors (before Linux 5.8): the batch path is untested")
-    calls: list[Path] = []
-    real = durable.sync_filesystem_of
-    monkeypatch.setattr(durable, "sync_filesystem_of", lambda folder: (calls.append(folder), real(folder))[1])
+    syncfs_calls: list[int] = []
+    real_syncfs = durable._syncfs
+    monkeypatch.setattr(durable, "_syncfs", recording(syncfs_calls, real_syncfs))
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", recording(fsyncs, real_fsync))
+
     committer = Committer()
     _batch(tmp_path, committer, 10)
     assert not (tmp_path / "out" / "0.dcm").exists()  # nothing under its final name before flush
     assert committer.flush() == {}
-    assert calls == [tmp_path] and len(list((tmp_path / "out").iterdir())) == 10
+    assert syncfs_calls == [] and len(fsyncs) == 10 + 1  # first flush here: each file, then the directory
+
+    fsyncs.clear()
+    (tmp_path / "second").mkdir()
+    _batch(tmp_path / "second", committer, 10)
+    assert committer.flush() == {}
+    assert len(syncfs_calls) == 1 and len(fsyncs) == 1  # one syncfs for the batch, then the directory
+    assert len(list((tmp_path / "out").iterdir())) == 10 and len(list((tmp_path / "second" / "out").iterdir())) == 10
+
+
+def test_a_forked_process_watches_with_its_own_descriptor(tmp_path: Path, watchers: dict[int, int]) -> None:
+    """A descriptor shared with the parent would report a write-back error to whichever process synced first."""
+    if durable._syncfs is None:
+        pytest.fail("this kernel's syncfs does not report errors (before Linux 5.8): the batch path is untested")
+    assert durable.sync_filesystem_of(tmp_path) is False and durable.sync_filesystem_of(tmp_path) is True
+    parent_fd = watchers[os.stat(tmp_path).st_dev]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first sync opens its own descriptor, its second syncs through it
+        first, second = durable.sync_filesystem_of(tmp_path), durable.sync_filesystem_of(tmp_path)
+        own = durable._watchers[os.stat(tmp_path).st_dev]
+        os.write(write, f"{first} {second} {own != parent_fd}".encode())
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    answer = os.read(read, 100).decode()
+    os.close(read)
+    assert status == 0 and answer == "False True True"
+    assert durable.sync_filesystem_of(tmp_path) is True  # the parent's own descriptor still serves it
 
 
 def test_a_failed_sync_fails_every_file_it_covered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,7 +170,7 @@ def test_without_syncfs_each_file_is_fsynced(tmp_path: Path, monkeypatch: pytest
     synced: list[int] = []
     real_fsync = os.fsync
     monkeypatch.setattr(durable, "_syncfs", None)
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "fsync", recording(synced, real_fsync))
     committer = Committer()
     _batch(tmp_path, committer, 4)
     assert committer.flush() == {}

@@ -28,6 +28,7 @@ import re
 import secrets
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -175,17 +176,37 @@ def _syncfs_function() -> Callable[[int], int] | None:
 _syncfs = _syncfs_function()
 
 
-def sync_filesystem_of(directory: Path) -> None:
-    """Every dirty byte of the filesystem that holds ``directory`` reaches the disk (``syncfs``); raises the
-    write-back error if one happened since this filesystem was last synced through any descriptor."""
+_watchers: dict[int, int] = {}
+"""One open directory per filesystem, per process: the descriptor its syncfs calls go through (see
+:func:`sync_filesystem_of`)."""
+_watchers_pid = 0
+_watchers_lock = threading.Lock()
+
+
+def sync_filesystem_of(directory: Path) -> bool:
+    """Write back every dirty byte of the filesystem that holds ``directory`` (``syncfs``). False when this process
+    had not synced that filesystem before: its write-back errors are watched from now on, and the caller must fsync
+    the files it wrote so far itself. Raises the write-back error otherwise.
+
+    syncfs reports an error once per open descriptor, from the moment the descriptor was opened. A descriptor opened
+    just for the call would miss an error that another process's syncfs (another worker on this host) reported
+    first, so each process keeps one descriptor per filesystem and syncs through it; a forked child opens its own
+    (a shared descriptor reports an error to whichever process asks first)."""
+    global _watchers_pid
     assert _syncfs is not None
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _syncfs(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"syncfs {directory}: {os.strerror(code)}")
-    finally:
-        os.close(fd)
+    device = os.stat(directory).st_dev
+    with _watchers_lock:
+        if _watchers_pid != os.getpid():
+            _watchers.clear()  # the parent's descriptors stay open here, unused: closing them would not close theirs
+            _watchers_pid = os.getpid()
+        fd = _watchers.get(device)
+        if fd is None:
+            _watchers[device] = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            return False
+    if _syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"syncfs {directory}: {os.strerror(code)}")
+    return True
 
 
 class Committer:
@@ -196,11 +217,12 @@ class Committer:
     >>> failed = committer.flush()                                  # {key: exception}; the rest are durable
 
     One ``syncfs`` per filesystem per flush, not one fsync per file. Measured in the engine (docs/performance.md,
-    "One syncfs per batch"): each fsync of a new file forces an ext4 journal commit of its own, which the next
-    file's create then waits behind, and the commit threads that ran them in the background cost CPU of their own.
-    syncfs writes the batch's files back together and commits the journal once. It also writes back whatever else
-    is dirty on that filesystem (other workers' batches, mostly), which is why it runs once per batch. Where syncfs
-    does not report errors (see :func:`_syncfs_function`), each file is fsynced here instead.
+    "One syncfs per batch"): each fsync of a new file forced an ext4 journal commit of its own, which the next
+    file's create then waited behind, and the threads that ran them in the background cost CPU of their own. syncfs
+    writes the batch's files back together and commits the journal once; it also writes back whatever else is dirty
+    on that filesystem (on an export host, mostly the other workers' batches). Each file is fsynced instead where
+    syncfs does not report errors (see :func:`_syncfs_function`), and in a process's first flush on a filesystem
+    (see :func:`sync_filesystem_of`).
     """
 
     def __init__(self) -> None:
@@ -212,18 +234,18 @@ class Committer:
 
     def flush(self) -> dict[str, BaseException]:
         """Sync the temp files, rename each, then fsync each directory once. Returns the commits that failed; a
-        failed sync fails every file it covered (which one the disk lost is not known), and removes them."""
+        failed syncfs fails every file it covered (which one the disk lost is not known), and removes them."""
         pending, self._pending = self._pending, []
         failed: dict[str, BaseException] = {}
-        synced: dict[Path, OSError | None] = {}
-        devices: dict[int, OSError | None] = {}
+        synced: dict[Path, OSError | bool] = {}
         for key, temp, _ in pending:
-            if _syncfs is None:
+            if temp.parent not in synced:
+                synced[temp.parent] = _sync_folder(temp.parent)
+            outcome = synced[temp.parent]
+            if outcome is False:  # no syncfs covered this file: fsync it
                 error = _fsync_or_error(temp)
             else:
-                if temp.parent not in synced:
-                    synced[temp.parent] = _sync_once(temp.parent, devices)
-                error = synced[temp.parent]
+                error = outcome if isinstance(outcome, OSError) else None
             if error is not None:
                 failed[key] = error
                 temp.unlink(missing_ok=True)
@@ -241,19 +263,16 @@ class Committer:
         return failed
 
 
-def _sync_once(folder: Path, devices: dict[int, OSError | None]) -> OSError | None:
-    """syncfs the filesystem of ``folder`` unless this flush did already; the error, if any."""
+def _sync_folder(folder: Path) -> OSError | bool:
+    """True when a syncfs covered the files in ``folder``, False when they must be fsynced one by one, or the
+    error. A second folder on a filesystem already synced by this flush costs one more syncfs with little to
+    write: the engine's batches have one folder of temp files."""
+    if _syncfs is None:
+        return False
     try:
-        device = os.stat(folder).st_dev
+        return sync_filesystem_of(folder)
     except OSError as exc:
         return exc
-    if device not in devices:
-        try:
-            sync_filesystem_of(folder)
-            devices[device] = None
-        except OSError as exc:
-            devices[device] = exc
-    return devices[device]
 
 
 def _fsync_or_error(temp: Path) -> OSError | None:
