@@ -21,6 +21,7 @@ each fsync of a new file is a journal commit of its own, and the next file's cre
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -248,7 +249,8 @@ class Committer:
                 error = outcome if isinstance(outcome, OSError) else None
             if error is not None:
                 failed[key] = error
-                temp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a disk that failed may refuse this too: the stale sweep will do
+                    temp.unlink(missing_ok=True)
         directories: set[Path] = set()
         for key, temp, final in pending:
             if key in failed:
