@@ -225,6 +225,25 @@ def test_embedded_redis_persists_and_is_owned_by_one_command(tmp_path: Path) -> 
         second.stop()
 
 
+def test_stopping_the_embedded_redis_does_not_reconnect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SHUTDOWN is answered by the server closing the connection; redis-py's default retries then reconnected, with
+    back-off, to a socket that was gone: 4.5 s added to every embedded command. One connection, and the data saved."""
+    import redis.connection
+
+    server = EmbeddedRedis(tmp_path / "state").start()
+    connects: list[object] = []
+    real_connect = redis.connection.UnixDomainSocketConnection._connect
+
+    def counted(self: redis.connection.UnixDomainSocketConnection) -> object:
+        connects.append(self)
+        return real_connect(self)
+
+    monkeypatch.setattr(redis.connection.UnixDomainSocketConnection, "_connect", counted)
+    server.stop()
+    assert len(connects) == 1 and not _answers(server.socket_path)
+    assert (tmp_path / "state" / "trolley.rdb").exists()
+
+
 def test_socket_path_falls_back_when_the_state_dir_is_deep(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 120)
     assert len(str(socket_path_for(deep))) <= 100

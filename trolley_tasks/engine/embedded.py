@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import IO
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from trolley_tasks.errors import ConfigurationError, UnsafePathError
 from trolley_tasks.storage.confine import private_directory
@@ -236,7 +238,9 @@ class EmbeddedRedis:
     def stop(self) -> None:
         """Stop the server we own (it writes its data first); release the state directory."""
         if self._owned_pid is not None:
-            client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=30)
+            # no retries: the server closing the connection is SHUTDOWN's answer, which redis-py would otherwise
+            # retry with back-off against a socket that is gone (4.5 s of every embedded command's wall time)
+            client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=30, retry=Retry(NoBackoff(), 0))
             try:
                 client.shutdown(save=True)
             except redis.ConnectionError:
