@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, settings
 from testbed.cohort import GeneratedCohort, generate_cohort
 from testbed.orthanc import OrthancServer, OrthancUnavailable, find_orthanc, free_port
 from trolley_tasks.downloaders.dicom_qr import CGet, CMove
+from trolley_tasks.storage import durable
 
 CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
@@ -169,3 +170,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.pacs)
         if names & {"redis_service", "redis_db"}:
             item.add_marker(pytest.mark.redis)
+
+
+@pytest.fixture
+def watchers(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, int]]:
+    """A fresh registry of syncfs descriptors, as in a process that has synced nothing yet; closed afterwards."""
+    fresh: dict[int, int] = {}
+    monkeypatch.setattr(durable, "_watchers", fresh)
+    yield fresh
+    for fd in fresh.values():
+        os.close(fd)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -89,16 +89,6 @@ def _batch(tmp_path: Path, committer: Committer, count: int) -> list[Path]:
         temps.append(temp)
         committer.submit(f"k{index}", temp, tmp_path / "out" / f"{index}.dcm")
     return temps
-
-
-@pytest.fixture
-def watchers(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, int]]:
-    """A fresh registry of syncfs descriptors, as in a process that has synced nothing yet; closed afterwards."""
-    fresh: dict[int, int] = {}
-    monkeypatch.setattr(durable, "_watchers", fresh)
-    yield fresh
-    for fd in fresh.values():
-        os.close(fd)
 
 
 def test_a_batch_is_synced_once_per_filesystem(

@@ -55,15 +55,6 @@ def failing_disk(where: Path, real_mb: int = 24, size_mb: int = 128) -> Iterator
         yield mount
 
 
-@pytest.fixture
-def watchers(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, int]]:
-    fresh: dict[int, int] = {}
-    monkeypatch.setattr(durable, "_watchers", fresh)
-    yield fresh
-    for fd in fresh.values():
-        os.close(fd)
-
-
 def test_a_write_back_error_another_worker_saw_first_still_fails_the_batch(
     tmp_path: Path, watchers: dict[int, int]
 ) -> None:
