@@ -119,6 +119,23 @@ def test_a_batch_is_synced_once_per_filesystem(
     assert len(list((tmp_path / "out").iterdir())) == 10 and len(list((tmp_path / "second" / "out").iterdir())) == 10
 
 
+def test_a_watched_filesystem_is_synced_once_from_the_first_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watchers: dict[int, int]
+) -> None:
+    """What the engine does before a batch writes: watching the output (not made yet: its nearest existing parent)
+    lets even a process's first flush be one syncfs."""
+    if durable._syncfs is None:
+        pytest.fail("this kernel's syncfs does not report errors (before Linux 5.8): the batch path is untested")
+    fsyncs: list[int] = []
+    monkeypatch.setattr(os, "fsync", recording(fsyncs, os.fsync))
+    durable.watch(tmp_path / "out" / "not-made-yet")
+    assert list(watchers) == [os.stat(tmp_path).st_dev]
+    committer = Committer()
+    _batch(tmp_path, committer, 5)
+    assert committer.flush() == {}
+    assert len(fsyncs) == 1  # the directory only: the files went back with the syncfs
+
+
 def test_a_forked_process_watches_with_its_own_descriptor(tmp_path: Path, watchers: dict[int, int]) -> None:
     """A descriptor shared with the parent would report a write-back error to whichever process synced first."""
     if durable._syncfs is None:

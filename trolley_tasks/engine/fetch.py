@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom import Dataset
 from tenacity import RetryCallState, Retrying, stop_after_attempt, wait_random_exponential
@@ -43,7 +44,7 @@ from trolley_tasks.engine.throttle import ThrottleBusy
 from trolley_tasks.errors import ErrorClass, NotFoundError, TrolleyError, UnsafePathError
 from trolley_tasks.formats.part10 import RawPayload
 from trolley_tasks.storage.disk import DICOMDiskStorage, QuarantinedPayloadError, SaveResult
-from trolley_tasks.storage.durable import Committer
+from trolley_tasks.storage.durable import Committer, watch
 
 log = logging.getLogger("trolley.engine.fetch")
 
@@ -113,6 +114,7 @@ class _Download:
         self.links: dict[str, dict[str, str]] = {}
         self.tries = tries
         self.committer = Committer()
+        watch(Path(output))  # before anything is written: the batch's first flush can then be one syncfs
         self.deid = deid
         self.keep_links = keep_links
 

@@ -184,26 +184,49 @@ _watchers_pid = 0
 _watchers_lock = threading.Lock()
 
 
-def sync_filesystem_of(directory: Path) -> bool:
-    """Write back every dirty byte of the filesystem that holds ``directory`` (``syncfs``). False when this process
-    had not synced that filesystem before: its write-back errors are watched from now on, and the caller must fsync
-    the files it wrote so far itself. Raises the write-back error otherwise.
-
-    syncfs reports an error once per open descriptor, from the moment the descriptor was opened. A descriptor opened
-    just for the call would miss an error that another process's syncfs (another worker on this host) reported
-    first, so each process keeps one descriptor per filesystem and syncs through it; a forked child opens its own
-    (a shared descriptor reports an error to whichever process asks first)."""
+def _watcher(directory: Path) -> tuple[int, bool]:
+    """This process's descriptor on the filesystem of ``directory``, and whether it was open before this call."""
     global _watchers_pid
-    assert _syncfs is not None
     device = os.stat(directory).st_dev
     with _watchers_lock:
         if _watchers_pid != os.getpid():
             _watchers.clear()  # the parent's descriptors stay open here, unused: closing them would not close theirs
             _watchers_pid = os.getpid()
         fd = _watchers.get(device)
-        if fd is None:
-            _watchers[device] = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            return False
+        if fd is not None:
+            return fd, True
+        fd = _watchers[device] = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return fd, False
+
+
+def watch(directory: Path) -> None:
+    """Watch the filesystem of ``directory`` (or of its nearest existing parent) for write-back errors from now on,
+    so that a :class:`Committer` syncs the files written after this call with one syncfs, even in its first flush.
+    The engine calls it before a batch writes anything."""
+    if _syncfs is None:
+        return
+    while not directory.is_dir() and directory != directory.parent:
+        directory = directory.parent
+    with contextlib.suppress(OSError):  # unreadable: the first flush fsyncs each file instead
+        _watcher(directory)
+
+
+def sync_filesystem_of(directory: Path) -> bool:
+    """Write back every dirty byte of the filesystem that holds ``directory`` (``syncfs``). False when this process
+    was not watching that filesystem (:func:`watch`): it is watched from now on, and the caller must fsync the files
+    it wrote so far itself. Raises the write-back error otherwise.
+
+    syncfs reports an error once per open descriptor, from the moment the descriptor was opened. A descriptor opened
+    just for the call would miss an error that another process's syncfs (another worker on this host) reported
+    first, so each process keeps one descriptor per filesystem and syncs through it; a forked child opens its own
+    (a shared descriptor reports an error to whichever process asks first)."""
+    assert _syncfs is not None
+    try:
+        fd, watched = _watcher(directory)
+    except OSError:  # a folder we cannot open: the caller fsyncs each file, which reports its own errors
+        return False
+    if not watched:
+        return False
     if _syncfs(fd) != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"syncfs {directory}: {os.strerror(code)}")
@@ -222,8 +245,8 @@ class Committer:
     file's create then waited behind, and the threads that ran them in the background cost CPU of their own. syncfs
     writes the batch's files back together and commits the journal once; it also writes back whatever else is dirty
     on that filesystem (on an export host, mostly the other workers' batches). Each file is fsynced instead where
-    syncfs does not report errors (see :func:`_syncfs_function`), and in a process's first flush on a filesystem
-    (see :func:`sync_filesystem_of`).
+    syncfs does not report errors (see :func:`_syncfs_function`), and in a process's first flush on a filesystem it
+    did not :func:`watch` before writing.
     """
 
     def __init__(self) -> None:
@@ -243,10 +266,9 @@ class Committer:
             if temp.parent not in synced:
                 synced[temp.parent] = _sync_folder(temp.parent)
             outcome = synced[temp.parent]
+            error = outcome if isinstance(outcome, OSError) else None
             if outcome is False:  # no syncfs covered this file: fsync it
                 error = _fsync_or_error(temp)
-            else:
-                error = outcome if isinstance(outcome, OSError) else None
             if error is not None:
                 failed[key] = error
                 with contextlib.suppress(OSError):  # a disk that failed may refuse this too: the stale sweep will do
