@@ -11,13 +11,19 @@ from pathlib import Path
 
 from testbed.cohort import generate_cohort
 from tests.engine.fakes import FakeDownloader, FakeSearcher, RecordingPublisher, drain, make_context
-from trolley_tasks.core import InstanceReference
+from trolley_tasks.core import InstanceReference, QueryLevels
 from trolley_tasks.engine.api import EngineClient
+from trolley_tasks.engine.context import EngineContext
 from trolley_tasks.engine.expand import expand_row
 from trolley_tasks.engine.fetch import fetch_batch
+from trolley_tasks.engine.ledger import Ledger
 from trolley_tasks.engine.models import JobState
 from trolley_tasks.engine.producer import submit
+from trolley_tasks.engine.settings import Settings
 from trolley_tasks.errors import AuthError, NotFoundError, ServerBusyError, ServerError, TransientNetworkError
+from trolley_tasks.formats.part10 import Part10File
+from trolley_tasks.profiles import SourceProfile
+from trolley_tasks.searchers.dicom_qr import DICOMQR
 
 COHORT = generate_cohort(studies=2, series=2, instances=3, seed=11, rows=8, columns=8)
 
@@ -175,3 +181,45 @@ def test_window_closed_holds_without_claiming(redis_db, tmp_path: Path) -> None:
     assert publisher.expands[0][4] == result.retry_in  # re-queued with a countdown, nothing searched
     assert ctx.ledger.status(job).expected == 0  # type: ignore[union-attr]
     assert downloader.calls == 0
+
+
+def test_a_dimse_source_searches_and_fetches_on_one_association(orthanc, redis_db) -> None:  # type: ignore[no-untyped-def]
+    """Against a real Orthanc: the C-FIND searcher moves onto the C-GET downloader's association once both exist, and
+    its own is released (each open association is a polling thread and a slot the PACS counts)."""
+    profile = SourceProfile(
+        searcher="dicom-qr",
+        downloader="c-get",
+        host="127.0.0.1",
+        port=orthanc.dicom_port,
+        called_aet=orthanc.aet,
+        calling_aet="TROLLEY",
+    )
+    ctx = EngineContext(
+        settings=Settings(sources={"pacs": profile}),
+        ledger=Ledger(redis_db.client()),
+        publisher=RecordingPublisher(),
+    )
+    runtime = ctx.source("pacs")
+    study_uid = orthanc.cohort.study_refs()[0].study_uid
+    study = runtime.searcher.find_study_by_id(study_uid, QueryLevels.INSTANCE)  # no downloader yet: its own
+    assert isinstance(runtime.searcher, DICOMQR)
+    own = runtime.searcher.associations
+    assert own.is_open
+
+    series = study.series[0]
+    arrived = list(runtime.downloader.iter_raw(series))
+    for _, payload in arrived:
+        assert isinstance(payload, Part10File)
+        payload.path.unlink()
+    assert sorted(ref.instance_uid for ref, _ in arrived) == sorted(i.uid for i in series.instances)
+    shared = runtime.downloader.associations  # type: ignore[attr-defined]
+    assert runtime.searcher.associations is shared and not own.is_open
+
+    again = runtime.searcher.find_study_by_id(study_uid, QueryLevels.INSTANCE)
+    assert [s.uid for s in again.series] == [s.uid for s in study.series]
+    assert shared.associations_opened == 1 and shared.is_open  # the fetch's association served the search
+
+    runtime.reset_downloader()  # a transport failure: the next downloader is new, and shared again
+    list(runtime.downloader.iter_raw(study.series[1].instances[0]))[0][1].path.unlink()
+    assert runtime.searcher.associations is runtime.downloader.associations is not shared
+    runtime.close()

@@ -25,6 +25,7 @@ import redis
 
 from trolley_tasks.deid import Deidentifier, DeidProfile
 from trolley_tasks.downloaders.base import Downloader
+from trolley_tasks.downloaders.dimse_retrieve import RetrieveLoop
 from trolley_tasks.downloaders.wado_uri import WadoURI
 from trolley_tasks.engine.breaker import Breaker
 from trolley_tasks.engine.deidentify import UID_TEXT, deidentifier_for, profile_of, scrub_uids
@@ -37,6 +38,7 @@ from trolley_tasks.engine.throttle import Throttle
 from trolley_tasks.errors import TrolleyError
 from trolley_tasks.profiles import SourceProfile
 from trolley_tasks.searchers.base import Searcher
+from trolley_tasks.searchers.dicom_qr import DICOMQR
 from trolley_tasks.series_filter import SeriesFilter
 from trolley_tasks.storage.disk import DcmStorageDir, DICOMDiskStorage, FlatDcmStorageDir, TemplateStorage
 
@@ -71,6 +73,7 @@ class SourceRuntime:
     def searcher(self) -> Searcher:
         if self._searcher is None:
             self._searcher = self.build_searcher()
+            self._share_association()
         return self._searcher
 
     @property
@@ -82,7 +85,22 @@ class SourceRuntime:
                 # throttle: the PACS sees no more requests at once than max_concurrency, across every host
                 self._downloader.max_in_flight = min(WADO_URI_IN_FLIGHT, self.profile.max_concurrency)
                 self._downloader.request_gate = self.throttle
+            self._share_association()
         return self._downloader
+
+    def _share_association(self) -> None:
+        """A C-FIND searcher and a C-GET or C-MOVE downloader of one profile reach one PACS as one AE, and the
+        downloader's association proposes C-FIND too: once both exist, the searcher uses the downloader's association
+        and releases its own. Each open association is a pynetdicom thread polling every millisecond (4 to 5% of a
+        core, ``python -m bench.idle_associations``) and one more association the PACS counts; the searcher's sat
+        idle between expansions. The downloader is never built for this (building it may need what only a worker
+        has, such as the C-MOVE spool); a new downloader after :meth:`reset_downloader` is shared again."""
+        searcher, downloader = self._searcher, self._downloader
+        if not isinstance(searcher, DICOMQR) or not isinstance(downloader, RetrieveLoop):
+            return
+        if searcher.associations is not downloader.associations:
+            searcher.associations.release()
+            searcher.associations = downloader.associations
 
     def gate(self) -> tuple[float, bool]:
         """(seconds to hold, probe): how long work for this source must wait before it may start (a closed window,
