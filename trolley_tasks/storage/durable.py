@@ -261,10 +261,12 @@ class Committer:
         failed syncfs fails every file it covered (which one the disk lost is not known), and removes them."""
         pending, self._pending = self._pending, []
         failed: dict[str, BaseException] = {}
+        watched = _watched_devices()  # a descriptor opened during this flush did not watch these files' write-back
         synced: dict[Path, OSError | bool] = {}
+        devices: dict[int, OSError | bool] = {}
         for key, temp, _ in pending:
             if temp.parent not in synced:
-                synced[temp.parent] = _sync_folder(temp.parent)
+                synced[temp.parent] = _sync_folder(temp.parent, watched, devices)
             outcome = synced[temp.parent]
             error = outcome if isinstance(outcome, OSError) else None
             if outcome is False:  # no syncfs covered this file: fsync it
@@ -287,16 +289,32 @@ class Committer:
         return failed
 
 
-def _sync_folder(folder: Path) -> OSError | bool:
-    """True when a syncfs covered the files in ``folder``, False when they must be fsynced one by one, or the
-    error. A second folder on a filesystem already synced by this flush costs one more syncfs with little to
-    write: the engine's batches have one folder of temp files."""
+def _watched_devices() -> frozenset[int]:
+    """The filesystems this process watches now (:func:`watch`)."""
+    with _watchers_lock:
+        return frozenset(_watchers) if _watchers_pid == os.getpid() else frozenset()
+
+
+def _sync_folder(folder: Path, watched: frozenset[int], devices: dict[int, OSError | bool]) -> OSError | bool:
+    """True when one syncfs (one per filesystem and flush, remembered in ``devices``) through a descriptor that was
+    watching before the flush began covered the files in ``folder``; False when they must be fsynced one by one (its
+    filesystem is watched from now on); or the syncfs error."""
     if _syncfs is None:
         return False
     try:
-        return sync_filesystem_of(folder)
-    except OSError as exc:
-        return exc
+        device = os.stat(folder).st_dev
+    except OSError:
+        return False  # the folder is gone: each file's own fsync says what happened
+    if device not in devices:
+        if device not in watched:
+            watch(folder)
+            devices[device] = False
+        else:
+            try:
+                devices[device] = sync_filesystem_of(folder)
+            except OSError as exc:
+                devices[device] = exc
+    return devices[device]
 
 
 def _fsync_or_error(temp: Path) -> OSError | None:
