@@ -121,7 +121,7 @@ def take_dataset(event: Any, target: Path) -> None:
     """Put the dataset of an EVT_C_STORE event at ``target`` as a Part 10 file, in one step: moved from pynetdicom's
     temporary file (:func:`receive_datasets_on_disk`), or written from memory if that option was turned off.
 
-    Atomic, not durable: ``target`` is a hand-off (a C-GET's arrival folder, the C-MOVE spool), and storage fsyncs
+    Atomic, not durable: ``target`` is a hand-off (a C-GET's arrival folder, the C-MOVE spool), and storage syncs
     the file before it renames it into the output (:class:`~trolley_tasks.storage.durable.Committer`). A power cut
     loses at most an arrival that no ledger counted yet, which the next run fetches again; a C-MOVE arrival's name
     holds its expectation's token, so one left empty by a crash is never claimed, and the spool's purge removes it.
