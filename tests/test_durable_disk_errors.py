@@ -1,23 +1,18 @@
 """A disk that fails on write-back, for real: a batch whose bytes did not reach the disk never counts as durable.
 
-The disk is an ext4 filesystem on a loop device whose backing file lies on a tmpfs smaller than the filesystem, so
-the page cache takes the writes and the write-back fails (the kernel logs "critical space allocation error"). Needs
-root, like the disk-full tests.
+The disk is :func:`tests.engine.live.failing_disk`. Needs root, like the disk-full tests.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import service_missing
+from tests.engine.live import failing_disk, run_or_missing
 from trolley_tasks.storage import durable
 
 _OTHER_WORKER = """
@@ -25,34 +20,6 @@ import ctypes, os, sys
 fd = os.open(sys.argv[1], os.O_RDONLY)
 print(ctypes.CDLL(None, use_errno=True).syncfs(fd), ctypes.get_errno())
 """
-
-
-def _run(*args: str) -> str:
-    done = subprocess.run(args, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        service_missing(f"{' '.join(args)} failed: {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
-@contextmanager
-def failing_disk(where: Path, real_mb: int = 24, size_mb: int = 128) -> Iterator[Path]:
-    """An ext4 of ``size_mb`` that holds only ``real_mb`` once written back; unmounted and detached afterwards."""
-    if os.geteuid() != 0:
-        service_missing("a failing-disk test mounts a tmpfs and a loop device, which needs root")
-    back, mount = where / "back", where / "mnt"
-    back.mkdir(parents=True)
-    mount.mkdir()
-    with ExitStack() as stack:
-        _run("mount", "-t", "tmpfs", "-o", f"size={real_mb}m", "tmpfs", str(back))
-        stack.callback(subprocess.run, ["umount", "-l", str(back)], check=False)
-        image = back / "disk.img"
-        _run("truncate", "-s", f"{size_mb}M", str(image))
-        _run("mkfs.ext4", "-q", "-F", str(image))
-        device = _run("losetup", "--find", "--show", str(image))
-        stack.callback(subprocess.run, ["losetup", "-d", device], check=False)
-        _run("mount", device, str(mount))
-        stack.callback(subprocess.run, ["umount", "-l", str(mount)], check=False)
-        yield mount
 
 
 def test_a_write_back_error_another_worker_saw_first_still_fails_the_batch(
@@ -76,7 +43,8 @@ def test_a_write_back_error_another_worker_saw_first_still_fails_the_batch(
             with handle:
                 handle.write(os.urandom(5_000_000))
             committer.submit(f"k{index}", path, out / f"{index}.dcm")
-        other = _run(sys.executable, "-c", _OTHER_WORKER, str(temp_dir))  # another worker's syncfs sees it first
+        # another worker's syncfs sees the error first
+        other = run_or_missing(sys.executable, "-c", _OTHER_WORKER, str(temp_dir))
         assert other.split()[0] == "-1", f"the other worker's syncfs succeeded: {other}"
         fresh = os.open(temp_dir, os.O_RDONLY)
         try:  # why a descriptor opened for the call will not do: the error was reported already

@@ -128,6 +128,37 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(path)], check=False)  # a worker still holds a file: detach
 
 
+def run_or_missing(*args: str) -> str:
+    """A command's output; the test is skipped (failed under CI=true) when it fails: a tool or a right is missing."""
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        service_missing(f"{' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+@contextmanager
+def failing_disk(where: Path, real_mb: int = 24, size_mb: int = 128) -> Iterator[Path]:
+    """An ext4 of ``size_mb`` whose loop device's backing file lies on a tmpfs of ``real_mb``: the page cache takes
+    every write, and the write-back fails once ``real_mb`` are used (the kernel logs "critical space allocation
+    error", then aborts the journal and remounts read-only). Unmounted and detached afterwards. Needs root."""
+    if os.geteuid() != 0:
+        service_missing("a failing-disk test mounts a tmpfs and a loop device, which needs root")
+    back, mount = where / "back", where / "mnt"
+    back.mkdir(parents=True)
+    mount.mkdir()
+    with ExitStack() as stack:
+        run_or_missing("mount", "-t", "tmpfs", "-o", f"size={real_mb}m", "tmpfs", str(back))
+        stack.callback(subprocess.run, ["umount", "-l", str(back)], check=False)
+        image = back / "disk.img"
+        run_or_missing("truncate", "-s", f"{size_mb}M", str(image))
+        run_or_missing("mkfs.ext4", "-q", "-F", str(image))
+        device = run_or_missing("losetup", "--find", "--show", str(image))
+        stack.callback(subprocess.run, ["losetup", "-d", device], check=False)
+        run_or_missing("mount", device, str(mount))
+        stack.callback(subprocess.run, ["umount", "-l", str(mount)], check=False)
+        yield mount
+
+
 def grow_tmpfs(path: Path, size: str) -> None:
     """Give the tmpfs at ``path`` more room (the fix of a full disk)."""
     _mount("-o", f"remount,size={size}", str(path))

@@ -24,6 +24,7 @@ from tests.engine.live import (
     LiveStack,
     delayed,
     exported,
+    failing_disk,
     grow_tmpfs,
     live_factory,
     small_tmpfs,
@@ -103,6 +104,24 @@ def test_disk_full_pauses_with_a_reason_then_resumes(live, orthanc, tmp_path: Pa
         status = stack.wait(job, timeout=180)
         assert status.state is JobState.DONE and (status.done, status.failed) == (18, 0), status
         verify_on_disk(out, orthanc.cohort, orthanc.cohort)
+
+
+def test_a_disk_that_fails_its_write_back_pauses_and_counts_nothing_lost(live, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The page cache takes every write, then the disk fails to write them back (the batch's syncfs reports it): the
+    job pauses naming the host's disk, no instance fails for good, and every instance counted done is on disk."""
+    stack = live()
+    stack.workers(2)
+    with failing_disk(tmp_path / "disk", real_mb=4, size_mb=64) as disk:  # 9.5 MB of instances, 4 MB of disk
+        out = disk / "out"
+        job = stack.engine.submit(orthanc.cohort.study_refs(), source="rs", output=out)
+        status = stack.wait_settled(job)
+        paused_for(status, "Input/output", "No space", "Read-only")
+        assert status.failed == 0 and status.done < 18, status
+        on_disk = [p for p in exported(out) if p.suffix == ".dcm"] if out.is_dir() else []
+        assert len(on_disk) == status.done  # nothing counted that a failed write-back lost
+        uploaded = {item.sop_instance_uid: orthanc.cohort.encode(item) for item in orthanc.cohort}
+        for path in on_disk:
+            assert path.read_bytes() == uploaded[path.stem], f"{path} differs from the uploaded instance"
 
 
 def test_redis_error_at_settle_does_not_strand_the_batch(live, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
