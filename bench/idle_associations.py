@@ -11,14 +11,15 @@ it keeps open between requests; the acceptor side is what a C-MOVE receiver pays
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
 
-import psutil
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from bench.engine_runs import cpu_of
 from testbed.orthanc import free_port
 from testbed.processes import stop
 
@@ -30,11 +31,6 @@ ae = AE()
 ae.add_supported_context(Verification)
 ae.start_server(("127.0.0.1", int(sys.argv[1])), block=True)
 """
-
-
-def cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
 
 
 def wait_until_ready(ae: AE, port: int, timeout: float = 30.0) -> None:
@@ -57,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     scp = subprocess.Popen([sys.executable, "-c", _SCP, str(port)])
     try:
-        me, server = psutil.Process(), psutil.Process(scp.pid)
+        me, server = os.getpid(), scp.pid
         ae = AE()
         ae.add_requested_context(Verification)
         wait_until_ready(ae, port)
@@ -67,13 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             if not all(assoc.is_established for assoc in associations):
                 raise SystemExit("the Verification SCP refused an association")
             time.sleep(0.5)  # past the association's set-up
-            ours, theirs, started = cpu(me), cpu(server), time.monotonic()
+            ours, theirs, started = cpu_of([me]), cpu_of([server]), time.monotonic()
             time.sleep(args.seconds)
             elapsed = time.monotonic() - started
-            print(
-                f"{count} | {100 * (cpu(me) - ours) / elapsed:.1f} | {100 * (cpu(server) - theirs) / elapsed:.1f}",
-                flush=True,
+            requestor, acceptor = (
+                100 * (cpu_of([pid]) - before) / elapsed for pid, before in ((me, ours), (server, theirs))
             )
+            print(f"{count} | {requestor:.1f} | {acceptor:.1f}", flush=True)
             for assoc in associations:
                 assoc.release()
     finally:
