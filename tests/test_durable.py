@@ -206,3 +206,28 @@ def test_without_syncfs_each_file_is_fsynced(tmp_path: Path, monkeypatch: pytest
     assert committer.flush() == {}
     assert len(synced) == 4 + 1  # each file, then the one directory
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i}.dcm" for i in range(4)]
+
+
+def test_a_failed_directory_fsync_fails_the_files_renamed_into_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Their bytes are on disk and their names are in place, but the names may not survive a power cut: not
+    durable, so not counted done (the engine pauses on the host's EIO, and a resumed run finds the files)."""
+    real = durable.fsync_path
+
+    def failing_for_folders(path: Path) -> None:
+        if path.is_dir() and path.name == "bad":
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        real(path)
+
+    monkeypatch.setattr(durable, "fsync_path", failing_for_folders)
+    committer = Committer()
+    for folder in ("good", "bad"):
+        (tmp_path / folder).mkdir()
+        for index in range(2):
+            temp = tmp_path / f"{folder}{index}.tmp"
+            temp.write_bytes(b"x")
+            committer.submit(f"{folder}{index}", temp, tmp_path / folder / f"{index}.dcm")
+    failed = committer.flush()
+    assert sorted(failed) == ["bad0", "bad1"] and all(e.errno == errno.EIO for e in failed.values())  # type: ignore[attr-defined]
+    assert (tmp_path / "bad" / "0.dcm").exists()  # renamed: a resumed run finds it

@@ -258,7 +258,8 @@ class Committer:
 
     def flush(self) -> dict[str, BaseException]:
         """Sync the temp files, rename each, then fsync each directory once. Returns the commits that failed; a
-        failed syncfs fails every file it covered (which one the disk lost is not known), and removes them."""
+        failed syncfs fails every file it covered (which one the disk lost is not known), and removes them; a failed
+        directory fsync fails the files renamed into it (a later run finds them, if their names survived)."""
         pending, self._pending = self._pending, []
         failed: dict[str, BaseException] = {}
         watched = _watched_devices()  # a descriptor opened during this flush did not watch these files' write-back
@@ -285,7 +286,12 @@ class Committer:
             except OSError as exc:  # the target's folder went away, permissions: that instance is not on disk
                 failed[key] = exc
         for directory in directories:
-            fsync_path(directory)
+            try:
+                fsync_path(directory)
+            except OSError as exc:  # renamed, but the names may not survive a power cut: not durable, not done
+                failed.update(
+                    {key: exc for key, _, final in pending if final.parent == directory and key not in failed}
+                )
         return failed
 
 
