@@ -280,6 +280,9 @@ def test_dicomtrolley_file_names_and_both_recognised(tmp_path: Path) -> None:
     again = StorageDir().existing_valid(ref, tmp_path / "c")
     assert again is not None and again.path == dotted
     assert StorageDir().existing_valid(list(COHORT)[1].reference(), tmp_path / "c") is None
+    # a re-run's check of what it counted done looks where existing_valid looks, by one stat each
+    assert DcmStorageDir().stored_size(ref, tmp_path / "a") == len(raw) == StorageDir().stored_size(ref, tmp_path / "c")
+    assert StorageDir().stored_size(list(COHORT)[1].reference(), tmp_path / "c") is None
 
 
 def test_cache_add_and_retrieve(pacs: Any) -> None:

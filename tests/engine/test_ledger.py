@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trolley_tasks.cohort import CohortRow
-from trolley_tasks.engine.ledger import ClaimCode, Ledger, Outcome, Settled
+from trolley_tasks.engine.ledger import ClaimCode, Ledger, Outcome, Settled, Stored
 from trolley_tasks.engine.models import Failure, InstanceState, JobState
 
 JOB = "j-test"
@@ -21,8 +21,10 @@ def started(redis_db) -> Ledger:  # type: ignore[no-untyped-def]
 
 def test_expand_counts_each_instance_once(redis_db) -> None:  # type: ignore[no-untyped-def]
     ledger = started(redis_db)
-    assert ledger.expand(JOB, ST, SE, UIDS) == UIDS
-    assert ledger.expand(JOB, ST, SE, UIDS) == UIDS  # a re-run publishes pending ones again, counts nothing twice
+    assert ledger.expand(JOB, ST, SE, UIDS).publish == UIDS
+    assert (
+        ledger.expand(JOB, ST, SE, UIDS).publish == UIDS
+    )  # a re-run publishes pending ones again, counts nothing twice
     status = ledger.status(JOB)
     assert status is not None and status.expected == 3 and status.state is JobState.EXPANDING
     assert not ledger.add_row(JOB, ROW)
@@ -111,3 +113,46 @@ def test_retry_failed_reopens_and_cancel_keeps_done(redis_db) -> None:  # type: 
     status = ledger.status(JOB)
     assert status is not None and (status.state, status.done, status.failed) == (JobState.CANCELLED, 1, 0)
     assert ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3).job_state == "cancelled"
+
+
+def test_a_rerun_sees_where_done_instances_are_and_puts_back_only_those_still_stored_there(redis_db) -> None:  # type: ignore[no-untyped-def]
+    ledger = started(redis_db)
+    ledger.expand(JOB, ST, SE, UIDS)
+    ledger.row_done(JOB, ROW.row_id())
+    ledger.producer_done(JOB)
+    ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3)
+    assert ledger.settle(
+        JOB,
+        SE,
+        [
+            Settled(UIDS[0], Outcome.DONE, 1, size=10, path="a/0.dcm"),
+            Settled(UIDS[1], Outcome.SKIPPED, 1, size=20, path="a/1.dcm"),
+            Settled(UIDS[2], Outcome.DONE, 1, size=30, path="a/2.dcm"),
+        ],
+    )
+    assert ledger.unstore(JOB, SE, [Stored(UIDS[0], 10, "a/0.dcm")]) == []  # an ended job is not changed
+    assert ledger.reopen(JOB, JobState.EXPANDING) == "expanding"  # the re-run
+    expansion = ledger.expand(JOB, ST, SE, UIDS)
+    assert expansion.publish == []
+    assert expansion.stored == [
+        Stored(UIDS[0], 10, "a/0.dcm"),
+        Stored(UIDS[1], 20, "a/1.dcm"),
+        Stored(UIDS[2], 30, "a/2.dcm"),
+    ]
+    gone = [Stored(UIDS[0], 10, "a/0.dcm"), Stored(UIDS[1], 20, "a/1.dcm"), Stored(UIDS[2], 30, "elsewhere.dcm")]
+    assert ledger.unstore(JOB, SE, gone) == UIDS[:2]  # the third was stored at another path since: left alone
+    assert ledger.unstore(JOB, SE, gone) == []  # twice: no change
+    status = ledger.status(JOB)
+    assert status is not None
+    assert (status.expected, status.done, status.skipped, status.bytes) == (3, 1, 0, 30)
+    [progress] = list(ledger.series_progress(JOB))
+    assert (progress.expected, progress.done) == (3, 1)
+    assert ledger.expand(JOB, ST, SE, UIDS).publish == UIDS[:2]
+    claim = ledger.claim(JOB, SE, UIDS[:2], redelivered=False, lease_seconds=60, max_redeliveries=3)
+    assert claim.with_code(ClaimCode.CLAIMED) == UIDS[:2] and all(claim.codes[u][1] == 0 for u in UIDS[:2])
+    ledger.row_done(JOB, ROW.row_id())
+    ledger.producer_done(JOB)
+    done = [Settled(u, Outcome.DONE, 1, size=10, path=f"a/{i}.dcm") for i, u in enumerate(UIDS[:2])]
+    assert ledger.settle(JOB, SE, done)  # the job ends again, counted once
+    status = ledger.status(JOB)
+    assert status is not None and (status.state, status.done, status.bytes) == (JobState.DONE, 3, 50)

@@ -128,3 +128,24 @@ def test_rerun_same_export_is_same_job_and_fetches_nothing(
     status = fresh.wait(job)
     assert status.state is JobState.DONE and status.done == 18
     assert [p for p in fresh.proxy.requests if p.startswith("/wado")] == fetched
+
+
+def test_rerun_fetches_again_only_what_left_the_output(
+    workers: Workers, fresh: EngineEnv, orthanc, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    job = fresh.engine.submit(orthanc.cohort.study_refs(), source="proxied", output=tmp_path)
+    fresh.wait(job)
+    fetched = [p for p in fresh.proxy.requests if p.startswith("/wado")]
+    deleted, cut = orthanc.cohort.instance(0, 0, 0), orthanc.cohort.instance(1, 1, 2)
+    (tmp_path / deleted.study_uid / deleted.series_uid / f"{deleted.sop_instance_uid}.dcm").unlink()
+    cut_path = tmp_path / cut.study_uid / cut.series_uid / f"{cut.sop_instance_uid}.dcm"
+    cut_path.write_bytes(cut_path.read_bytes()[:1000])
+    assert fresh.engine.submit(orthanc.cohort.study_refs(), source="proxied", output=tmp_path) == job
+    status = fresh.wait(job)
+    assert status.state is JobState.DONE and (status.expected, status.done, status.failed) == (18, 18, 0)
+    assert status.bytes == sum(len(orthanc.cohort.encode(item)) for item in orthanc.cohort)
+    again = [p for p in fresh.proxy.requests if p.startswith("/wado")][len(fetched) :]
+    assert sorted(next(u for u in (deleted.sop_instance_uid, cut.sop_instance_uid) if u in p) for p in again) == sorted(
+        [deleted.sop_instance_uid, cut.sop_instance_uid]
+    )
+    check_complete(tmp_path, orthanc.cohort)

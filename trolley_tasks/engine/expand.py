@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from trolley_tasks.cohort import CohortRow
-from trolley_tasks.core import QueryLevels, Series, Study
+from trolley_tasks.core import InstanceReference, QueryLevels, Series, Study
 from trolley_tasks.deid import DeidProfile
 from trolley_tasks.engine.context import EngineContext, SourceRuntime
 from trolley_tasks.engine.dispatch import publish_series
 from trolley_tasks.engine.fetch import BUSY_REQUEUE
 from trolley_tasks.engine.heartbeat import Heartbeat
+from trolley_tasks.engine.ledger import Expansion, Stored
 from trolley_tasks.engine.models import Exclusion, Failure
 from trolley_tasks.engine.outcomes import as_engine_error, host_condition
 from trolley_tasks.engine.policy import Action
@@ -142,9 +144,48 @@ def _record_instances(
     for series_uid, uid in zip(row.series_uids, row.instance_uids, strict=True):
         by_series.setdefault(series_uid, []).append(uid)
     for series_uid, uids in by_series.items():
-        publish = ctx.ledger.expand(job, row.study_uid, series_uid, uids)
+        publish = _to_publish(
+            ctx, job, row.study_uid, series_uid, ctx.ledger.expand(job, row.study_uid, series_uid, uids)
+        )
         result.instances += len(uids)
         result.messages += publish_series(ctx, job, source, row.study_uid, series_uid, publish, batch_size)
+
+
+def _to_publish(ctx: EngineContext, job: str, study_uid: str, series_uid: str, expansion: Expansion) -> list[str]:
+    """The instances of a series to fetch now: the ledger's pending ones, and the done ones whose file is no
+    longer in the output as stored (gone, or another size: deleted or cut short since), which go back to pending.
+    A re-run of an export thus fetches again what left the output, and the report's "on disk" stays true.
+
+    Where to look: the path the ledger kept, or, when it kept none (a layout made of UIDs only), where the layouts
+    put the instance, under its pseudonyms in a de-identified export. One ``stat`` per done instance, on
+    re-expansion only (a first expansion has none). An error other than "not there" (a disk that does not answer)
+    raises: the expansion's error handling decides, and nothing is put back."""
+    meta = ctx.job(job)
+    if not expansion.stored or meta is None:
+        return expansion.publish
+    output = Path(meta.output)
+    storage = ctx.storage(meta.layout)
+    deid = ctx.deidentifier(job)
+    gone: list[Stored] = []
+    for item in expansion.stored:
+        if item.path:
+            size = _size_of(output / item.path)
+        else:
+            ref = InstanceReference(study_uid, series_uid, item.instance_uid)
+            size = storage.stored_size(deid.reference(ref) if deid is not None else ref, output)
+        if size != item.size:
+            gone.append(item)
+    back = ctx.ledger.unstore(job, series_uid, gone)
+    if back:
+        log.warning("job %s: %d done instance(s) no longer in the output; fetching them again", job, len(back))
+    return [*expansion.publish, *back]
+
+
+def _size_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _record_study(
@@ -176,7 +217,7 @@ def _record_study(
             uids = _deid_kept(ctx, job, study.uid, series, uids, rules.deid)
             if not uids:
                 continue
-        publish = ctx.ledger.expand(job, study.uid, series.uid, uids)
+        publish = _to_publish(ctx, job, study.uid, series.uid, ctx.ledger.expand(job, study.uid, series.uid, uids))
         result.instances += len(uids)
         result.messages += publish_series(ctx, job, source, study.uid, series.uid, publish, batch_size)
     return sorted(wanted_series - present)

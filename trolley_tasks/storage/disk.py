@@ -253,6 +253,21 @@ class DICOMDiskStorage:
             return SaveResult(final, size, already_present=True)
         return None
 
+    def stored_size(self, reference: InstanceReference, path: PathLike | None = None) -> int | None:
+        """The size of the file that stands for ``reference`` where the layouts put it (this storage's, then
+        :attr:`also_recognised`, as :meth:`existing_valid` looks), or None when none is there. One ``stat`` per
+        layout and no read: the engine asks it on a re-run for every instance it counted done. Layouts that need
+        the file's attributes are not looked at."""
+        root = self._root(path)
+        for template in (self._template(), *self.also_recognised):
+            if template.needs_dataset:
+                continue
+            try:
+                return (root / template.render(lambda kw: _reference_value(reference, kw))).stat().st_size
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return None
+
     # ------------------------------------------------------------------------------------------------- helpers
 
     def _template(self) -> PathTemplate:

@@ -49,7 +49,7 @@ import redis
 from trolley_tasks.cohort import CohortRow
 from trolley_tasks.engine.ledger import lua
 from trolley_tasks.engine.ledger.reading import JOBS_KEY, LedgerReader, as_text
-from trolley_tasks.engine.ledger.transitions import Claim, ClaimCode, Settled
+from trolley_tasks.engine.ledger.transitions import Claim, ClaimCode, Expansion, Settled, Stored
 from trolley_tasks.engine.models import (
     Exclusion,
     Failure,
@@ -94,6 +94,7 @@ class Ledger(LedgerReader):
                 "CHECK",
                 "UNFAIL",
                 "UNFAIL_ROW",
+                "UNSTORE",
             )
         }
 
@@ -194,10 +195,24 @@ class Ledger(LedgerReader):
         """Every row is queued. Returns True when this call finalized the job (a cohort with nothing to do)."""
         return bool(self._run("PRODUCER_DONE", [self.key(job_id, "job")], []))
 
-    def expand(self, job_id: str, study_uid: str, series_uid: str, instance_uids: Sequence[str]) -> list[str]:
-        """Record a series' instances as expected (once); return those to publish now."""
+    def expand(self, job_id: str, study_uid: str, series_uid: str, instance_uids: Sequence[str]) -> Expansion:
+        """Record a series' instances as expected (once); say which to publish now and which are stored already."""
         keys = [self.key(job_id, "job"), self.series_key(job_id, series_uid), self.key(job_id, "series")]
-        return [as_text(v) for v in self._run("EXPAND", keys, [study_uid, series_uid, *instance_uids])]
+        publish, stored = self._run("EXPAND", keys, [study_uid, series_uid, *instance_uids])
+        flat = [as_text(v) for v in stored]
+        return Expansion(
+            publish=[as_text(v) for v in publish],
+            stored=[Stored(flat[i], int(flat[i + 1] or 0), flat[i + 2]) for i in range(0, len(flat), 3)],
+        )
+
+    def unstore(self, job_id: str, series_uid: str, gone: Sequence[Stored]) -> list[str]:
+        """Put done instances whose files left the output back to pending (see ``UNSTORE``); returns those moved,
+        for the caller to publish."""
+        if not gone:
+            return []
+        keys = [self.key(job_id, "job"), self.series_key(job_id, series_uid)]
+        args = [value for item in gone for value in (item.instance_uid, item.path)]
+        return [as_text(v) for v in self._run("UNSTORE", keys, args)]
 
     def exclude(self, job_id: str, exclusion: Exclusion) -> None:
         """Record a series (or one instance) the job's filter or de-identification profile left out, once: it is

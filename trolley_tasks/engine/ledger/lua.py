@@ -58,15 +58,16 @@ EXPAND = (
     COMMON
     + r"""
 -- KEYS: job, series hash, series set. ARGV: study uid, series uid, instance uids...
--- Records instances as expected (once), returns the ones to publish now: pending, or running with a lapsed lease.
+-- Records instances as expected (once). Returns {to publish now: pending, or running with a lapsed lease;
+-- stored: uid, size, path of each done or skipped one, for the caller to look for on disk}.
 local job, sh, sset = KEYS[1], KEYS[2], KEYS[3]
 local state = redis.call('HGET', job, 'state')
-if state == false or state == 'cancelled' then return {} end
+if state == false or state == 'cancelled' then return {{}, {}} end
 local now = clock()
 redis.call('HSETNX', sh, '#st', ARGV[1])
 redis.call('SADD', sset, ARGV[2])
 local added = 0
-local out = {}
+local out, stored = {}, {}
 for i = 3, #ARGV do
   local uid = ARGV[i]
   if redis.call('HSETNX', sh, uid, 'p|0|0|0|0|0|') == 1 then
@@ -74,7 +75,11 @@ for i = 3, #ARGV do
     out[#out + 1] = uid
   else
     local r = parse(redis.call('HGET', sh, uid))
-    if r[1] == 'p' or (r[1] == 'r' and num(r[4]) < now) then out[#out + 1] = uid end
+    if r[1] == 'p' or (r[1] == 'r' and num(r[4]) < now) then
+      out[#out + 1] = uid
+    elseif r[1] == 'd' or r[1] == 's' then
+      stored[#stored + 1] = uid; stored[#stored + 1] = r[6]; stored[#stored + 1] = r[7]
+    end
   end
 end
 if added > 0 then
@@ -82,8 +87,8 @@ if added > 0 then
   redis.call('HINCRBY', sh, '#e', added)
 end
 redis.call('HSET', job, 'updated_at', tostring(now))
-if not active(state) then return {} end
-return out
+if not active(state) then return {{}, {}} end
+return {out, stored}
 """
 )
 
@@ -383,6 +388,41 @@ if #out > 0 then
   redis.call('HINCRBY', job, 'failed', -#out)
   redis.call('HINCRBY', sh, '#f', -#out)
 end
+return out
+"""
+)
+
+UNSTORE = (
+    COMMON
+    + r"""
+-- KEYS: job, series hash. ARGV: pairs of instance uid and the path it was stored at. A done (or skipped) instance
+-- whose file has left the output goes back to pending with a fresh budget, and out of the done, skipped and bytes
+-- counts; one stored elsewhere since (another path) is left alone. Only while the job is active. Returns the uids
+-- moved.
+local job, sh = KEYS[1], KEYS[2]
+if not active(redis.call('HGET', job, 'state')) then return {} end
+local out = {}
+local done, skipped, bytes = 0, 0, 0
+for i = 1, #ARGV, 2 do
+  local rec = redis.call('HGET', sh, ARGV[i])
+  if rec ~= false then
+    local r = parse(rec)
+    if (r[1] == 'd' or r[1] == 's') and r[7] == ARGV[i + 1] then
+      done = done + 1
+      bytes = bytes + num(r[6])
+      if r[1] == 's' then skipped = skipped + 1 end
+      redis.call('HSET', sh, ARGV[i], 'p|0|0|0|0|0|')
+      out[#out + 1] = ARGV[i]
+    end
+  end
+end
+if done > 0 then
+  redis.call('HINCRBY', job, 'done', -done)
+  redis.call('HINCRBY', job, 'bytes', -bytes)
+  redis.call('HINCRBY', sh, '#d', -done)
+  redis.call('HSET', job, 'updated_at', tostring(clock()))
+end
+if skipped > 0 then redis.call('HINCRBY', job, 'skipped', -skipped) end
 return out
 """
 )

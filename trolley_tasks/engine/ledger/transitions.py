@@ -55,6 +55,25 @@ class Settled:
 
 
 @dataclass(frozen=True)
+class Stored:
+    """A done (or skipped) instance as the ledger recorded it: where its file is, relative to the output."""
+
+    instance_uid: str
+    size: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """What :meth:`Ledger.expand` says about a series' instances."""
+
+    publish: list[str]
+    """Pending (new, or under a lapsed lease): to publish now."""
+    stored: list[Stored]
+    """Done or skipped already: the caller looks for their files (a re-run fetches again what left the output)."""
+
+
+@dataclass(frozen=True)
 class Claim:
     """The ledger's answer to a fetch that wants to work on some instances."""
 
