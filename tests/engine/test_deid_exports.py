@@ -297,3 +297,22 @@ def test_a_bad_row_is_reported_by_where_it_is_not_by_what_it_says(
     report = (tmp_path / "out" / "trolley-report.csv").read_text()
     assert "row 3, column StudyInstanceUID: rejected" in report and "SECRET" not in report
     assert b"SECRET" not in (tmp_path / "out" / "trolley-report.json").read_bytes()
+
+
+def test_rerun_of_the_same_export_fetches_again_only_a_deleted_file_under_its_pseudonyms(
+    deid_env: tuple[EngineClient, Workers], fresh: EngineEnv, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The ledger keeps no path for a layout made of UIDs: a re-run looks for each done instance where the layout
+    puts it under its pseudonyms, finds all but the deleted one, and fetches that one alone, as it was."""
+    engine, workers = deid_env
+    monkeypatch.setenv("TROLLEY_DEID_KEY", KEY)
+    first = export(engine, tmp_path)
+    before = {n: data for n, data in files(tmp_path).items() if n.endswith(".dcm")}
+    deleted = sorted(before)[3]
+    (tmp_path / deleted).unlink()
+    told = workers.log.read_text().count("no longer in the output")
+    again = export(engine, tmp_path)
+    assert again.job_id == first.job_id and again.state is JobState.DONE and again.done == len(IMAGES)
+    assert {n: data for n, data in files(tmp_path).items() if n.endswith(".dcm")} == before
+    assert workers.log.read_text().count("1 done instance(s) no longer in the output") - told == 1
+    assert workers.log.read_text().count("no longer in the output") - told == 1  # every other file was found
