@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import redis
+
 from trolley_tasks.cohort import CohortRow
 from trolley_tasks.engine.ledger import ClaimCode, Ledger, Outcome, Settled, Stored
 from trolley_tasks.engine.models import Failure, InstanceState, JobState
@@ -156,3 +158,91 @@ def test_a_rerun_sees_where_done_instances_are_and_puts_back_only_those_still_st
     assert ledger.settle(JOB, SE, done)  # the job ends again, counted once
     status = ledger.status(JOB)
     assert status is not None and (status.state, status.done, status.bytes) == (JobState.DONE, 3, 50)
+
+
+def test_reads_over_every_series_or_row_take_a_round_trip_per_thousand(redis_db, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The progress display reads every series' counts each few seconds, and a resume every row: one HMGET or
+    SISMEMBER per key took 3 s per look at 20,000 series."""
+    ledger = started(redis_db)
+    series = [f"{SE}.{n}" for n in range(2500)]
+    for uid in series:
+        ledger.expand(JOB, ST, uid, [f"{uid}.1"])
+    rows = [CohortRow(study_uid=f"{ST}.{n}") for n in range(2500)]
+    for row in rows:
+        ledger.add_row(JOB, row)
+    for row in rows[::2]:
+        ledger.row_done(JOB, row.row_id())
+    sent = []
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        sent.append(1)
+        return original(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    progress = list(ledger.series_progress(JOB))
+    assert len(progress) == 2500 and {p.series_uid for p in progress} == set(series)
+    assert all((p.study_uid, p.expected, p.done) == (ST, 1, 0) for p in progress)
+    assert len(sent) < 20
+    sent.clear()
+    assert set(ledger.unexpanded_rows(JOB)) == {row.row_id() for row in rows[1::2]} | {ROW.row_id()}
+    assert len(sent) < 20
+
+
+def test_failures_by_class_are_counted_by_every_transition_that_writes_or_removes_a_failure(
+    redis_db, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A status reads the failures by class from one hash (it read every failure record, 0.3 s at 50,000 of them,
+    on every poll of the progress display): after each transition it must say what the records say."""
+    ledger = started(redis_db)
+    uids = [f"{SE}.{n}" for n in range(5)]
+    other = CohortRow(study_uid=f"{ST}.9")
+    ledger.add_row(JOB, other)
+
+    def by_scan() -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for failure in ledger.failures(JOB):
+            counts[failure.error_class] = counts.get(failure.error_class, 0) + 1
+        return counts
+
+    def agrees(expected: dict[str, int]) -> None:
+        status = ledger.status(JOB)
+        assert status is not None and status.failures_by_class == by_scan() == expected
+
+    def failure(error_class: str) -> Failure:
+        return Failure(error_class=error_class, error="E", message="m", attempts=1)
+
+    ledger.expand(JOB, ST, SE, uids)
+    ledger.row_done(JOB, other.row_id(), failure("not-found"))  # a row that could not be expanded
+    agrees({"not-found": 1})
+    ledger.claim(JOB, SE, uids, redelivered=False, lease_seconds=60, max_redeliveries=3)
+    ledger.settle(
+        JOB,
+        SE,
+        [Settled(uids[0], Outcome.FAILED, 1, failure=failure("not-found"))]
+        + [Settled(uids[1], Outcome.FAILED, 1, failure=failure("server-error"))]
+        + [Settled(uids[2], Outcome.FAILED, 1, failure=failure("server-error"))],
+    )
+    ledger.settle(JOB, SE, [Settled(uids[0], Outcome.FAILED, 1, failure=failure("timeout"))])  # a duplicate: no change
+    agrees({"not-found": 2, "server-error": 2})
+    ledger.claim(JOB, SE, uids[3:4], redelivered=True, lease_seconds=60, max_redeliveries=0)  # poison
+    agrees({"not-found": 2, "server-error": 2, "request-rejected": 1})
+    ledger.unfail(JOB, SE, uids[1:2])  # retry-failed
+    agrees({"not-found": 2, "server-error": 1, "request-rejected": 1})
+    assert ledger.unfail_row(JOB, other.row_id())
+    agrees({"not-found": 1, "server-error": 1, "request-rejected": 1})
+    ledger.row_done(JOB, other.row_id(), failure("bad-row"))
+    agrees({"not-found": 1, "server-error": 1, "request-rejected": 1, "bad-row": 1})
+    assert ledger.reopen(JOB, JobState.EXPANDING) == "expanding"  # a re-run forgets the rows' failures
+    agrees({"not-found": 1, "server-error": 1, "request-rejected": 1})
+    ledger.unfail(JOB, SE, uids)
+    agrees({})
+    ledger.claim(JOB, SE, uids[:1], redelivered=False, lease_seconds=60, max_redeliveries=3)
+    ledger.settle(JOB, SE, [Settled(uids[0], Outcome.FAILED, 1, failure=failure("timeout"))])
+
+    def unread(job_id: str) -> None:
+        raise AssertionError("a status read every failure record")
+
+    monkeypatch.setattr(ledger, "failures", unread)
+    status = ledger.status(JOB)
+    assert status is not None and status.failures_by_class == {"timeout": 1}

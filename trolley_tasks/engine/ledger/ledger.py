@@ -20,6 +20,8 @@ key                               type       content
                                              exclusion (rule, instances): left out on purpose
 ``trolley:{J}:failures``          hash       SOPInstanceUID -> JSON failure record
 ``trolley:{J}:rowfail``           hash       row id -> JSON failure record of a row that could not be expanded
+``trolley:{J}:failclass``         hash       error class -> how many failure records (instances and rows) have it:
+                                             what a status reads, instead of every record
 ``trolley:{J}:rows``              set        ids of the cohort rows queued for expansion (digests of the rows)
 ``trolley:{J}:rowdata``           hash       row id -> the row (canonical JSON and cohort line): the ONE place that
                                              holds a search row's values (PatientID, AccessionNumber, dates)
@@ -57,7 +59,18 @@ from trolley_tasks.engine.models import (
 )
 
 DAY = 24 * 3600
-JOB_KEY_SUFFIXES = ("series", "excluded", "failures", "rowfail", "rows", "rowdata", "expanded", "badrows", "link")
+JOB_KEY_SUFFIXES = (
+    "series",
+    "excluded",
+    "failures",
+    "rowfail",
+    "failclass",
+    "rows",
+    "rowdata",
+    "expanded",
+    "badrows",
+    "link",
+)
 """A job's keys besides its series hashes (the table above): every one of them gets the job's one expiry."""
 
 
@@ -97,6 +110,10 @@ class Ledger(LedgerReader):
                 "UNSTORE",
             )
         }
+
+    def _classes(self, job_id: str) -> str:
+        """The job's failures by error class, kept by every script that writes or removes a failure record."""
+        return self.key(job_id, "failclass")
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return self._scripts[name](keys=list(keys), args=list(args))
@@ -230,7 +247,12 @@ class Ledger(LedgerReader):
 
     def row_done(self, job_id: str, row_key: str, failure: Failure | None = None) -> bool:
         """A row's expansion finished (or failed for good). Returns True when this call finalized the job."""
-        keys = [self.key(job_id, "job"), self.key(job_id, "expanded"), self.key(job_id, "rowfail")]
+        keys = [
+            self.key(job_id, "job"),
+            self.key(job_id, "expanded"),
+            self.key(job_id, "rowfail"),
+            self._classes(job_id),
+        ]
         return bool(self._run("ROW_DONE", keys, [row_key, failure.model_dump_json() if failure else ""]))
 
     # -- fetches ---------------------------------------------------------------------------------------------------
@@ -245,7 +267,12 @@ class Ledger(LedgerReader):
         lease_seconds: float,
         max_redeliveries: int,
     ) -> Claim:
-        keys = [self.key(job_id, "job"), self.series_key(job_id, series_uid), self.key(job_id, "failures")]
+        keys = [
+            self.key(job_id, "job"),
+            self.series_key(job_id, series_uid),
+            self.key(job_id, "failures"),
+            self._classes(job_id),
+        ]
         args = [series_uid, int(redelivered), lease_seconds, max_redeliveries, *instance_uids]
         raw = self._run("CLAIM", keys, args)
         codes: dict[str, tuple[ClaimCode, int, float]] = {}
@@ -293,6 +320,7 @@ class Ledger(LedgerReader):
             self.series_key(job_id, series_uid),
             self.key(job_id, "failures"),
             self.key(job_id, "excluded"),
+            self._classes(job_id),
         ]
         return bool(self._run("SETTLE", keys, args))
 
@@ -312,7 +340,12 @@ class Ledger(LedgerReader):
     def reopen(self, job_id: str, state: JobState) -> str:
         """Make a job active again: ``expanding`` for a re-run (any job; every row expands again), ``running`` for
         retry-failed (an ended job). Returns the state after the call."""
-        keys = [self.key(job_id, "job"), self.key(job_id, "expanded"), self.key(job_id, "rowfail")]
+        keys = [
+            self.key(job_id, "job"),
+            self.key(job_id, "expanded"),
+            self.key(job_id, "rowfail"),
+            self._classes(job_id),
+        ]
         result = as_text(self._run("REOPEN", keys, [state.value]) or "")
         self._persist(job_id)
         return result
@@ -322,11 +355,21 @@ class Ledger(LedgerReader):
         return bool(self._run("CHECK", [self.key(job_id, "job")], []))
 
     def unfail(self, job_id: str, series_uid: str, instance_uids: Sequence[str]) -> list[str]:
-        keys = [self.key(job_id, "job"), self.series_key(job_id, series_uid), self.key(job_id, "failures")]
+        keys = [
+            self.key(job_id, "job"),
+            self.series_key(job_id, series_uid),
+            self.key(job_id, "failures"),
+            self._classes(job_id),
+        ]
         return [as_text(v) for v in self._run("UNFAIL", keys, list(instance_uids))]
 
     def unfail_row(self, job_id: str, row_key: str) -> bool:
-        keys = [self.key(job_id, "job"), self.key(job_id, "expanded"), self.key(job_id, "rowfail")]
+        keys = [
+            self.key(job_id, "job"),
+            self.key(job_id, "expanded"),
+            self.key(job_id, "rowfail"),
+            self._classes(job_id),
+        ]
         return bool(self._run("UNFAIL_ROW", keys, [row_key]))
 
     # -- expiry ----------------------------------------------------------------------------------------------------

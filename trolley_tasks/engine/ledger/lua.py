@@ -38,6 +38,14 @@ local function parse(rec)
   return r
 end
 local function pack(r) return table.concat({r[1], r[2], r[3], r[4], r[5], r[6], r[7]}, '|') end
+-- The job's failures by error class (hash ``classes``), kept with every failure record written or removed, so that
+-- a status reads one hash instead of every failure: add ``by`` (1 or -1) for the class of the record ``json``.
+local function count_class(classes, json, by)
+  local ok, rec = pcall(cjson.decode, json)
+  local class = 'unknown'
+  if ok and type(rec) == 'table' and type(rec.error_class) == 'string' then class = rec.error_class end
+  if redis.call('HINCRBY', classes, class, by) <= 0 then redis.call('HDEL', classes, class) end
+end
 local function active(state) return state == 'expanding' or state == 'running' end
 -- Finalize the job when everything expected is terminal. Exactly one caller gets 1.
 local function check_done(job, now)
@@ -95,8 +103,9 @@ return {out, stored}
 ROW_DONE = (
     COMMON
     + r"""
--- KEYS: job, expanded set, row failures. ARGV: row key, failure json ('' when the expansion succeeded).
-local job, expanded, failures = KEYS[1], KEYS[2], KEYS[3]
+-- KEYS: job, expanded set, row failures, failures by class. ARGV: row key, failure json ('' when the expansion
+-- succeeded).
+local job, expanded, failures, classes = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if redis.call('EXISTS', job) == 0 then return 0 end
 redis.call('HSET', job, 'updated_at', tostring(clock()))
 if redis.call('SADD', expanded, ARGV[1]) == 1 then
@@ -104,6 +113,7 @@ if redis.call('SADD', expanded, ARGV[1]) == 1 then
   if ARGV[2] ~= '' then
     redis.call('HINCRBY', job, 'failed_rows', 1)
     redis.call('HSET', failures, ARGV[1], ARGV[2])
+    count_class(classes, ARGV[2], 1)
   end
 end
 return check_done(job, clock())
@@ -122,12 +132,13 @@ return check_done(KEYS[1], clock())
 CLAIM = (
     COMMON
     + r"""
--- KEYS: job, series hash, failures. ARGV: series uid, redelivered (0/1), lease seconds, max redeliveries, uids...
+-- KEYS: job, series hash, failures, failures by class. ARGV: series uid, redelivered (0/1), lease seconds, max
+-- redeliveries, uids...
 -- Returns {job state, finalized, lease, then per uid: code, attempts, busy_counted_at}. The lease value written into
 -- every claimed record is the claim's token: only its holder can renew it (RENEW compares it).
 -- Codes: c claimed, t terminal (done/skipped/failed/excluded), h held by a live fetch, x poison (failed now),
 -- u unknown.
-local job, sh, failures = KEYS[1], KEYS[2], KEYS[3]
+local job, sh, failures, classes = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local state = redis.call('HGET', job, 'state')
 if not active(state) then return {state or '', 0, ''} end
 local now = clock()
@@ -175,6 +186,7 @@ for i = 5, #ARGV do
 end
 if poisoned > 0 then
   redis.call('HINCRBY', job, 'failed', poisoned)
+  redis.call('HINCRBY', classes, 'request-rejected', poisoned)
   out[2] = check_done(job, now)
 end
 return out
@@ -211,10 +223,11 @@ return {token, renewed}
 SETTLE = (
     COMMON
     + r"""
--- KEYS: job, series hash, failures, exclusions. ARGV: series uid, then groups of 7: uid, outcome, attempts,
+-- KEYS: job, series hash, failures, exclusions, failures by class. ARGV: series uid, then groups of 7: uid, outcome,
+-- attempts,
 -- busy_counted_at, size, path, failure (or exclusion) json. Outcomes: d done, s skipped (on disk already), f failed,
 -- e excluded (no longer expected), p back to pending. A terminal instance is never changed again here.
-local job, sh, failures, exclusions = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local job, sh, failures, exclusions, classes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now = clock()
 local done, skipped, failed, excluded, bytes = 0, 0, 0, 0, 0
 for i = 2, #ARGV, 7 do
@@ -233,6 +246,7 @@ for i = 2, #ARGV, 7 do
         r[1] = 'f'
         failed = failed + 1
         redis.call('HSET', failures, uid, ARGV[i + 6])
+        count_class(classes, ARGV[i + 6], 1)
       elseif outcome == 'e' then
         r[1] = 'e'
         excluded = excluded + 1
@@ -306,7 +320,8 @@ return 1
 REOPEN = (
     COMMON
     + r"""
--- KEYS: job, expanded set, row failures. ARGV: new state, 'expanding' (a re-run) or 'running' (retry-failed).
+-- KEYS: job, expanded set, row failures, failures by class. ARGV: new state, 'expanding' (a re-run) or 'running'
+-- (retry-failed).
 -- A re-run reopens any job, paused ones included (running the same export again resumes it), and makes every row
 -- expand again. Retry-failed reopens an ended job, and holds any job open until the caller's PRODUCER_DONE.
 -- Returns the state after the call.
@@ -320,6 +335,7 @@ if state == 'paused' then
   redis.call('HSET', job, 'pause_reason', '')
 end
 if ARGV[1] == 'expanding' then
+  for _, json in ipairs(redis.call('HVALS', KEYS[3])) do count_class(KEYS[4], json, -1) end
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', job, 'state', 'expanding', 'producer_done', '0', 'expanded', '0', 'failed_rows', '0',
              'finished_at', '', 'reported_at', '')
@@ -369,9 +385,9 @@ return check_done(KEYS[1], clock())
 UNFAIL = (
     COMMON
     + r"""
--- KEYS: job, series hash, failures. ARGV: instance uids. Failed instances go back to pending with a fresh budget.
--- Returns the uids moved.
-local job, sh, failures = KEYS[1], KEYS[2], KEYS[3]
+-- KEYS: job, series hash, failures, failures by class. ARGV: instance uids. Failed instances go back to pending
+-- with a fresh budget. Returns the uids moved.
+local job, sh, failures, classes = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local out = {}
 for i = 1, #ARGV do
   local rec = redis.call('HGET', sh, ARGV[i])
@@ -379,6 +395,8 @@ for i = 1, #ARGV do
     local r = parse(rec)
     if r[1] == 'f' then
       redis.call('HSET', sh, ARGV[i], 'p|0|0|0|0|0|')
+      local json = redis.call('HGET', failures, ARGV[i])
+      if json ~= false then count_class(classes, json, -1) end
       redis.call('HDEL', failures, ARGV[i])
       out[#out + 1] = ARGV[i]
     end
@@ -430,9 +448,13 @@ return out
 UNFAIL_ROW = (
     COMMON
     + r"""
--- KEYS: job, expanded set, row failures. ARGV: row key. A row whose expansion failed is expanded again.
-local job, expanded, failures = KEYS[1], KEYS[2], KEYS[3]
-if redis.call('HDEL', failures, ARGV[1]) == 0 then return 0 end
+-- KEYS: job, expanded set, row failures, failures by class. ARGV: row key. A row whose expansion failed is
+-- expanded again.
+local job, expanded, failures, classes = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local json = redis.call('HGET', failures, ARGV[1])
+if json == false then return 0 end
+count_class(classes, json, -1)
+redis.call('HDEL', failures, ARGV[1])
 if redis.call('SREM', expanded, ARGV[1]) == 1 then redis.call('HINCRBY', job, 'expanded', -1) end
 redis.call('HINCRBY', job, 'failed_rows', -1)
 return 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
@@ -25,6 +25,19 @@ from trolley_tasks.engine.models import (
 )
 
 JOBS_KEY = "trolley:jobs"
+BATCH = 1000
+"""Keys a read asks for per round trip (SSCAN hint, pipelined reads)."""
+
+
+def _batches(values: Iterable[Any], size: int = BATCH) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for value in values:
+        batch.append(value)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def as_text(value: Any) -> str:
@@ -83,14 +96,18 @@ class LedgerReader:
         return CohortRow.from_record(as_text(record)) if record is not None else None
 
     def unexpanded_rows(self, job_id: str) -> Iterator[str]:
-        """Row keys queued but not expanded yet (to re-queue after a pause)."""
+        """Row keys queued but not expanded yet (to re-queue after a pause). One round trip per batch of rows."""
         expanded = self.key(job_id, "expanded")
-        for value in self.r.sscan_iter(self.key(job_id, "rows"), count=500):
-            if not self.r.sismember(expanded, value):
-                yield as_text(value)
+        for batch in _batches(self.r.sscan_iter(self.key(job_id, "rows"), count=BATCH)):
+            pipe = self.r.pipeline(transaction=False)
+            for value in batch:
+                pipe.sismember(expanded, value)
+            for value, member in zip(batch, pipe.execute(), strict=True):
+                if not member:
+                    yield as_text(value)
 
     def series_uids(self, job_id: str) -> Iterator[str]:
-        for value in self.r.sscan_iter(self.key(job_id, "series"), count=500):
+        for value in self.r.sscan_iter(self.key(job_id, "series"), count=BATCH):
             yield as_text(value)
 
     def iter_series_records(self, job_id: str, series_uid: str) -> tuple[str, Iterator[tuple[str, list[str]]]]:
@@ -170,24 +187,26 @@ class LedgerReader:
             yield as_text(study_uid), json.loads(value)
 
     def series_progress(self, job_id: str) -> Iterator[SeriesProgress]:
-        for series_uid in self.series_uids(job_id):
-            st, e, d, f = self.r.hmget(self.series_key(job_id, series_uid), "#st", "#e", "#d", "#f")
-            yield SeriesProgress(
-                study_uid=as_text(st or b""),
-                series_uid=series_uid,
-                expected=int(e or 0),
-                done=int(d or 0),
-                failed=int(f or 0),
-            )
+        """Every series' counts. One round trip per :data:`BATCH` series: the progress display asks for all of
+        them, and one HMGET each took 3 s per look at 20,000 series (a million instances), over and over."""
+        for batch in _batches(self.series_uids(job_id)):
+            pipe = self.r.pipeline(transaction=False)
+            for series_uid in batch:
+                pipe.hmget(self.series_key(job_id, series_uid), "#st", "#e", "#d", "#f")
+            for series_uid, (st, e, d, f) in zip(batch, pipe.execute(), strict=True):
+                yield SeriesProgress(
+                    study_uid=as_text(st or b""),
+                    series_uid=series_uid,
+                    expected=int(e or 0),
+                    done=int(d or 0),
+                    failed=int(f or 0),
+                )
 
     def status(self, job_id: str) -> JobStatus | None:
         fields = self.job_fields(job_id)
         if not fields:
             return None
-        by_class: dict[str, int] = {}
-        if int(fields.get("failed", 0) or 0) or int(fields.get("failed_rows", 0) or 0):
-            for failure in self.failures(job_id):
-                by_class[failure.error_class] = by_class.get(failure.error_class, 0) + 1
+        by_class = {as_text(k): int(v) for k, v in self.r.hgetall(self.key(job_id, "failclass")).items()}
         return status_from_fields(job_id, fields, by_class, float(self.r.time()[0]), list(self.exclusions(job_id)))
 
     def exclusions(self, job_id: str) -> Iterator[Exclusion]:
