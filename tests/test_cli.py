@@ -373,3 +373,73 @@ def test_a_closed_window_is_announced(tmp_path: Path, capsys: pytest.CaptureFixt
     assert capsys.readouterr().err == ""
     window_notice(settings, "night")
     assert f"fetches only in the window {opens:%H:%M}-{closes:%H:%M}: the job waits " in capsys.readouterr().err
+
+
+def test_the_bars_read_every_series_at_most_a_tenth_of_the_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading each series' counts costs time in proportion to the series (0.4 s at 20,000 series): the display
+    reads them again only after ten times as long as the last read took, and once more when the job ends."""
+    now = [0.0]
+
+    class ManySeries(FakeJob):
+        reads = 0
+
+        def status(self) -> JobStatus:
+            now[0] += 0.5  # the poll's wait
+            self.step = min(self.step + 1, 40)
+            state = JobState.DONE if self.step == 40 else JobState.RUNNING
+            return JobStatus(
+                job_id=self.job_id,
+                state=state,
+                source="pacs",
+                output="/o",
+                layout="flat",
+                expected=4,
+                done=self.step // 10,
+            )
+
+        def series(self) -> list[SeriesProgress]:
+            self.reads += 1
+            now[0] += 1.0  # what reading them took
+            done = 4 if self.step == 40 else 0
+            return [SeriesProgress(study_uid="1.2", series_uid="1.2.3", expected=4, done=done, failed=0)]
+
+    monkeypatch.setattr(progress, "POLL_SECONDS", 0)
+    monkeypatch.setattr(progress, "monotonic", lambda: now[0])
+    job = ManySeries()
+    buffer = io.StringIO()
+    progress.watch(job, Console(file=buffer, force_terminal=True, width=160, color_system=None))
+    assert 3 <= job.reads <= 4  # over about 24 s of polls, at most every 10 s and at the end: not 40 times
+    assert "series 1/1" in buffer.getvalue()  # the last read, when the job ended
+
+
+def test_the_failure_lines_read_no_more_records_than_they_print(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job with thousands of failures: the display prints the first 20 and a pointer, once, and reads no more
+    failure records than those (it read every record at every poll where the count grew)."""
+    read = [0]
+
+    class ManyFailures(FakeJob):
+        def status(self) -> JobStatus:
+            self.step += 1
+            state = JobState.DONE_WITH_FAILURES if self.step == 30 else JobState.RUNNING
+            failed = min(self.step * 100, 2900)
+            return JobStatus(
+                job_id=self.job_id, state=state, source="pacs", output="/o", layout="flat", expected=3000, failed=failed
+            )
+
+        def failures(self) -> Iterator[Failure]:
+            for n in range(min(self.step * 100, 2900)):
+                read[0] += 1
+                yield Failure(instance_uid=f"1.2.{n}", error_class="not-found", error="E", message="gone")
+
+    monkeypatch.setattr(progress, "POLL_SECONDS", 0)
+    lines: list[str] = []
+    ticker = progress._FailureTicker(ManyFailures(), lines.append)
+    job = ticker.view
+    while True:
+        status = job.status()
+        ticker.update(status)
+        if status.state is JobState.DONE_WITH_FAILURES:
+            break
+    assert lines[:20] == [f"not-found 1.2.{n}: gone" for n in range(20)]
+    assert len(lines) == 21 and lines[20].startswith("more failures: see 'trolley-tasks status tfake'")
+    assert read[0] <= 21
