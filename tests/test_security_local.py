@@ -133,6 +133,43 @@ def test_spool_expectations_tokens_expiry_and_forget(tmp_path: Path) -> None:
     assert spool.token(uid) is None  # expired
 
 
+def test_a_move_claims_only_the_arrivals_under_its_own_tokens_each_once(tmp_path: Path) -> None:
+    """CMove.collect lists the spool and claims each arrival of its request by rename, once: not a file under
+    another token (an older expectation of the same UID), not another request's, not a temp or claimed file."""
+    from trolley_tasks.downloaders.dicom_qr_move import CMove
+    from trolley_tasks.downloaders.dimse_retrieve import RetrieveRequest
+
+    move = CMove(
+        "127.0.0.1", 9, "TROLLEY", "PACS", destination_aet="TROLLEY", receiver_port=9,
+        receiver_host="127.0.0.1", spool_dir=tmp_path / "spool", run_receiver=False,
+    )  # fmt: skip
+    spool = move.spool.prepare()
+    ours = [f"1.2.3.{n}" for n in range(4)]
+    move._tokens = spool.expect(ours)
+    request = RetrieveRequest("IMAGE", "1.2", "1.2.3", tuple(ours))
+    other = spool.expect(["1.2.4.1"])
+    planted = [
+        spool.arrival(ours[0], "0" * 32),  # our UID, a token we never issued
+        spool.arrival("1.2.4.1", other["1.2.4.1"]),  # another request's arrival
+        spool.directory / f".{ours[1]}.{move._tokens[ours[1]]}.dcm.claimed-1-ab",  # someone's claim
+        spool.directory / ".trolley-tmp-x.dcm",
+    ]
+    for path in [
+        *planted,
+        spool.arrival(ours[1], move._tokens[ours[1]]),
+        spool.arrival(ours[3], move._tokens[ours[3]]),
+    ]:
+        path.write_bytes(b"x")
+    delivered: set[str] = set()
+    first = [ref.instance_uid for ref, _ in move.collect(request, delivered)]
+    assert sorted(first) == [ours[1], ours[3]]
+    delivered.update(first)
+    assert list(move.collect(request, delivered)) == []  # nothing new: nothing claimed twice
+    spool.arrival(ours[2], move._tokens[ours[2]]).write_bytes(b"x")
+    assert [ref.instance_uid for ref, _ in move.collect(request, delivered)] == [ours[2]]
+    assert all(path.exists() for path in planted)
+
+
 def test_spool_purge_removes_what_nobody_will_claim(tmp_path: Path) -> None:
     spool = MoveSpool(tmp_path / "spool").prepare()
     old = time.time() - move_spool.STALE_SECONDS - 10

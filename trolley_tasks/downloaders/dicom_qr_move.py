@@ -183,15 +183,19 @@ class CMove(RetrieveLoop, DownloaderBase):
 
         The claim is a rename, so that two processes sharing the spool never both take one file. A claimed file
         left behind (the consumer stopped) keeps its ``.claimed`` name and is never handed on twice.
+
+        Called after every response of the move (one per instance sent). It lists the spool once and takes the
+        arrivals that carry this request's tokens; it used to try a rename for every instance not yet delivered,
+        which is quadratic in the request's size: about 1,250 failed renames for a 50-instance batch and 125,000
+        for a request of 500.
         """
         assert request.series_uid is not None
-        for uid in request.instance_uids:
-            if uid in delivered:
+        outstanding = {uid: self._tokens.get(uid) for uid in request.instance_uids if uid not in delivered}
+        if not any(outstanding.values()):
+            return
+        for uid, token, path in self.spool.arrivals():
+            if outstanding.get(uid) != token:  # another request's, or this UID's arrival for an older expectation
                 continue
-            token = self._tokens.get(uid)
-            if token is None:
-                continue
-            path = self.spool.arrival(uid, token)
             claimed = path.with_name(f".{path.name}.claimed-{os.getpid()}-{secrets.token_hex(4)}")
             try:
                 os.rename(path, claimed)

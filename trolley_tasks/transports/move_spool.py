@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from trolley_tasks.core import is_valid_uid
@@ -92,6 +92,20 @@ class MoveSpool:
     def arrival(self, uid: str, token: str) -> Path:
         """Where the receiver stores ``uid`` for the expectation holding ``token``."""
         return self.directory / f"{uid}.{token}.dcm"
+
+    def arrivals(self) -> Iterator[tuple[str, str, Path]]:
+        """(uid, token, path) of every arrival in the spool now, by one directory listing (temp, claimed and other
+        files are not arrivals)."""
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.endswith(".dcm"):
+                continue
+            uid, _, token = entry.name[: -len(".dcm")].rpartition(".")
+            if uid and token:
+                yield uid, token, Path(entry.path)
 
     def purge(self, *, force: bool = False) -> int:
         """Remove expired markers and stale arrivals, temp and claimed files; at most once a minute unless
