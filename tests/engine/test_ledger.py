@@ -6,7 +6,7 @@ import redis
 
 from trolley_tasks.cohort import CohortRow
 from trolley_tasks.engine.ledger import ClaimCode, Ledger, Outcome, Settled, Stored
-from trolley_tasks.engine.models import Failure, InstanceState, JobState
+from trolley_tasks.engine.models import Exclusion, Failure, InstanceState, JobState
 
 JOB = "j-test"
 ST, SE = "1.2.3", "1.2.3.4"
@@ -246,3 +246,18 @@ def test_failures_by_class_are_counted_by_every_transition_that_writes_or_remove
     monkeypatch.setattr(ledger, "failures", unread)
     status = ledger.status(JOB)
     assert status is not None and status.failures_by_class == {"timeout": 1}
+
+
+def test_a_polls_status_leaves_the_exclusions_unread(redis_db, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    ledger = started(redis_db)
+    left_out = Exclusion(study_uid=ST, series_uid=SE, rule="Modality in [SR]", instances=3)
+    ledger.exclude(JOB, left_out)
+    full = ledger.status(JOB)
+    assert full is not None and full.excluded == [left_out]
+
+    def unread(job_id: str) -> None:
+        raise AssertionError("a poll read every exclusion")
+
+    monkeypatch.setattr(ledger, "exclusions", unread)
+    polled = ledger.status(JOB, excluded=False)
+    assert polled is not None and polled.excluded == [] and polled.state is full.state

@@ -147,7 +147,7 @@ class EngineJob:
     job_id: str
 
     def status(self) -> JobStatus:
-        return self.engine.status(self.job_id)
+        return self.engine.status(self.job_id, excluded=False)  # the bars never show the exclusions
 
     def failures(self) -> Iterable[Failure]:
         return self.engine.failures(self.job_id)

@@ -202,12 +202,15 @@ class LedgerReader:
                     failed=int(f or 0),
                 )
 
-    def status(self, job_id: str) -> JobStatus | None:
+    def status(self, job_id: str, *, excluded: bool = True) -> JobStatus | None:
+        """The job's counts and state; with ``excluded=False`` its ``excluded`` list stays empty (a poll's view: the
+        list is one record per series left out, read and parsed whole)."""
         fields = self.job_fields(job_id)
         if not fields:
             return None
         by_class = {as_text(k): int(v) for k, v in self.r.hgetall(self.key(job_id, "failclass")).items()}
-        return status_from_fields(job_id, fields, by_class, float(self.r.time()[0]), list(self.exclusions(job_id)))
+        exclusions = list(self.exclusions(job_id)) if excluded else []
+        return status_from_fields(job_id, fields, by_class, float(self.r.time()[0]), exclusions)
 
     def exclusions(self, job_id: str) -> Iterator[Exclusion]:
         """The series the job's filter left out, with the rule that excluded each (see ``Ledger.exclude``)."""
