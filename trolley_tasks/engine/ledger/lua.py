@@ -224,9 +224,8 @@ SETTLE = (
     COMMON
     + r"""
 -- KEYS: job, series hash, failures, exclusions, failures by class. ARGV: series uid, then groups of 7: uid, outcome,
--- attempts,
--- busy_counted_at, size, path, failure (or exclusion) json. Outcomes: d done, s skipped (on disk already), f failed,
--- e excluded (no longer expected), p back to pending. A terminal instance is never changed again here.
+-- attempts, busy_counted_at, size, path, failure (or exclusion) json. Outcomes: d done, s skipped (on disk already),
+-- f failed, e excluded (no longer expected), p back to pending. A terminal instance is never changed again here.
 local job, sh, failures, exclusions, classes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now = clock()
 local done, skipped, failed, excluded, bytes = 0, 0, 0, 0, 0
