@@ -197,6 +197,37 @@ def test_rerun_of_a_search_cohort_ends_done_and_fetches_nothing(live, orthanc, t
     verify_on_disk(out, items, orthanc.cohort)
 
 
+def test_a_rerun_whose_worker_died_after_putting_a_file_back_to_pending_still_fetches_it(
+    live, orthanc, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A re-run's expansion puts a done instance whose file is gone back to pending (UNSTORE), then publishes it.
+    Here the worker dies between the two: the ledger is left exactly as that death leaves it (the job reopened, the
+    row's instances recorded, the instance pending, the row not expanded, no message anywhere). Real workers
+    started afterwards must still end the job done with the file back, through the watchdog's stall sweep."""
+    stack = live()
+    workers = stack.workers(2)
+    out = tmp_path / "out"
+    job = stack.engine.submit(orthanc.cohort.study_refs(), source="rs", output=out)
+    assert stack.wait(job).state is JobState.DONE
+    stop_worker(workers)
+    gone = orthanc.cohort.instance(0, 1, 2)
+    (out / gone.study_uid / gone.series_uid / f"{gone.sop_instance_uid}.dcm").unlink()
+    ledger = stack.engine.ledger
+    assert ledger.reopen(job, JobState.EXPANDING) == "expanding"  # the re-run's producer: rows queued...
+    ledger.producer_done(job)  # ...all of them; their messages are lost with the worker, like its own
+    uids = [
+        item.sop_instance_uid for item in orthanc.cohort.in_study(gone.study_uid) if item.series_uid == gone.series_uid
+    ]
+    expansion = ledger.expand(job, gone.study_uid, gone.series_uid, uids)
+    lost = [item for item in expansion.stored if item.instance_uid == gone.sop_instance_uid]
+    assert ledger.unstore(job, gone.series_uid, lost) == [gone.sop_instance_uid]  # ...and then the worker died
+    assert stack.engine.status(job).done == 17
+    stack.workers(2)
+    status = stack.wait(job, timeout=120)
+    assert status.state is JobState.DONE and (status.expected, status.done, status.failed) == (18, 18, 0), status
+    verify_on_disk(out, orthanc.cohort, orthanc.cohort)
+
+
 # -- 3. retry-failed with live workers -------------------------------------------------------------------------------
 
 
