@@ -21,6 +21,16 @@ def started(redis_db) -> Ledger:  # type: ignore[no-untyped-def]
     return ledger
 
 
+def all_claimed(redis_db) -> Ledger:  # type: ignore[no-untyped-def]
+    """The job's one row expanded into UIDS, every row queued, and all of UIDS claimed by one fetch."""
+    ledger = started(redis_db)
+    ledger.expand(JOB, ST, SE, UIDS)
+    ledger.row_done(JOB, ROW.row_id())
+    ledger.producer_done(JOB)
+    ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3)
+    return ledger
+
+
 def test_expand_counts_each_instance_once(redis_db) -> None:  # type: ignore[no-untyped-def]
     ledger = started(redis_db)
     assert ledger.expand(JOB, ST, SE, UIDS).publish == UIDS
@@ -94,11 +104,7 @@ def test_pause_blocks_claims_and_resume_finalizes(redis_db) -> None:  # type: ig
 
 
 def test_retry_failed_reopens_and_cancel_keeps_done(redis_db) -> None:  # type: ignore[no-untyped-def]
-    ledger = started(redis_db)
-    ledger.expand(JOB, ST, SE, UIDS)
-    ledger.row_done(JOB, ROW.row_id())
-    ledger.producer_done(JOB)
-    ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3)
+    ledger = all_claimed(redis_db)
     failure = Failure(error_class="not-found", error="NotFoundError", message="gone")
     ledger.settle(
         JOB,
@@ -118,11 +124,7 @@ def test_retry_failed_reopens_and_cancel_keeps_done(redis_db) -> None:  # type: 
 
 
 def test_a_rerun_sees_where_done_instances_are_and_puts_back_only_those_still_stored_there(redis_db) -> None:  # type: ignore[no-untyped-def]
-    ledger = started(redis_db)
-    ledger.expand(JOB, ST, SE, UIDS)
-    ledger.row_done(JOB, ROW.row_id())
-    ledger.producer_done(JOB)
-    ledger.claim(JOB, SE, UIDS, redelivered=False, lease_seconds=60, max_redeliveries=3)
+    ledger = all_claimed(redis_db)
     assert ledger.settle(
         JOB,
         SE,

@@ -47,6 +47,15 @@ local function count_class(classes, json, by)
   if redis.call('HINCRBY', classes, class, by) <= 0 then redis.call('HDEL', classes, class) end
 end
 local function active(state) return state == 'expanding' or state == 'running' end
+-- Move the done, skipped and bytes counts of the job and the series hash ``sh`` (negative: instances put back).
+local function count_stored(job, sh, done, skipped, bytes)
+  if done ~= 0 then
+    redis.call('HINCRBY', job, 'done', done)
+    redis.call('HINCRBY', job, 'bytes', bytes)
+    redis.call('HINCRBY', sh, '#d', done)
+  end
+  if skipped ~= 0 then redis.call('HINCRBY', job, 'skipped', skipped) end
+end
 -- Finalize the job when everything expected is terminal. Exactly one caller gets 1.
 local function check_done(job, now)
   local h = redis.call('HMGET', job, 'state', 'expected', 'done', 'failed', 'producer_done', 'rows', 'expanded',
@@ -261,12 +270,7 @@ if excluded > 0 then
   redis.call('HINCRBY', job, 'expected', -excluded)
   redis.call('HINCRBY', sh, '#e', -excluded)
 end
-if done > 0 then
-  redis.call('HINCRBY', job, 'done', done)
-  redis.call('HINCRBY', job, 'bytes', bytes)
-  redis.call('HINCRBY', sh, '#d', done)
-end
-if skipped > 0 then redis.call('HINCRBY', job, 'skipped', skipped) end
+count_stored(job, sh, done, skipped, bytes)
 if failed > 0 then
   redis.call('HINCRBY', job, 'failed', failed)
   redis.call('HINCRBY', sh, '#f', failed)
@@ -433,13 +437,8 @@ for i = 1, #ARGV, 2 do
     end
   end
 end
-if done > 0 then
-  redis.call('HINCRBY', job, 'done', -done)
-  redis.call('HINCRBY', job, 'bytes', -bytes)
-  redis.call('HINCRBY', sh, '#d', -done)
-  redis.call('HSET', job, 'updated_at', tostring(clock()))
-end
-if skipped > 0 then redis.call('HINCRBY', job, 'skipped', -skipped) end
+count_stored(job, sh, -done, -skipped, -bytes)
+if done > 0 then redis.call('HSET', job, 'updated_at', tostring(clock())) end
 return out
 """
 )
