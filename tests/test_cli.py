@@ -187,6 +187,14 @@ def test_logs_are_scrubbed_and_cut() -> None:
     assert "PAT123" not in scrub(line) and "/dicom-web/studies?***" in scrub(line)
     assert "PAT123" not in scrub("from http://pacs:8042/dicom-web/studies?PatientID=PAT123")
     assert scrub("is the PACS up? yes") == "is the PACS up? yes"
+    # pydicom's validation messages name the value
+    assert scrub("Invalid value for VR DA: '1961-07-14'.") == "Invalid value for VR DA: ***."
+    assert scrub(
+        "x.py:440: UserWarning: Invalid value for VR CS: 'ct'. Please see <https://dicom.nema.org/x>\n  w()"
+    ) == ("x.py:440: UserWarning: Invalid value for VR CS: ***. Please see <https://dicom.nema.org/x>\n  w()")
+    assert scrub('Value "1.5x" is not valid for elements with a VR of IS') == (
+        "Value *** is not valid for elements with a VR of IS"
+    )
     stream = io.StringIO()
     setup_logging("info", as_json=True, stream=stream)
     logging.getLogger("trolley.test").info("fetched %s from %s", "1.2.3", "http://u:secret@h/dicom-web")

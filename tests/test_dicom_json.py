@@ -4,11 +4,12 @@ tree builder's ``adopt`` never lets a parent share an element with its child."""
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from typing import Any
 
 import pytest
-from pydicom import Dataset
+from pydicom import Dataset, config
 
 from trolley_tasks.core import QueryLevels
 from trolley_tasks.errors import PayloadInvalidError
@@ -134,6 +135,25 @@ def test_whole_answer_round_trip() -> None:
     datasets = datasets_from_json(body)
     assert [str(ds.SOPInstanceUID) for ds in datasets] == [f"{SOP}.{n}" for n in range(3)]
     assert datasets[0].PatientName == "TROLLEY^PATIENT0000" and datasets[0].InstanceNumber == 1
+
+
+def test_a_value_that_fails_validation_is_kept_and_not_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pydicom names such a value in a warning, and a birth date is patient data; ours keeps it without a word."""
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.WARN)  # pydicom's default
+    obj = orthanc_instance() | {
+        "00100030": {"vr": "DA", "Value": ["1961-07-14"]},
+        "00080060": {"vr": "CS", "Value": ["ct"]},
+    }
+    with pytest.warns(UserWarning, match="'ct'"):  # what pydicom does with it
+        Dataset.from_json(obj)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        (ds,) = datasets_from_json(json.dumps([obj]).encode())
+    assert ds.PatientBirthDate == "1961-07-14" and ds.Modality == "ct"
+    assert not caplog.records and not raised, [*caplog.messages, *map(str, raised)]
 
 
 @pytest.mark.parametrize("adopt", [True, False])

@@ -1,11 +1,16 @@
 """No secret and no patient data in what leaves the ledger's row store: task messages, task events, Flower's API,
 Redis keys and values, worker logs at DEBUG, and the reports (issue 11).
 
-An export BY PatientID (the search cohort that used to carry the value in every expansion message) runs through
-real workers against an Orthanc that requires a password; meanwhile every Redis key and value is sampled and every
-task event captured. Each secret and each patient value is then looked for in raw, URL-encoded, JSON-escaped and
-base64 forms. The one place allowed to hold the searched values is the job's row store (``trolley:{J}:rowdata``):
-the search must be able to run. It is asserted to be the only one.
+Two exports BY PatientID (the search cohort that used to carry the value in every expansion message) run through
+real workers against an Orthanc that requires a password: one by QIDO-RS and WADO-RS, one by C-FIND and C-GET.
+Meanwhile every Redis key and value is sampled and every task event captured. Each secret and each patient value is
+then looked for in raw, URL-encoded, JSON-escaped and base64 forms. The one place allowed to hold the searched
+values is each job's row store (``trolley:{J}:rowdata``): the search must be able to run. It is asserted to be the
+only one.
+
+The libraries log values of their own: pynetdicom writes every C-FIND identifier at INFO, and pydicom names a value
+that fails its validation in a warning. The cohort's birth dates are written with dashes, as some PACS keep them
+(DICOM's DA has none), so that a warning would carry one.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import DataElement, Dataset, config
 
-from testbed.cohort import generate_cohort
+from testbed.cohort import GeneratedCohort, GeneratedInstance
 from tests.engine.conftest import EngineEnv, celery_workers
 from tests.engine.test_flower import PASSWORD as FLOWER_PASSWORD
 from tests.engine.test_flower import USER as FLOWER_USER
@@ -35,7 +41,19 @@ pytestmark = pytest.mark.slow
 PASSWORD = "pw-9f3K-trolley-s3cret"
 TOKEN = "tok-7c1a-never-logged"
 VITREA = "vitrea-Zq8-hush"
-COHORT = generate_cohort(studies=2, series=2, instances=3, seed=41, rows=16, columns=16)
+BIRTH_DATE = "1961-07-14"
+
+
+class LegacyValuesCohort(GeneratedCohort):
+    """The generated cohort, with a PatientBirthDate that does not conform to DA (pydicom's validation rejects it)."""
+
+    def dataset(self, item: GeneratedInstance) -> Dataset:
+        ds = super().dataset(item)
+        ds[0x00100030] = DataElement(0x00100030, "DA", BIRTH_DATE, validation_mode=config.IGNORE)
+        return ds
+
+
+COHORT = LegacyValuesCohort(studies=2, series=2, instances=3, seed=41, rows=16, columns=16)
 
 
 def forms(value: str) -> set[str]:
@@ -149,7 +167,7 @@ def flower_api(url: str) -> str:
     return "\n".join(pages)
 
 
-def test_an_export_by_patient_id_leaks_no_secret_and_no_patient_data(  # type: ignore[no-untyped-def]
+def test_exports_by_patient_id_leak_no_secret_and_no_patient_data(  # type: ignore[no-untyped-def]
     orthanc_factory, redis_service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pacs = orthanc_factory(COHORT, users={"trolley": PASSWORD})
@@ -181,6 +199,13 @@ type = "vitrea"
 username = "trolley"
 password_env = "TT_VITREA_PASSWORD"
 login_url = "{pacs.url}/login"
+[sources.dimse]
+searcher = "dicom-qr"
+downloader = "c-get"
+host = "127.0.0.1"
+port = {pacs.dicom_port}
+called_aet = "{pacs.aet}"
+calling_aet = "TROLLEY"
 """
     )
     client = redis_service.client()
@@ -188,7 +213,7 @@ login_url = "{pacs.url}/login"
         client.delete(key)
     settings = load_settings(config)
     first = next(iter(COHORT))
-    out = tmp_path / "out"
+    out, out_dimse = tmp_path / "out", tmp_path / "out-dimse"
     with (
         celery_workers(config, 2, tmp_path, loglevel="debug") as workers,
         flower_server(config, tmp_path / "flower.log") as flower,
@@ -199,15 +224,24 @@ login_url = "{pacs.url}/login"
         with redis_seen, events:
             job = engine.submit(Query(PatientID=first.patient_id), source="pacs", output=out)
             status = env.wait(job, timeout=180)
+            job_dimse = engine.submit(Query(PatientID=first.patient_id), source="dimse", output=out_dimse)
+            status_dimse = env.wait(job_dimse, timeout=180)
         engine.close()
         log_text = workers.log.read_text(errors="replace")
         flower_pages = flower_api(flower)
     assert status.state is JobState.DONE and status.done == 6, status
+    assert status_dimse.state is JobState.DONE and status_dimse.done == 6, status_dimse
     assert events.events and any("trolley.fetch" in e for e in events.events)  # the capture saw our tasks
     assert "DEBUG" in log_text and "GET /dicom-web" in log_text  # the log really is at DEBUG, requests included
-    row_store = f"trolley:{{{job}}}:rowdata"
-    assert any(first.patient_id in value for value in redis_seen.seen.get(row_store, ()))  # where it must be
-    reports = (out / "trolley-report.json").read_text() + (out / "trolley-report.csv").read_text()
+    assert "Sending Find Request" in log_text  # and so do pynetdicom's records of the C-FIND
+    row_stores = {f"trolley:{{{j}}}:rowdata" for j in (job, job_dimse)}
+    for row_store in row_stores:  # where the searched value must be
+        assert any(first.patient_id in value for value in redis_seen.seen.get(row_store, ())), row_store
+    reports = "".join(
+        (folder / name).read_text()
+        for folder in (out, out_dimse)
+        for name in ("trolley-report.json", "trolley-report.csv")
+    )
     assert "trolley.fetch" in flower_pages  # Flower saw our tasks
     places = {
         "task events": "\n".join(events.events),
@@ -216,7 +250,7 @@ login_url = "{pacs.url}/login"
         "reports": reports,
     }
     for key, values in redis_seen.seen.items():
-        if key != row_store:
+        if key not in row_stores:
             places[f"redis {key}"] = key + "\n" + "\n".join(values)
     secrets_and_phi = {
         "password": PASSWORD,
@@ -226,6 +260,7 @@ login_url = "{pacs.url}/login"
         "PatientID": first.patient_id,
         "PatientName": first.patient_name,
         "AccessionNumber": first.accession_number,
+        "PatientBirthDate": BIRTH_DATE,
     }
     leaks = [
         f"{what} in {place}"

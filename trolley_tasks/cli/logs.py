@@ -12,7 +12,7 @@ import sys
 from datetime import UTC, datetime
 from typing import TextIO
 
-from trolley_tasks.redaction import ScrubbingFilter, scrub
+from trolley_tasks.redaction import ScrubbingFilter, keep_values_out_of_library_logs, scrub
 
 __all__ = ["LEVELS", "LOGGER_NAME", "JsonFormatter", "ScrubbingFilter", "scrub", "setup_logging"]
 
@@ -39,7 +39,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "warning", as_json: bool = False, stream: TextIO | None = None) -> logging.Logger:
-    """Configure the ``trolley`` logger (idempotent: a second call replaces the first's handler)."""
+    """Configure the ``trolley`` logger (idempotent: a second call replaces the first's handler), and keep DICOM
+    values out of what pydicom and pynetdicom log in this process."""
+    keep_values_out_of_library_logs()
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         if getattr(handler, "_trolley_cli", False):

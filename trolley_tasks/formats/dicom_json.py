@@ -1,7 +1,7 @@
 """DICOM JSON (PS3.18 Annex F.2) to pydicom Datasets, for QIDO-RS answers and WADO-RS metadata.
 
 The result is what pydicom's :meth:`~pydicom.dataset.Dataset.from_json` gives (``tests/test_dicom_json.py`` compares
-the two element by element), with three differences:
+the two element by element), with four differences:
 
 - **No fetching.** An element given by ``BulkDataURI`` (PS3.18 F.2.5, for example PixelData in WADO-RS metadata)
   is kept with an empty value. A searcher must never start downloading pixel data behind the caller's back, and
@@ -17,6 +17,10 @@ the two element by element), with three differences:
   function took 512 us an instance through pydicom's converter, and 177 us with the values converted here. Only a
   ``"Value"`` of a plain VR, a PN given as components, or a sequence of those is converted here; anything else
   (InlineBinary, BulkDataURI, AT, a malformed PN) goes to pydicom's converter as before.
+- **No value validation.** pydicom checks each value against its VR and names one that fails in a warning
+  (``Invalid value for VR DA: '1961-07-14'.``): a patient's birth date in a worker's log. Values are kept as the
+  server sent them, without that check (``config.IGNORE``); the UIDs the tree is built on are checked by
+  :mod:`~trolley_tasks.searchers.tree`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydicom import DataElement, Dataset
+from pydicom import DataElement, Dataset, config
 from pydicom.dataelem import empty_value_for_VR
 from pydicom.jsonrep import convert_to_python_number
 from pydicom.valuerep import FLOAT_VR, INT_VR, VR
@@ -76,11 +80,11 @@ def _element(key: str, mapping: dict[str, Any]) -> DataElement:
             if vr in _NUMBER_VRS:
                 value = convert_to_python_number(value, vr)
             try:
-                return DataElement(int(key, 16), vr, value)
+                return DataElement(int(key, 16), vr, value, validation_mode=config.IGNORE)
             except Exception as exc:  # as pydicom's from_json words it
                 raise ValueError(f"Data element '{key}' could not be loaded from JSON: {value}") from exc
     if not any(name in mapping for name in ("Value", *_OTHER_VALUE_KEYS)):
-        return DataElement(int(key, 16), vr, empty_value_for_VR(vr))
+        return DataElement(int(key, 16), vr, empty_value_for_VR(vr), validation_mode=config.IGNORE)
     value_key = next(name for name in ("Value", *_OTHER_VALUE_KEYS) if name in mapping)
     return DataElement.from_json(Dataset, key, vr, mapping[value_key], value_key, _keep_bulk_data_empty)
 

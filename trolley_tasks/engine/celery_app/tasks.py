@@ -34,7 +34,7 @@ from trolley_tasks.engine.receiver import HostReceivers
 from trolley_tasks.engine.report import finalize_job
 from trolley_tasks.engine.settings import Settings
 from trolley_tasks.engine.watchdog import Watchdog, WatchdogThread
-from trolley_tasks.redaction import ScrubbingFilter
+from trolley_tasks.redaction import ScrubbingFilter, keep_values_out_of_library_logs
 
 log = logging.getLogger("trolley.engine.tasks")
 
@@ -67,7 +67,9 @@ def _process_ends(**_: Any) -> None:
 @after_setup_task_logger.connect
 def _scrub_worker_logs(logger: logging.Logger | None = None, **_: Any) -> None:
     """Celery's own handlers get the same scrubbing as the CLI's: no secret, no query string (patient data), no
-    dataset dump reaches a worker's log, whatever library logged it (urllib3 logs request lines at DEBUG)."""
+    dataset dump reaches a worker's log, whatever library logged it (urllib3 logs request lines at DEBUG). pydicom
+    and pynetdicom are told not to log values at all; the pool's processes, forked after this, inherit that."""
+    keep_values_out_of_library_logs()
     for handler in logger.handlers if logger is not None else []:
         if not any(isinstance(f, ScrubbingFilter) for f in handler.filters):
             handler.addFilter(ScrubbingFilter())
