@@ -130,6 +130,18 @@ def test_converter_gives_what_pydicom_gives(name: str) -> None:
                     dataset_from_json(obj)
 
 
+def test_dates_and_times_follow_pydicoms_datetime_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+    obj = {
+        "00080020": {"vr": "DA", "Value": ["20240101"]},
+        "00080030": {"vr": "TM", "Value": ["080000"]},
+        "0008002A": {"vr": "DT", "Value": ["20240101080000"]},
+    }
+    monkeypatch.setattr(config, "datetime_conversion", True)
+    ours, theirs = dataset_from_json(obj), Dataset.from_json(obj)
+    _same(ours, theirs)
+    assert type(ours.StudyDate).__name__ == "DA"  # not the string: the setting is followed
+
+
 def test_whole_answer_round_trip() -> None:
     body = json.dumps([orthanc_instance(f"{SOP}.{n}") for n in range(3)]).encode()
     datasets = datasets_from_json(body)
