@@ -94,7 +94,7 @@ def _element(key: str, mapping: dict[str, Any]) -> DataElement:
     """One DICOM JSON attribute (``{"vr": ..., "Value": [...]}``) as a DataElement, as pydicom would make it."""
     vr = mapping["vr"]
     values = mapping.get("Value")
-    if isinstance(values, list) and not any(other in mapping for other in _OTHER_VALUE_KEYS):
+    if isinstance(values, list) and "InlineBinary" not in mapping and "BulkDataURI" not in mapping:
         converted = _plain_values(vr, values) if values else []
         if converted is not None:
             value: Any = converted
@@ -119,9 +119,13 @@ def _element(key: str, mapping: dict[str, Any]) -> DataElement:
 
 
 def _dataset(obj: dict[str, Any]) -> Dataset:
+    elements = [_element(key, mapping) for key, mapping in obj.items()]
+    if not any(element.VR == VR.SQ or element.tag.is_private for element in elements):
+        # what Dataset.add does for these, without its checks per element (private creators, sequences)
+        return Dataset({element.tag: element for element in elements})
     dataset = Dataset()
-    for key, mapping in obj.items():
-        dataset.add(_element(key, mapping))
+    for element in elements:
+        dataset.add(element)
     return dataset
 
 

@@ -26,6 +26,7 @@ A UID in an answer that is missing or not DICOM UID grammar is the server's faul
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable
 
 from pydicom import Dataset
@@ -44,6 +45,14 @@ _STUDY_TAGS = _tags(StudyLevel | {"SpecificCharacterSet"})
 _SERIES_TAGS = _tags(SeriesLevel | {"SpecificCharacterSet", "StudyInstanceUID"})
 
 
+@functools.cache
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise ValueError(f"{keyword} is not a DICOM keyword")
+    return tag
+
+
 def dataset_uid(ds: Dataset, keyword: str, *, source: str | None = None) -> str:
     """The UID ``keyword`` of a dataset from a server answer.
 
@@ -52,7 +61,8 @@ def dataset_uid(ds: Dataset, keyword: str, *, source: str | None = None) -> str:
     PayloadInvalidError
         If the attribute is absent, multi-valued or not a valid DICOM UID (PS3.5 9.1).
     """
-    value = ds.get(keyword)
+    element = ds.get(_tag(keyword))  # by tag: the keyword's attribute lookup cost more than the rest of this check
+    value = element.value if element is not None else None
     if value is None or value == "":
         raise PayloadInvalidError(f"the server's answer holds an object without {keyword}", source=source)
     text = str(value) if isinstance(value, str) else None
