@@ -35,6 +35,7 @@ from trolley_tasks.storage.disk import (
     DICOMDiskStorage,
     FlatDcmStorageDir,
     QuarantinedPayloadError,
+    StorageDir,
     TemplateStorage,
     clean_temp_files,
 )
@@ -224,6 +225,31 @@ def test_existing_valid_finds_only_whole_files(tmp_path: Path) -> None:
     saved.path.write_bytes(raw()[:-50])  # damaged behind our back
     assert storage.existing_valid(FIRST.reference(), tmp_path) is None
     assert storage.reference_path(SECOND.reference(), tmp_path) == saved.path.parent / f"{SECOND.sop_instance_uid}.dcm"
+
+
+def test_existing_valid_many_looks_into_a_series_only_where_its_folder_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine asks for a batch at once: a layout whose folder for the series is not there costs one lstat for
+    the series, not one for each instance."""
+    other = generate_cohort(studies=1, series=1, instances=40, seed=12, rows=16, columns=16)
+    dicomtrolleys = StorageDir().save_raw(SECOND.reference(), raw(SECOND), tmp_path).path  # the other layout
+    ours = DcmStorageDir().save_raw(FIRST.reference(), raw(), tmp_path).path
+    looked: list[str] = []
+    lexists = os.path.lexists
+    monkeypatch.setattr(os.path, "lexists", lambda path: looked.append(str(path)) or lexists(path))
+    wanted = [FIRST.reference(), SECOND.reference(), *(item.reference() for item in other)]
+    found = DcmStorageDir().existing_valid_many(wanted, tmp_path)
+    assert {uid: result.path for uid, result in found.items()} == {
+        FIRST.sop_instance_uid: ours,
+        SECOND.sop_instance_uid: dicomtrolleys,
+    }
+    assert all(result.already_present for result in found.values())
+    # COHORT's series: both layouts' folders, then FIRST in ours, SECOND in ours and in dicomtrolley's (5);
+    # the 40 instances of the series with no folder: one look at each layout's folder for it (2), none at a file
+    assert len(looked) == 7, looked
+    assert PathTemplate("a/{StudyInstanceUID}_{SeriesInstanceUID}/{SOPInstanceUID}.dcm").folders_by_series
+    assert not PathTemplate("{SeriesInstanceUID}/{SOPInstanceUID}/{SOPInstanceUID}.dcm").folders_by_series
 
 
 def test_existing_valid_never_counts_a_file_behind_a_symlink(tmp_path: Path) -> None:

@@ -118,9 +118,14 @@ class _Download:
         self.deid = deid
         self.keep_links = keep_links
 
-    def existing(self, ref: InstanceReference) -> SaveResult | None:
-        """The valid file already in place for ``ref`` (under its pseudonyms in a de-identified export), or None."""
-        return self.storage.existing_valid(self.deid.reference(ref) if self.deid else ref, self.output)
+    def existing(self, refs: list[InstanceReference]) -> dict[str, SaveResult]:
+        """The valid files already in place for ``refs`` (under their pseudonyms in a de-identified export), by
+        SOPInstanceUID of ``refs``."""
+        if self.deid is None:
+            return self.storage.existing_valid_many(refs, self.output)
+        stored = {ref.instance_uid: self.deid.reference(ref) for ref in refs}
+        found = self.storage.existing_valid_many(stored.values(), self.output)
+        return {uid: found[target.instance_uid] for uid, target in stored.items() if target.instance_uid in found}
 
     def _save(self, ref: InstanceReference, payload: RawPayload) -> SaveResult:
         if self.deid is None:
@@ -297,9 +302,11 @@ def _work(
 ) -> None:
     storage, output, tries = download.storage, download.output, download.tries
     to_fetch: list[InstanceReference] = []
-    for uid in claimed:
-        ref = InstanceReference(message.study, message.series, uid)
-        existing = download.existing(ref)
+    refs = [InstanceReference(message.study, message.series, uid) for uid in claimed]
+    present = download.existing(refs)
+    for ref in refs:
+        uid = ref.instance_uid
+        existing = present.get(uid)
         if existing is not None:
             path = relative_path(storage, existing, output)
             plan.settled.append(Settled(uid, Outcome.SKIPPED, codes[uid][1], size=existing.size, path=path))

@@ -29,8 +29,10 @@ stray temp files are removed by :func:`clean_temp_files`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -231,10 +233,43 @@ class DICOMDiskStorage:
         the other way round) fetches nothing again; the file found is left where it is. Always None when
         :meth:`reference_path` is None.
         """
-        root = self._root(path)
-        for template in (self._template(), *self.also_recognised):
-            if template.needs_dataset:
-                continue
+        return self._existing(reference, self._root(path), self._uid_layouts())
+
+    def existing_valid_many(
+        self, references: Iterable[InstanceReference], path: PathLike | None = None
+    ) -> dict[str, SaveResult]:
+        """:meth:`existing_valid` for each of ``references``: the files found, by SOPInstanceUID.
+
+        A layout whose folders are named by the study and the series alone is looked into only where the series'
+        folder is there: one ``lstat`` for a series of a fresh export, where :meth:`existing_valid` renders the
+        path and calls ``lstat`` for every instance and layout (61 µs an instance with the two layouts of the
+        default storage, about 3% of the engine's CPU for WADO-RS; docs/performance.md).
+        """
+        root, layouts = self._root(path), self._uid_layouts()
+        folders: dict[tuple[int, str, str], bool] = {}
+        found: dict[str, SaveResult] = {}
+        for reference in references:
+            usable = []
+            for index, template in enumerate(layouts):
+                if template.folders_by_series:
+                    key = (index, reference.study_uid, reference.series_uid)
+                    if key not in folders:
+                        folder = template.render(functools.partial(_reference_value, reference)).parent
+                        folders[key] = os.path.lexists(root / folder)
+                    if not folders[key]:
+                        continue
+                usable.append(template)
+            result = self._existing(reference, root, usable)
+            if result is not None:
+                found[reference.instance_uid] = result
+        return found
+
+    def _uid_layouts(self) -> list[PathTemplate]:
+        """This storage's layout and those it also recognises, where the three UIDs alone place a file."""
+        return [template for template in (self._template(), *self.also_recognised) if not template.needs_dataset]
+
+    def _existing(self, reference: InstanceReference, root: Path, layouts: Iterable[PathTemplate]) -> SaveResult | None:
+        for template in layouts:
             relative = template.render(lambda kw: _reference_value(reference, kw))
             if not os.path.lexists(root / relative):
                 # nothing there (a fresh export, a layout not in use): nothing to confine or read. Confining first
@@ -259,9 +294,7 @@ class DICOMDiskStorage:
         layout and no read: the engine asks it on a re-run for every instance it counted done. Layouts that need
         the file's attributes are not looked at."""
         root = self._root(path)
-        for template in (self._template(), *self.also_recognised):
-            if template.needs_dataset:
-                continue
+        for template in self._uid_layouts():
             try:
                 return (root / template.render(lambda kw: _reference_value(reference, kw))).stat().st_size
             except (FileNotFoundError, NotADirectoryError):

@@ -37,6 +37,7 @@ MAX_VALUE_LENGTH = 64
 UNKNOWN = "UNKNOWN"
 REFERENCE_KEYWORDS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})
 """The keywords an InstanceReference alone can fill."""
+SERIES_KEYWORDS = frozenset({"StudyInstanceUID", "SeriesInstanceUID"})
 
 _UID_CHARACTERS = frozenset("0123456789.")
 _NOT_PRINTABLE_VRS = {"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"}
@@ -119,6 +120,17 @@ class PathTemplate:
     def needs_dataset(self) -> bool:
         """True when the path uses attributes other than the three UIDs of an InstanceReference."""
         return not self.keywords <= REFERENCE_KEYWORDS
+
+    @property
+    def folders_by_series(self) -> bool:
+        """True when every folder of the path is named by literals, StudyInstanceUID and SeriesInstanceUID only: all
+        instances of a series then lie in one folder."""
+        return all(
+            token.keyword in SERIES_KEYWORDS
+            for component in self.components[:-1]
+            for token in component
+            if isinstance(token, _Field)
+        )
 
     def render(self, lookup: Lookup) -> PurePosixPath:
         """The relative path for the values ``lookup`` gives. Raises UnsafePathError; never returns an escape."""
