@@ -32,6 +32,10 @@ _TRANSFER_SYNTAX = 0x00020010
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _TAG = struct.Struct("<HH")
+_EXPLICIT = struct.Struct("<HH2sH")
+"""An explicit VR element header: group, element, VR, and the 16-bit length of a short VR."""
+_VR_TEXT = {bytes((first, second)): chr(first) + chr(second) for first in range(65, 91) for second in range(65, 91)}
+"""Every two upper-case letters, as text: a VR is looked up here, not checked and decoded for every element."""
 
 
 class _Short(Exception):
@@ -136,18 +140,18 @@ def scan(buffer: bytes | memoryview, wanted: frozenset[int] | set[int] = frozens
 def _explicit_header(view: memoryview, offset: int, size: int) -> tuple[int, str | None, int, int]:
     if offset + 8 > size:
         raise _Short
-    group, element = _TAG.unpack_from(view, offset)
+    group, element, vr_bytes, length = _EXPLICIT.unpack_from(view, offset)
     tag = (group << 16) | element
     if group == 0xFFFE:  # items and delimiters carry no VR (PS3.5 7.5)
         return tag, None, _U32.unpack_from(view, offset + 4)[0], offset + 8
-    vr_bytes = bytes(view[offset + 4 : offset + 6])
-    if not (65 <= vr_bytes[0] <= 90 and 65 <= vr_bytes[1] <= 90):
+    vr = _VR_TEXT.get(vr_bytes)
+    if vr is None:
         raise _Malformed(f"no VR at offset {offset + 4} (explicit VR expected)")
     if vr_bytes in LONG_VRS:
         if offset + 12 > size:
             raise _Short
-        return tag, vr_bytes.decode(), _U32.unpack_from(view, offset + 8)[0], offset + 12
-    return tag, vr_bytes.decode(), _U16.unpack_from(view, offset + 6)[0], offset + 8
+        return tag, vr, _U32.unpack_from(view, offset + 8)[0], offset + 12
+    return tag, vr, length, offset + 8
 
 
 def _implicit_header(view: memoryview, offset: int, size: int) -> tuple[int, str | None, int, int]:
@@ -358,9 +362,9 @@ class Walker:
         assert found is not None
         if offset + 4 > size:
             raise _Short
-        tag = (_U16.unpack_from(view, offset)[0] << 16) | _U16.unpack_from(view, offset + 2)[0]
-        if tag >> 16 == 0xFFFE:
-            raise _Malformed(f"item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) at top level, offset {self._at(offset)}")
+        group, element = _TAG.unpack_from(view, offset)
+        if group == 0xFFFE:
+            raise _Malformed(f"item tag ({group:04X},{element:04X}) at top level, offset {self._at(offset)}")
         header = _implicit_header if found.implicit else _explicit_header
         tag, vr, length, value_at = header(view, offset, size)
         pixels = tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)
@@ -381,8 +385,9 @@ class Walker:
                 raise _Short
             found.values[tag] = (vr, bytes(view[value_at:end]))
         self.last_tag = tag
-        self._span(tag, vr, offset, value_at, end, False)
-        return self._skip_to(end, size)
+        if self.spans is not None:
+            self._span(tag, vr, offset, value_at, end, False)
+        return self._skip_to(end, size) if end > size else end
 
     def _span(self, tag: int, vr: str | None, offset: int, value_at: int, end: int, undefined: bool) -> None:
         if self.spans is not None:
