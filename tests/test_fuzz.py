@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from io import BytesIO
@@ -296,6 +297,20 @@ def deid_property(data: bytes, sizes: list[int]) -> None:
     if isinstance(by_spans, bytes) and isinstance(by_pydicom, bytes) and by_spans != by_pydicom:
         assert _elements(by_spans) == _elements(by_pydicom)  # a broken value written back padded another way
     assert (by_spans is ExcludedByProfile) == (by_pydicom is ExcludedByProfile)
+
+
+def test_an_unknown_element_of_undefined_length_is_de_identified_inside() -> None:
+    """Found by the property below: ReferencedImageSequence under a tag no dictionary knows, (0000,1140), of
+    undefined length, in implicit VR. pydicom reads such an element as a sequence and pseudonymises the UID in its
+    item; the walk's path copied it as it came, UID included."""
+    data = _identified(ImplicitVRLittleEndian, b"", True)
+    marker = struct.pack("<HH", 0x0008, 0x1140)
+    assert data.count(marker) == 1
+    data = data.replace(marker, struct.pack("<HH", 0x0000, 0x1140))
+    by_spans, by_pydicom = _deidentified(BY_SPANS, data, []), _deidentified(BY_PYDICOM, data, [])
+    assert isinstance(by_spans, bytes) and isinstance(by_pydicom, bytes), (by_spans, by_pydicom)
+    assert REF.instance_uid.encode() not in by_spans and REF.instance_uid.encode() not in by_pydicom
+    deid_property(data, [])
 
 
 def _elements(data: bytes) -> list[tuple[int, str, Any]]:

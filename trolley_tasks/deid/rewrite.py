@@ -263,15 +263,25 @@ class Deidentifier:
 
         A header the walk went through up to the pixel data (every little endian image) is rewritten from the walk's
         element spans (:meth:`_from_spans`); anything else (a profile with safe private tags, a file without pixel
-        data, a walk that stopped on an error or an unsupported syntax) is read by pydicom (:meth:`_from_pydicom`),
-        which also says why a file cannot be read."""
+        data, a walk that stopped on an error or an unsupported syntax, an element of undefined length that is not a
+        sequence by its VR) is read by pydicom (:meth:`_from_pydicom`), which also says why a file cannot be read.
+        pydicom reads that last one, an unknown tag or UN, as a sequence and de-identifies its items; taken from the
+        spans it was copied as it came, UIDs included (found by ``tests/test_fuzz.py``)."""
         spans = walker.spans or []
         found = walker.found
         start = next((span.start for span in spans if span.tag in PIXEL_TAGS), None)
-        if walker.error or walker.unsupported or found is None or start is None or self.profile.safe_private:
+        header = [span for span in spans if start is not None and span.start < start]
+        if (
+            walker.error
+            or walker.unsupported
+            or found is None
+            or start is None
+            or self.profile.safe_private
+            or any(span.undefined and (span.vr or dictionary_vr(span.tag)) != "SQ" for span in header)
+        ):
             return self._from_pydicom(data, seen)  # and a file without pixel data (a report), which is rare
         with _unreadable("cannot de-identify this header"):
-            return self._from_spans(data, [span for span in spans if span.start < start], found.implicit, seen), start
+            return self._from_spans(data, header, found.implicit, seen), start
 
     def _from_spans(self, data: bytes, spans: list[part10_scan.Span], implicit: bool, seen: Seen | None) -> bytes:
         """The header rewritten element by element from where the walk found them, without building a dataset: an
