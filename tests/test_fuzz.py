@@ -36,7 +36,8 @@ from trolley_tasks.formats.part10 import check_identity, read_header, read_part1
 from trolley_tasks.searchers.mint import parse_mint_xml
 
 SLOW_EXAMPLES = FUZZ_EXAMPLES * 3  # CI runs the slow tests too: about 2 minutes in all
-_WORK = Path(tempfile.mkdtemp(prefix="trolley-fuzz-"))
+_WORK_FOLDER = tempfile.TemporaryDirectory(prefix="trolley-fuzz-")  # removed when the test process ends
+_WORK = Path(_WORK_FOLDER.name)
 
 
 def only_our_errors(call: Callable[[], Any]) -> None:
