@@ -21,6 +21,7 @@ instances must never be written to one file.
 
 from __future__ import annotations
 
+import functools
 import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -121,7 +122,7 @@ class PathTemplate:
         """True when the path uses attributes other than the three UIDs of an InstanceReference."""
         return not self.keywords <= REFERENCE_KEYWORDS
 
-    @property
+    @functools.cached_property
     def folders_by_series(self) -> bool:
         """True when every folder of the path is named by literals, StudyInstanceUID and SeriesInstanceUID only: all
         instances of a series then lie in one folder."""
